@@ -1,0 +1,175 @@
+"""Settings: frozen objects built once at start-up. Nothing else in recsys reads os.environ.
+
+Every setting can be given as an environment variable ``RECSYS_<SECTION>__<FIELD>``
+(e.g. ``RECSYS_KAFKA__BOOTSTRAP_SERVERS``); command-line flags override the environment.
+A bad value raises :class:`~recsys.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recsys.errors import ConfigError
+
+ENV_PREFIX = "RECSYS_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How to reach the Kafka cluster (or the embedded broker)."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list")
+    client_id: str = Field("recsys", description="Client id sent to the brokers")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when the protocol is SASL_*"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    sasl_password_file: Path | None = Field(
+        None, description="File holding the SASL password (e.g. a mounted Kubernetes Secret)"
+    )
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout")
+    heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer heartbeat interval")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="Max time between polls")
+
+    @model_validator(mode="after")
+    def _check_sasl(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+            if not self.sasl_username:
+                raise ValueError("sasl_username is required when security_protocol is SASL_*")
+            if self.sasl_password is None and self.sasl_password_file is None:
+                raise ValueError(
+                    "sasl_password or sasl_password_file is required when "
+                    "security_protocol is SASL_*"
+                )
+        if self.sasl_password_file is not None and not self.sasl_password_file.is_file():
+            raise ValueError(f"sasl_password_file {self.sasl_password_file} is not a file")
+        if self.ssl_cafile is not None and not self.ssl_cafile.is_file():
+            raise ValueError(f"ssl_cafile {self.ssl_cafile} is not a file")
+        return self
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by kafka-python producers, consumers and admin clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self._password()
+        if self.ssl_cafile is not None:
+            kwargs["ssl_cafile"] = str(self.ssl_cafile)
+        return kwargs
+
+    def _password(self) -> str | None:
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        return self.sasl_password.get_secret_value() if self.sasl_password else None
+
+
+class TopicSettings(_Section):
+    """Topic names and partition counts."""
+
+    events: str = Field("recsys.events", description="Behaviour events from apps")
+    rewards: str = Field("recsys.rewards", description="Joined rewards for the learner")
+    recommendations: str = Field("recsys.recommendations", description="Published slates")
+    items: str = Field("recsys.items", description="Item catalogue records")
+    dlq: str = Field("recsys.events.dlq", description="Rejected events with reasons")
+    partitions: int = Field(6, ge=1, description="Partitions for each topic created by recsys")
+    replication_factor: int = Field(1, ge=1, description="Replication factor for created topics")
+
+    def all(self) -> list[str]:
+        return [self.events, self.rewards, self.recommendations, self.items, self.dlq]
+
+
+class EventSettings(_Section):
+    """Validation limits for incoming events."""
+
+    max_bytes: int = Field(64 * 1024, ge=256, description="Largest accepted event message")
+    max_clock_skew_ms: int = Field(
+        5 * 60 * 1000, ge=0, description="How far in the future an event ts may be"
+    )
+
+
+class StoreSettings(_Section):
+    """Where recommendations and model versions are stored."""
+
+    url: str = Field("sqlite:///recsys.db", description="SQLAlchemy URL (SQLite or PostgreSQL)")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> StoreSettings:
+        if not self.url.startswith(("sqlite", "postgresql")):
+            raise ValueError("url must be a sqlite:// or postgresql:// SQLAlchemy URL")
+        return self
+
+
+class MetricsSettings(_Section):
+    """The /metrics and /healthz endpoint of each worker."""
+
+    host: str = Field("127.0.0.1", description="Address the metrics endpoint binds to")
+    port: int = Field(9400, ge=0, le=65535, description="Port of the metrics endpoint (0: any)")
+
+
+class Settings(BaseSettings):
+    """All settings of a recsys process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    events: EventSettings = EventSettings()
+    store: StoreSettings = StoreSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of workers and commands"
+    )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from ``overrides`` (e.g. CLI flags), then RECSYS_* variables, then defaults.
+
+    ``overrides`` use nested dicts: ``load_settings(kafka={"bootstrap_servers": "h:9092"})``.
+    Raises ConfigError naming the environment variable of each bad setting.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = [str(p) for p in err["loc"]]
+        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in path) if path else "settings"
+        lines.append(f"{env}: {err['msg']} (got {_safe_input(path, err.get('input'))})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _safe_input(path: list[str], value: Any) -> str:
+    # Never echo a secret back into logs.
+    if any("password" in p for p in path):
+        return "<hidden>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,17 @@
+"""The exception hierarchy: one root, so callers can catch everything recsys raises."""
+
+
+class RecsysError(Exception):
+    """Root of every error recsys raises on purpose."""
+
+
+class ConfigError(RecsysError):
+    """A setting is missing or invalid; the message names the setting."""
+
+
+class CheckpointError(RecsysError):
+    """A checkpoint is missing, partial, or fails its integrity check."""
+
+
+class BrokerError(RecsysError):
+    """The embedded broker could not be started or did not become ready."""
