@@ -65,7 +65,9 @@ class KafkaSettings(_Section):
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by kafka-python producers, consumers and admin clients."""
         kwargs: dict[str, Any] = {
-            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "bootstrap_servers": [
+                s.strip() for s in self.bootstrap_servers.split(",") if s.strip()
+            ],
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
         }
@@ -162,7 +164,9 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         path = [str(p) for p in err["loc"]]
-        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in path) if path else "settings"
+        env = (
+            ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in path) if path else "settings"
+        )
         lines.append(f"{env}: {err['msg']} (got {_safe_input(path, err.get('input'))})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

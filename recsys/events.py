@@ -253,9 +253,7 @@ def parse_item(raw: bytes | None) -> ItemRecord | Rejection:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         return Rejection(Reason.BAD_TYPE, "field 'tags' must be a list of strings")
     attributes = obj.get("attributes") or {}
-    if not isinstance(attributes, dict) or not all(
-        isinstance(v, str) for v in attributes.values()
-    ):
+    if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
         return Rejection(Reason.BAD_TYPE, "field 'attributes' must map strings to strings")
     return ItemRecord(
         item_id=obj["item_id"],

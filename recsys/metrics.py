@@ -14,12 +14,16 @@ EVENTS_CONSUMED = Counter(
 EVENTS_REJECTED = Counter(
     "recsys_events_rejected_total", "Events rejected by validation, by reason", ["reason"]
 )
-EVENTS_DLQ = Counter("recsys_events_dlq_total", "Messages written to the dead-letter topic", ["reason"])
+EVENTS_DLQ = Counter(
+    "recsys_events_dlq_total", "Messages written to the dead-letter topic", ["reason"]
+)
 EVENTS_DUPLICATE = Counter(
     "recsys_events_duplicate_total", "Events dropped as duplicates of an event_id already seen"
 )
 CONSUMER_LAG = Gauge(
-    "recsys_consumer_lag", "Messages behind the log end, per partition", ["worker", "topic", "partition"]
+    "recsys_consumer_lag",
+    "Messages behind the log end, per partition",
+    ["worker", "topic", "partition"],
 )
 BATCH_SECONDS = Histogram(
     "recsys_batch_seconds",
@@ -58,9 +62,7 @@ CHECKPOINTS_WRITTEN = Counter("recsys_checkpoints_written_total", "Checkpoints w
 CHECKPOINT_TIMESTAMP = Gauge(
     "recsys_checkpoint_timestamp_seconds", "Unix time of the newest checkpoint written"
 )
-MODEL_VERSION = Gauge(
-    "recsys_model_version", "Model version (checkpoint step) in use", ["worker"]
-)
+MODEL_VERSION = Gauge("recsys_model_version", "Model version (checkpoint step) in use", ["worker"])
 
 # --- items / encoder -------------------------------------------------------------------------
 ITEMS_ENCODED = Counter("recsys_items_encoded_total", "Item texts run through the encoder")
@@ -80,10 +82,10 @@ TOP_SCORE = Gauge("recsys_top_score_mean", "Mean top-1 score of the last publish
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot reloads of a new model version")
 
 # --- drift -----------------------------------------------------------------------------------
-DRIFT_DETECTED = Counter(
-    "recsys_drift_detected_total", "Drift detections, by signal", ["signal"]
+DRIFT_DETECTED = Counter("recsys_drift_detected_total", "Drift detections, by signal", ["signal"])
+DRIFT_ESTIMATE = Gauge(
+    "recsys_drift_estimate", "Detector's current estimate, by signal", ["signal"]
 )
-DRIFT_ESTIMATE = Gauge("recsys_drift_estimate", "Detector's current estimate, by signal", ["signal"])
 DRIFT_LAST_TIMESTAMP = Gauge(
     "recsys_drift_last_detected_timestamp_seconds", "Unix time of the last detection", ["signal"]
 )
