@@ -1,0 +1,308 @@
+"""Thin kafka-python wrappers: client factories, topic creation, the dead-letter writer and the
+consumer loop that commits offsets only after its sink made their effects durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from types import FrameType
+from typing import Any, Protocol, runtime_checkable
+
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from recsys import metrics
+from recsys.config import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# Large enough for the 10 MB poison payloads the DLQ must be able to carry verbatim.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """An idempotent producer (acks=all): retries never duplicate or reorder a partition."""
+    kwargs: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_request_size": MAX_MESSAGE_BYTES,
+    }
+    kwargs.update(overrides)
+    return KafkaProducer(**kwargs)
+
+
+def make_consumer(
+    settings: KafkaSettings, group_id: str | None, *topics: str, **overrides: Any
+) -> KafkaConsumer:
+    """A consumer with auto-commit off: offsets are committed by :class:`ConsumerLoop`."""
+    kwargs: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "fetch_max_bytes": MAX_MESSAGE_BYTES * 2,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+    }
+    kwargs.update(overrides)
+    return KafkaConsumer(*topics, **kwargs)
+
+
+def make_admin(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
+    return KafkaAdminClient(**{**settings.client_kwargs(), **overrides})
+
+
+def create_topics(
+    settings: KafkaSettings,
+    names: Iterable[str],
+    partitions: int,
+    replication_factor: int = 1,
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    admin = make_admin(settings)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        created = []
+        for name in wanted:
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topic exists, which is all we need
+        return created
+    finally:
+        admin.close()
+
+
+class DeadLetterWriter:
+    """Sends a rejected message's original bytes to the DLQ, with headers saying why and whence."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        if not topic:
+            raise ValueError("topic must not be empty")
+        self.producer = producer
+        self.topic = topic
+
+    def send(self, record: ConsumerRecord, reason: str, detail: str = "") -> Any:
+        headers = [
+            ("recsys.reason", reason.encode()),
+            ("recsys.detail", detail[:500].encode("utf-8", "replace")),
+            ("recsys.source_topic", record.topic.encode()),
+            ("recsys.source_partition", str(record.partition).encode()),
+            ("recsys.source_offset", str(record.offset).encode()),
+        ]
+        metrics.EVENTS_DLQ.labels(reason=reason).inc()
+        return self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where a :class:`ConsumerLoop` delivers records.
+
+    ``write`` receives each polled batch (possibly empty: a periodic tick for time-based work).
+    ``flush`` makes the effects of everything written durable (e.g. produced and acked) and
+    returns the offsets that are now safe to commit, or None for "all records written so far".
+    Optional methods: ``busy() -> bool`` (True pauses consumption for back-pressure),
+    ``on_assign(partitions)`` and ``on_revoke(partitions)`` for per-partition state.
+    """
+
+    def write(self, records: Sequence[ConsumerRecord]) -> None: ...
+
+    def flush(self) -> Mapping[TopicPartition, int] | None: ...
+
+
+class ConsumerLoop:
+    """Poll in batches → sink.write → sink.flush → commit, until stopped.
+
+    Parameters
+    ----------
+    consumer:
+        A consumer from :func:`make_consumer` (auto-commit off), not yet subscribed.
+    topics:
+        Topics to subscribe to.
+    sink:
+        See :class:`Sink`.
+    worker:
+        Name used as the ``worker`` metric label.
+    max_records:
+        Largest batch handed to the sink.
+    poll_timeout_ms:
+        How long one poll waits for data.
+    tick_interval_s:
+        With no data, the sink still gets an empty ``write`` and a flush this often.
+    """
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        topics: Sequence[str],
+        sink: Sink,
+        *,
+        worker: str,
+        max_records: int = 1000,
+        poll_timeout_ms: int = 100,
+        tick_interval_s: float = 0.5,
+    ) -> None:
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        if poll_timeout_ms < 0:
+            raise ValueError(f"poll_timeout_ms must be >= 0, got {poll_timeout_ms}")
+        if tick_interval_s <= 0:
+            raise ValueError(f"tick_interval_s must be > 0, got {tick_interval_s}")
+        if not topics:
+            raise ValueError("topics must not be empty")
+        self.consumer = consumer
+        self.topics = list(topics)
+        self.sink = sink
+        self.worker = worker
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.tick_interval_s = tick_interval_s
+        self._stop = threading.Event()
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._paused = False
+        self.batches = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish its batch, flush, commit and return (signal-handler safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop cleanly (main thread only)."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: stopping %s", signal.Signals(signum).name, self.worker)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        last_flush = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._apply_backpressure()
+                polled = self.consumer.poll(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                )
+                batch = [r for records in polled.values() for r in records]
+                now = time.monotonic()
+                if not batch and now - last_flush < self.tick_interval_s:
+                    continue
+                self._process(batch)
+                last_flush = now
+            self._process([])  # a clean stop flushes and commits what is durable
+        finally:
+            # After a crash nothing more is committed: the next owner re-reads from the last
+            # commit, and effects are idempotent.
+            self.consumer.close(autocommit=False)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _process(self, batch: list[ConsumerRecord]) -> None:
+        started = time.perf_counter()
+        for r in batch:
+            tp = TopicPartition(r.topic, r.partition)
+            self._uncommitted[tp] = r.offset + 1
+        if batch:
+            counts: dict[str, int] = {}
+            for r in batch:
+                counts[r.topic] = counts.get(r.topic, 0) + 1
+            for topic, n in counts.items():
+                metrics.EVENTS_CONSUMED.labels(worker=self.worker, topic=topic).inc(n)
+        self.sink.write(batch)
+        self._commit(self.sink.flush())
+        self.batches += 1
+        metrics.BATCH_SECONDS.labels(worker=self.worker).observe(time.perf_counter() - started)
+        if batch:
+            self._record_lag()
+
+    def _commit(self, safe: Mapping[TopicPartition, int] | None) -> None:
+        offsets = dict(self._uncommitted) if safe is None else dict(safe)
+        assigned = self.consumer.assignment()
+        offsets = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+        for tp, off in offsets.items():
+            if self._uncommitted.get(tp) == off:
+                del self._uncommitted[tp]
+
+    def _apply_backpressure(self) -> None:
+        busy = getattr(self.sink, "busy", None)
+        want_pause = bool(busy()) if busy is not None else False
+        if want_pause and not self._paused:
+            parts = list(self.consumer.assignment())
+            self.consumer.pause(*parts)
+            metrics.PAUSED_PARTITIONS.labels(worker=self.worker).set(len(parts))
+            self._paused = True
+        elif not want_pause and self._paused:
+            self.consumer.resume(*self.consumer.paused())
+            metrics.PAUSED_PARTITIONS.labels(worker=self.worker).set(0)
+            self._paused = False
+
+    def _record_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            lag = max(0, high - self.consumer.position(tp))
+            metrics.CONSUMER_LAG.labels(
+                worker=self.worker, topic=tp.topic, partition=str(tp.partition)
+            ).set(lag)
+
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        # Runs on kafka-python's IO thread, where a blocking commit is not allowed. Nothing is
+        # lost by not committing here: every flushed batch was committed already, and what the
+        # sink held back (e.g. open windows) is re-read by the partition's next owner.
+        self._on_lost(partitions)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        revoke = getattr(self.sink, "on_revoke", None)
+        if revoke is not None:
+            revoke(partitions)
+        for tp in partitions:
+            self._uncommitted.pop(tp, None)
+
+    def _on_assign(self, partitions: list[TopicPartition]) -> None:
+        assign = getattr(self.sink, "on_assign", None)
+        if assign is not None:
+            assign(partitions)
+        if self._paused:
+            self.consumer.pause(*partitions)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """kafka-python's rebalance listener, forwarding to the loop."""
+
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self.loop = loop
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.loop._on_revoke(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.loop._on_assign(list(assigned))
+
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        self.loop._on_lost(list(lost))

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real embedded broker, real databases, and the shared data sets."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys.broker import EmbeddedBroker
+from recsys.config import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"shared data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """A real Tansu broker on a free loopback port, for the whole session; yields bootstrap."""
+    with EmbeddedBroker() as b:
+        yield b.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(broker: str) -> KafkaSettings:
+    """Kafka settings for the session broker, with the short group timeouts tests need."""
+    return KafkaSettings(
+        bootstrap_servers=broker,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        max_poll_interval_ms=10000,
+    )
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A unique prefix so tests sharing the session broker never share topics."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped afterwards.
+
+    Uses RECSYS_TEST_POSTGRES_URL (an admin URL) or the local server. Skips locally when no
+    server answers; in CI (CI=true) that is a failure, never a skip.
+    """
+    import sqlalchemy as sa
+
+    admin_url = os.environ.get("RECSYS_TEST_POSTGRES_URL", DEFAULT_PG)
+    try:
+        admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL required in CI but unreachable at {admin_url}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {admin_url}: {exc}")
+    name = f"recsys_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(admin_url).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where datname = :n"
+                ),
+                {"n": name},
+            )
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
