@@ -1,0 +1,147 @@
+"""The `recsys` command. Flags override RECSYS_* environment variables, which override defaults.
+
+Each sub-command lives in a small ``_add_<name>`` function that registers its parser and
+points ``func`` at a handler; handlers import heavy modules lazily so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from recsys.config import Settings, load_settings
+from recsys.errors import RecsysError
+
+log = logging.getLogger("recsys")
+
+WORKERS = ("reward", "learner", "publisher", "encoder")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from flags that were given (others come from the environment or defaults)."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
+    if getattr(args, "store_url", None):
+        overrides["store"] = {"url": args.store_url}
+    if not overrides:
+        return load_settings()
+    # Merge flags over the environment section by section.
+    base = load_settings()
+    merged = {
+        section: {**getattr(base, section).model_dump(), **values}
+        for section, values in overrides.items()
+    }
+    return load_settings(**merged)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (RECSYS_KAFKA__BOOTSTRAP_SERVERS)")
+    p.add_argument("--store-url", help="SQLAlchemy store URL (RECSYS_STORE__URL)")
+
+
+# --- broker / topics --------------------------------------------------------------------------
+def _add_broker(sub: Any) -> None:
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker")
+    p.add_argument("--port", type=int, default=9092, help="port to listen on (default 9092)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    p.add_argument("--storage", default="memory://tansu/", help="Tansu storage engine URL")
+    p.add_argument("--create-topics", action="store_true", help="create the recsys topics too")
+    p.set_defaults(func=_cmd_broker)
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from recsys.broker import EmbeddedBroker
+    from recsys.kafka import create_topics
+
+    broker = EmbeddedBroker(port=args.port, host=args.host, storage=args.storage).start()
+    print(f"broker ready on {broker.bootstrap} (storage {args.storage}); Ctrl-C stops it")
+    try:
+        if args.create_topics:
+            s = load_settings(kafka={"bootstrap_servers": broker.bootstrap})
+            create_topics(s.kafka, s.topics.all(), s.topics.partitions)
+        return broker.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
+
+
+def _add_topics(sub: Any) -> None:
+    p = sub.add_parser("topics", help="manage the recsys topics")
+    tsub = p.add_subparsers(dest="topics_cmd", required=True)
+    c = tsub.add_parser("create", help="create the topics with their partition counts")
+    _add_common(c)
+    c.add_argument("--partitions", type=int, help="override RECSYS_TOPICS__PARTITIONS")
+    c.set_defaults(func=_cmd_topics_create)
+
+
+def _cmd_topics_create(args: argparse.Namespace) -> int:
+    from recsys.kafka import create_topics
+
+    s = _settings(args)
+    partitions = args.partitions or s.topics.partitions
+    created = create_topics(s.kafka, s.topics.all(), partitions, s.topics.replication_factor)
+    for name in s.topics.all():
+        print(f"{name:32s} {'created' if name in created else 'already exists'}")
+    return 0
+
+
+# --- workers ----------------------------------------------------------------------------------
+def _add_worker(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run one worker, as Kubernetes runs it")
+    p.add_argument("name", choices=WORKERS)
+    _add_common(p)
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    module = importlib.import_module(f"workers.{args.name}")
+    result = module.run(settings)
+    return int(result or 0)
+
+
+REGISTRY: list[Callable[[Any], None]] = [_add_broker, _add_topics, _add_worker]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys", description="Streaming online-learning recommender."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in REGISTRY:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except RecsysError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def existing_path(value: str) -> Path:
+    """argparse type for a --path that must exist."""
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
