@@ -15,3 +15,7 @@ class CheckpointError(RecsysError):
 
 class BrokerError(RecsysError):
     """The embedded broker could not be started or did not become ready."""
+
+
+class DataError(RecsysError):
+    """A data set could not be found or recognised (a malformed row is skipped, not raised)."""
