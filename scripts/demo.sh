@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up, then run the closed-loop demo on embedded defaults (broker, workers, simulator) and
+# write the report to demo-report/. Extra arguments go to `recsys demo`.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+"$here/scripts/setup.sh"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "${RECSYS_VENV:-$here/.venv}/bin/recsys" demo --data ../shared/data "$@"
