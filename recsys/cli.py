@@ -92,6 +92,24 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- config -----------------------------------------------------------------------------------
+def _add_config(sub: Any) -> None:
+    p = sub.add_parser("config", help="show the effective settings (secrets hidden)")
+    p.add_argument("--markdown", action="store_true", help="print the settings reference table")
+    p.set_defaults(func=_cmd_config)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from recsys.config import settings_markdown
+
+    if args.markdown:
+        print(settings_markdown())
+        return 0
+    # SecretStr renders as '**********', so the JSON never carries a password.
+    print(load_settings().model_dump_json(indent=2))
+    return 0
+
+
 # --- workers ----------------------------------------------------------------------------------
 def _add_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run one worker, as Kubernetes runs it")
@@ -107,7 +125,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-REGISTRY: list[Callable[[Any], None]] = [_add_broker, _add_topics, _add_worker]
+REGISTRY: list[Callable[[Any], None]] = [_add_broker, _add_topics, _add_config, _add_worker]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,6 +128,34 @@ class MetricsSettings(_Section):
     port: int = Field(9400, ge=0, le=65535, description="Port of the metrics endpoint (0: any)")
 
 
+class DriftSettings(_Section):
+    """Drift detectors over the learning signals, and the learner's reaction to a detection."""
+
+    detector: Literal["adwin", "page_hinkley"] = Field(
+        "adwin", description="river detector for numeric signals (ADWIN or Page-Hinkley)"
+    )
+    delta: float = Field(
+        0.002, gt=0, lt=1, description="ADWIN confidence delta (smaller: fewer false alarms)"
+    )
+    ph_threshold: float = Field(50.0, gt=0, description="Page-Hinkley detection threshold")
+    ph_min_instances: int = Field(30, ge=1, description="Page-Hinkley warm-up observations")
+    popularity_window: int = Field(
+        5000, ge=100, description="Item observations per window for the popularity shift"
+    )
+    popularity_threshold: float = Field(
+        0.25, gt=0, description="PSI between consecutive windows that counts as drift"
+    )
+    reaction_duration_s: float = Field(
+        300.0, ge=0, description="How long the learner's drift reaction lasts (0: no reaction)"
+    )
+    reaction_exploration_factor: float = Field(
+        2.0, ge=1, description="Multiplier on exploration temperature/epsilon during a reaction"
+    )
+    reaction_lr_factor: float = Field(
+        2.0, gt=0, description="Multiplier on the learning rate during a reaction"
+    )
+
+
 class Settings(BaseSettings):
     """All settings of a recsys process."""
 
@@ -143,6 +171,7 @@ class Settings(BaseSettings):
     events: EventSettings = EventSettings()
     store: StoreSettings = StoreSettings()
     metrics: MetricsSettings = MetricsSettings()
+    drift: DriftSettings = DriftSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of workers and commands"
     )
@@ -177,3 +206,39 @@ def _safe_input(path: list[str], value: Any) -> str:
         return "<hidden>"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, in declaration order."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            for sub_name, sub in section.model_fields.items():
+                env = f"{ENV_PREFIX}{name.upper()}{ENV_NESTED_DELIMITER}{sub_name.upper()}"
+                rows.append((env, _default_text(sub.default), sub.description or ""))
+        else:
+            rows.append(
+                (
+                    f"{ENV_PREFIX}{name.upper()}",
+                    _default_text(field.default),
+                    field.description or "",
+                )
+            )
+    return rows
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_markdown() -> str:
+    """The configuration table of the README, generated so it cannot drift from the code."""
+    lines = ["| environment variable | default | meaning |", "|---|---|---|"]
+    for env, default, description in settings_reference():
+        lines.append(f"| `{env}` | `{default}` | {description} |")
+    return "\n".join(lines)
