@@ -48,6 +48,11 @@ FEEDBACK_LATE = Counter(
 )
 OPEN_WINDOWS = Gauge("recsys_open_windows", "Impressions waiting for feedback in the window")
 DEDUPE_ENTRIES = Gauge("recsys_dedupe_entries", "event_ids remembered for deduplication")
+FEEDBACK_EVENTS = Counter(
+    "recsys_feedback_events_total",
+    "Feedback events seen by the reward worker, by event type",
+    ["type"],
+)
 
 # --- learner ---------------------------------------------------------------------------------
 REPLAY_BUFFER_SIZE = Gauge("recsys_replay_buffer_size", "Samples held in the replay buffer")
@@ -91,4 +96,12 @@ DRIFT_LAST_TIMESTAMP = Gauge(
 )
 DRIFT_REACTION_ACTIVE = Gauge(
     "recsys_drift_reaction_active", "1 while the learner's drift reaction is in force"
+)
+DRIFT_REACTIONS = Counter(
+    "recsys_drift_reactions_total", "Drift reactions started, by signal", ["signal"]
+)
+DRIFT_REACTION_FACTOR = Gauge(
+    "recsys_drift_reaction_factor",
+    "Multiplier the drift reaction applies now (1 when inactive), by target",
+    ["target"],
 )
