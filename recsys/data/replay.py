@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from recsys.config import Settings
+from recsys.config import KafkaSettings, Settings
 from recsys.data.report import SkippedRow
 from recsys.errors import RecsysError
 from recsys.events import Event, ItemRecord
@@ -187,6 +187,50 @@ def replay_items(items: Iterable[ItemRecord], producer: Any, topic: str) -> int:
     if failures.count:
         raise ReplayError(f"{failures.count} of {n} items to {topic} were not delivered")
     return n
+
+
+def read_topic(
+    kafka: KafkaSettings, topic: str, timeout_s: float = 60.0, idle_s: float = 2.0
+) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every (partition, key, value) now in ``topic``, read from the beginning to the end.
+
+    No consumer group (partitions are assigned by hand), so nothing is committed and no group
+    join is waited for; used to check a replay and by tests. The end is the high watermark the
+    fetch responses report: the embedded Tansu 0.6 broker answers ListOffsets(latest) with the
+    last batch's base offset + 1, short of the true end, so ``end_offsets`` is only a fallback
+    (after ``idle_s`` without records) for partitions never fetched.
+    """
+    from kafka.structs import TopicPartition
+
+    from recsys.kafka import make_consumer
+
+    consumer = make_consumer(kafka, None, max_poll_records=5000)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        parts = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[tuple[int, bytes | None, bytes | None]] = []
+        start = last_data = time.monotonic()
+        while True:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                out.extend((tp.partition, r.key, r.value) for r in records)
+                last_data = time.monotonic()
+            watermarks = [consumer.highwater(tp) for tp in parts]
+            if all(
+                hw is not None and consumer.position(tp) >= hw
+                for tp, hw in zip(parts, watermarks, strict=True)
+            ):
+                return out
+            now = time.monotonic()
+            if now - last_data > idle_s:
+                end = consumer.end_offsets(parts)
+                if all(consumer.position(tp) >= end[tp] for tp in parts):
+                    return out
+            if now - start > timeout_s:
+                raise ReplayError(f"reading {topic} back timed out after {timeout_s}s")
+    finally:
+        consumer.close()
 
 
 def load_dataset(
