@@ -1,0 +1,324 @@
+"""Ranking with exploration: a batch of user states -> top-K slates with exact propensities.
+
+One matrix product ``user_states [B, d] @ item_matrix.T [d, I]`` and one top-k per chunk of
+users; no per-user Python loop. Items a user has consumed are excluded by masking their scores
+to ``-inf`` before selection.
+
+Exploration modes
+-----------------
+- ``greedy``: the top-K by score; every propensity is 1.
+- ``boltzmann``: a slate sampled *without replacement* from ``softmax(score / T)`` with the
+  Gumbel-top-k trick (Kool et al., 2019): ``top-k(score / T + Gumbel noise)`` is exactly a
+  Plackett–Luce sample, drawn for the whole batch at once.
+- ``epsilon``: slot by slot, with probability ``1 - ε`` the best remaining item, with
+  probability ``ε`` a uniformly random remaining item (vectorised over users; the loop runs over
+  the K slots only).
+
+Which propensity is logged
+--------------------------
+For a slate sampled without replacement an item has no single "probability of being shown"
+that is cheap and exact. We log the **Plackett–Luce conditional probability**: the probability
+that the policy picked this item *at this position, given the items above it*::
+
+    boltzmann:  p(a_j | a_<j) = exp(z_{a_j}) / Σ_{i ∉ {a_0..a_{j-1}}, i allowed} exp(z_i)
+    epsilon:    p(a_j | a_<j) = (1 - ε)·[a_j is the best remaining] + ε / (allowed - j)
+
+Why this one:
+
+1. It is the exact probability of the random draw that produced the item, so the product over
+   positions is the exact probability of the whole slate (slate-level IPS/OPE needs that).
+2. At position 0 it *is* the single-draw softmax probability β(a|s) that the learner's
+   off-policy correction (Chen et al., WSDM 2019) models.
+3. It is defined and in (0, 1] for every mode: with epsilon-greedy a greedily chosen item at
+   position 3 gets ≈ 1 - ε, not the tiny ε/I a "first-draw" definition would give it, which
+   would blow up importance weights for items the policy shows almost surely.
+
+At positions > 0 it is larger than the first-draw probability (the remaining mass is
+renormalised), so importance weights computed against a single-draw π are smaller, i.e.
+conservative. :class:`Ranking` also carries ``first_draw`` (the single-draw probability of every
+slate item, ``softmax(z)`` / ``(1-ε)·[argmax] + ε/allowed``) for consumers that want that one.
+
+Scores are the raw inner products (before the temperature), so they mean the same in every mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Exploration = Literal["greedy", "boltzmann", "epsilon"]
+EXPLORATIONS: tuple[str, ...] = ("greedy", "boltzmann", "epsilon")
+
+# Smallest propensity ever logged: the event contract requires (0, 1], and float32 softmax of an
+# item far below the top can underflow to 0 even though its true probability is positive.
+MIN_PROPENSITY = 1e-30
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Slates for a batch of ``B`` users, ``K`` slots each (shapes ``[B, K]``).
+
+    ``valid[b, j]`` is False where user ``b`` had fewer than ``K`` allowed items; those slots hold
+    index 0 and must be dropped (:meth:`rows` does).
+    """
+
+    items: torch.Tensor  # long [B, K], indices into the item matrix
+    scores: torch.Tensor  # float [B, K], raw state·item scores
+    propensities: torch.Tensor  # float64 [B, K], Plackett–Luce conditional (see module doc)
+    first_draw: torch.Tensor  # float64 [B, K], single-draw probability of the same items
+    valid: torch.Tensor  # bool [B, K]
+
+    def rows(self) -> list[list[tuple[int, float, float]]]:
+        """Per user, the valid ``(item_index, score, propensity)`` in slate order (on CPU)."""
+        items = self.items.cpu().tolist()
+        scores = self.scores.float().cpu().tolist()
+        props = self.propensities.cpu().tolist()
+        valid = self.valid.cpu().tolist()
+        return [
+            [(i, s, p) for i, s, p, v in zip(ri, rs, rp, rv, strict=True) if v]
+            for ri, rs, rp, rv in zip(items, scores, props, valid, strict=True)
+        ]
+
+
+def _check_args(exploration: str, temperature: float, epsilon: float) -> None:
+    if exploration not in EXPLORATIONS:
+        raise ValueError(f"exploration must be one of {EXPLORATIONS}, got {exploration!r}")
+    number = isinstance(temperature, int | float)
+    if not (number and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(epsilon, int | float) and 0.0 <= epsilon <= 1.0):
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
+
+
+def mask_excluded(scores: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Set ``scores[b, exclude[b, m]]`` to -inf in place; entries < 0 (padding) are ignored."""
+    if exclude is None or exclude.numel() == 0:
+        return scores
+    if exclude.shape[0] != scores.shape[0]:
+        raise ValueError(f"exclude has {exclude.shape[0]} rows, scores {scores.shape[0]}")
+    exclude = exclude.to(scores.device)
+    keep = (exclude >= 0) & (exclude < scores.shape[1])
+    rows = torch.arange(exclude.shape[0], device=scores.device).unsqueeze(1).expand_as(exclude)
+    scores[rows[keep], exclude[keep]] = -math.inf
+    return scores
+
+
+def rank(
+    user_states: torch.Tensor,
+    item_matrix: torch.Tensor,
+    k: int,
+    *,
+    exclude: torch.Tensor | None = None,
+    exploration: Exploration = "boltzmann",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Ranking:
+    """Top-``k`` slates for ``user_states [B, d]`` over ``item_matrix [I, d]``.
+
+    ``exclude [B, M]`` (long, ``-1`` padding) lists item indices each user must not get.
+    ``generator`` (on the tensors' device) makes sampling reproducible.
+    """
+    _check_args(exploration, temperature, epsilon)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if user_states.dim() != 2 or item_matrix.dim() != 2:
+        raise ValueError("user_states must be [B, d] and item_matrix [I, d]")
+    if user_states.shape[1] != item_matrix.shape[1]:
+        raise ValueError(
+            f"user_states width {user_states.shape[1]} != item_matrix width {item_matrix.shape[1]}"
+        )
+    n_items = item_matrix.shape[0]
+    if n_items == 0:
+        raise ValueError("item_matrix has no items")
+    k_eff = min(k, n_items)
+    raw = user_states @ item_matrix.T  # [B, I]: the one matrix product
+    mask_excluded(raw, exclude)
+    if exploration == "greedy":
+        top, idx = torch.topk(raw, k_eff, dim=1)
+        valid = torch.isfinite(top)
+        ones = torch.ones(top.shape, dtype=torch.float64, device=top.device)
+        return _pad(Ranking(idx, top, ones, ones.clone(), valid), k)
+    if exploration == "boltzmann":
+        return _pad(_boltzmann(raw, k_eff, temperature, generator), k)
+    return _pad(_epsilon_greedy(raw, k_eff, epsilon, generator), k)
+
+
+def _boltzmann(
+    raw: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None
+) -> Ranking:
+    # ``raw`` is ours (fresh from the matmul): scale it in place rather than copy [B, I].
+    z = raw.div_(temperature) if temperature != 1.0 else raw
+    # Gumbel-top-k: key = z + G with G = -log(E), E ~ Exp(1); top-k keys = a Plackett–Luce draw.
+    noise = torch.empty_like(z).exponential_(generator=generator)
+    keys = z - noise.log_()
+    _, idx = torch.topk(keys, k, dim=1)
+    z_sel = z.gather(1, idx)  # [B, k]
+    valid = torch.isfinite(z_sel)
+    # Exact conditional probabilities without the cancellation of 1 - Σ p: the mass of the
+    # items never selected (R) plus the selected items still remaining at step j.
+    total = torch.logsumexp(z, dim=1, keepdim=True)  # [B, 1]
+    z.scatter_(1, idx, -math.inf)
+    rest = torch.logsumexp(z, dim=1, keepdim=True).double()  # log R, [B, 1]
+    zs = torch.where(valid, z_sel, torch.full_like(z_sel, -math.inf)).double()
+    # log Σ_{i >= j} exp(zs_i): reverse cumulative logsumexp over the k slots.
+    tail = torch.logcumsumexp(zs.flip(1), dim=1).flip(1)
+    log_denom = torch.logaddexp(tail, rest.expand_as(tail))
+    cond = torch.exp(zs - log_denom)
+    first = torch.exp(zs - total.double())
+    cond = torch.where(valid, cond.clamp(MIN_PROPENSITY, 1.0), torch.ones_like(cond))
+    first = torch.where(valid, first.clamp(MIN_PROPENSITY, 1.0), torch.ones_like(first))
+    return Ranking(idx, z_sel * temperature, cond, first, valid)
+
+
+def _epsilon_greedy(
+    raw: torch.Tensor, k: int, epsilon: float, generator: torch.Generator | None
+) -> Ranking:
+    bsz = raw.shape[0]
+    dev = raw.device
+    allowed = torch.isfinite(raw)
+    n_allowed = allowed.sum(1)  # [B]
+    _, greedy = torch.topk(raw, k, dim=1)  # best-first candidates
+    # A uniformly random order of the allowed items; its first unpicked entry is a uniform draw
+    # from the remaining allowed items (the order is independent of everything picked so far).
+    keys = torch.rand(raw.shape, generator=generator, device=dev)
+    keys.masked_fill_(~allowed, -1.0)
+    _, rand_order = torch.topk(keys, k, dim=1)
+    explore = torch.rand((bsz, k), generator=generator, device=dev) < epsilon
+    picked = torch.empty((bsz, k), dtype=torch.long, device=dev)
+    prop = torch.empty((bsz, k), dtype=torch.float64, device=dev)
+    top1 = greedy[:, 0]
+    first = torch.empty((bsz, k), dtype=torch.float64, device=dev)
+    rows = torch.arange(bsz, device=dev)
+    for j in range(k):
+        prev = picked[:, :j]
+        g_free = (greedy.unsqueeze(2) != prev.unsqueeze(1)).all(2) if j else None
+        r_free = (rand_order.unsqueeze(2) != prev.unsqueeze(1)).all(2) if j else None
+        g_pos = g_free.float().argmax(1) if g_free is not None else torch.zeros_like(top1)
+        r_pos = r_free.float().argmax(1) if r_free is not None else torch.zeros_like(top1)
+        g_item = greedy[rows, g_pos]
+        r_item = rand_order[rows, r_pos]
+        choice = torch.where(explore[:, j], r_item, g_item)
+        picked[:, j] = choice
+        remaining = (n_allowed - j).clamp(min=1).double()
+        prop[:, j] = (1.0 - epsilon) * (choice == g_item).double() + epsilon / remaining
+        first[:, j] = (1.0 - epsilon) * (choice == top1).double() + epsilon / n_allowed.clamp(
+            min=1
+        ).double()
+    valid = torch.arange(k, device=dev).unsqueeze(0) < n_allowed.unsqueeze(1)
+    prop = torch.where(valid, prop, torch.ones_like(prop))
+    first = torch.where(valid, first, torch.ones_like(first))
+    return Ranking(picked, raw.gather(1, picked), prop, first, valid)
+
+
+def _pad(r: Ranking, k: int) -> Ranking:
+    """Widen to ``k`` slots when the catalogue has fewer than ``k`` items."""
+    have = r.items.shape[1]
+    if have == k:
+        return r
+    extra = k - have
+
+    def widen(t: torch.Tensor, value: float | bool) -> torch.Tensor:
+        pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([t, pad], dim=1)
+
+    return Ranking(
+        widen(r.items, 0),
+        widen(r.scores, -math.inf),
+        widen(r.propensities, 1.0),
+        widen(r.first_draw, 1.0),
+        widen(r.valid, False),
+    )
+
+
+class Policy:
+    """A ranking policy bound to one item matrix and device, ranking users in chunks.
+
+    Parameters
+    ----------
+    item_matrix:
+        ``[I, d]`` item vectors; moved to ``device`` once.
+    exploration:
+        ``"boltzmann"`` (default), ``"epsilon"`` or ``"greedy"``.
+    temperature:
+        Boltzmann temperature T > 0 (scores are divided by T before the softmax).
+    epsilon:
+        Epsilon-greedy exploration rate in [0, 1].
+    chunk_size:
+        Users per matrix product; bounds the ``[chunk, I]`` score buffer.
+    seed:
+        Seeds the sampling generator (None: nondeterministic).
+    device:
+        Where to rank; default CUDA when available, else CPU.
+    """
+
+    def __init__(
+        self,
+        item_matrix: torch.Tensor,
+        *,
+        exploration: Exploration = "boltzmann",
+        temperature: float = 1.0,
+        epsilon: float = 0.1,
+        chunk_size: int = 1024,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        _check_args(exploration, temperature, epsilon)
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if item_matrix.dim() != 2 or item_matrix.shape[0] == 0:
+            raise ValueError("item_matrix must be a non-empty [I, d] tensor")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.item_matrix = item_matrix.detach().to(self.device, torch.float32).contiguous()
+        self.exploration: Exploration = exploration
+        self.temperature = float(temperature)
+        self.epsilon = float(epsilon)
+        self.chunk_size = chunk_size
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_matrix.shape[0])
+
+    @torch.inference_mode()
+    def rank(
+        self, user_states: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+    ) -> Ranking:
+        """Slates for ``user_states [B, d]``; ``exclude [B, M]`` item indices (-1 = padding)."""
+        states = user_states.detach().to(self.device, torch.float32)
+        parts: list[Ranking] = []
+        for start in range(0, max(states.shape[0], 1), self.chunk_size):
+            end = start + self.chunk_size
+            parts.append(
+                rank(
+                    states[start:end],
+                    self.item_matrix,
+                    k,
+                    exclude=None if exclude is None else exclude[start:end],
+                    exploration=self.exploration,
+                    temperature=self.temperature,
+                    epsilon=self.epsilon,
+                    generator=self.generator,
+                )
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return Ranking(
+            torch.cat([p.items for p in parts]),
+            torch.cat([p.scores for p in parts]),
+            torch.cat([p.propensities for p in parts]),
+            torch.cat([p.first_draw for p in parts]),
+            torch.cat([p.valid for p in parts]),
+        )

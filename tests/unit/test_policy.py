@@ -1,0 +1,176 @@
+"""Ranking and exploration: exclusion, exact propensities, and sampling that matches them."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from recsys.policy import Policy, rank
+
+
+def _case(seed: int = 0, b: int = 4, i: int = 12, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randn(i, d, generator=g)
+
+
+def test_greedy_is_topk_of_masked_scores():
+    states, items = _case()
+    exclude = torch.tensor([[0, 1, -1], [-1, -1, -1], [11, 5, 3], [2, -1, -1]])
+    r = rank(states, items, 4, exclude=exclude, exploration="greedy")
+    scores = states @ items.T
+    for b in range(4):
+        banned = {int(x) for x in exclude[b] if x >= 0}
+        order = [j for j in scores[b].argsort(descending=True).tolist() if j not in banned][:4]
+        assert r.items[b].tolist() == order
+        assert torch.allclose(r.scores[b], scores[b, order])
+    assert torch.all(r.propensities == 1.0)
+    assert r.valid.all()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "boltzmann", "epsilon"])
+def test_excluded_items_never_recommended_and_slates_distinct(mode):
+    states, items = _case(1, b=64, i=30)
+    g = torch.Generator().manual_seed(3)
+    exclude = torch.randint(-1, 30, (64, 20), generator=g)
+    r = rank(states, items, 8, exclude=exclude, exploration=mode, epsilon=0.5, generator=g)
+    for b in range(64):
+        banned = {int(x) for x in exclude[b] if x >= 0}
+        got = [i for i, v in zip(r.items[b].tolist(), r.valid[b].tolist(), strict=True) if v]
+        assert not banned & set(got)
+        assert len(set(got)) == len(got)
+        assert len(got) == min(8, 30 - len(banned))
+    assert torch.all((r.propensities > 0) & (r.propensities <= 1))
+
+
+def _pl_conditional(z: list[float], slate: list[int]) -> list[float]:
+    """Plackett–Luce conditional probabilities by the textbook formula."""
+    out, remaining = [], set(range(len(z)))
+    for a in slate:
+        denom = sum(math.exp(z[i]) for i in remaining)
+        out.append(math.exp(z[a]) / denom)
+        remaining.remove(a)
+    return out
+
+
+def test_boltzmann_propensities_are_plackett_luce_conditionals():
+    states, items = _case(2, b=3, i=7)
+    g = torch.Generator().manual_seed(0)
+    r = rank(states, items, 4, exploration="boltzmann", temperature=0.7, generator=g)
+    z = (states @ items.T / 0.7).tolist()
+    for b in range(3):
+        slate = r.items[b].tolist()
+        expected = _pl_conditional(z[b], slate)
+        assert r.propensities[b].tolist() == pytest.approx(expected, rel=1e-5)
+        soft = torch.softmax(torch.tensor(z[b], dtype=torch.float64), 0)
+        assert r.first_draw[b].tolist() == pytest.approx(soft[slate].tolist(), rel=1e-5)
+        assert r.propensities[b, 0].item() == pytest.approx(r.first_draw[b, 0].item(), rel=1e-6)
+
+
+def test_boltzmann_samples_match_logged_slate_probabilities():
+    # Same user repeated: the empirical frequency of each ordered slate must match the product
+    # of the logged conditionals (which is that slate's exact probability).
+    states, items = _case(4, b=1, i=5, d=3)
+    n = 40_000
+    g = torch.Generator().manual_seed(11)
+    r = rank(states.expand(n, 3), items, 2, exploration="boltzmann", temperature=1.5, generator=g)
+    slates = [tuple(s) for s in r.items.tolist()]
+    freq = Counter(slates)
+    prob = {}
+    for s, p in zip(slates, r.propensities.prod(1).tolist(), strict=True):
+        prob[s] = p
+    assert sum(prob.values()) == pytest.approx(1.0, abs=1e-6)
+    for s, p in prob.items():
+        se = math.sqrt(p * (1 - p) / n)
+        assert abs(freq[s] / n - p) < 5 * se + 1e-4, (s, freq[s] / n, p)
+
+
+def test_epsilon_greedy_propensities_and_frequencies():
+    states, items = _case(5, b=1, i=6, d=3)
+    eps, n = 0.3, 30_000
+    g = torch.Generator().manual_seed(2)
+    r = rank(states.expand(n, 3), items, 3, exploration="epsilon", epsilon=eps, generator=g)
+    order = (states @ items.T)[0].argsort(descending=True).tolist()
+    # Every logged conditional follows the formula (1-ε)[best remaining] + ε/(I - j).
+    for row, props in zip(r.items.tolist()[:200], r.propensities.tolist()[:200], strict=True):
+        shown: list[int] = []
+        for j, (a, p) in enumerate(zip(row, props, strict=True)):
+            best = next(x for x in order if x not in shown)
+            assert p == pytest.approx((1 - eps) * (a == best) + eps / (6 - j))
+            shown.append(a)
+    freq = Counter(tuple(s) for s in r.items.tolist())
+    for s, p in zip(
+        (tuple(x) for x in r.items.tolist()), r.propensities.prod(1).tolist(), strict=True
+    ):
+        se = math.sqrt(p * (1 - p) / n)
+        assert abs(freq[s] / n - p) < 5 * se + 1e-4
+
+
+def test_tiny_temperature_is_stable_and_near_greedy():
+    states, items = _case(6, b=8, i=50)
+    g = torch.Generator().manual_seed(0)
+    r = rank(states, items, 5, exploration="boltzmann", temperature=1e-6, generator=g)
+    greedy = rank(states, items, 5, exploration="greedy")
+    assert torch.equal(r.items, greedy.items)
+    assert torch.all(torch.isfinite(r.propensities))
+    assert torch.all(r.propensities > 0.99)
+
+
+def test_k_larger_than_catalogue_and_fully_excluded_user():
+    states, items = _case(7, b=2, i=3)
+    exclude = torch.tensor([[0, 1, 2], [-1, -1, -1]])
+    for mode in ("greedy", "boltzmann", "epsilon"):
+        r = rank(states, items, 5, exclude=exclude, exploration=mode)
+        assert r.items.shape == (2, 5)
+        assert r.valid[0].sum() == 0
+        assert r.valid[1].sum() == 3
+        assert r.rows()[0] == []
+        assert sorted(i for i, _, _ in r.rows()[1]) == [0, 1, 2]
+
+
+def test_policy_chunks_equal_one_batch():
+    states, items = _case(8, b=50, i=40)
+    exclude = torch.randint(-1, 40, (50, 6), generator=torch.Generator().manual_seed(1))
+    one = Policy(items, exploration="greedy", chunk_size=1000, device="cpu").rank(
+        states, 6, exclude
+    )
+    many = Policy(items, exploration="greedy", chunk_size=7, device="cpu").rank(states, 6, exclude)
+    assert torch.equal(one.items, many.items)
+    a = Policy(items, seed=3, chunk_size=7, device="cpu").rank(states, 6, exclude)
+    b = Policy(items, seed=3, chunk_size=7, device="cpu").rank(states, 6, exclude)
+    assert torch.equal(a.items, b.items), "seeded sampling must be reproducible"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"exploration": "softmax"}, "exploration"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_bad_hyperparameters_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Policy(torch.ones(3, 2), device="cpu", **kwargs)
+
+
+def test_bad_shapes_and_k():
+    with pytest.raises(ValueError, match="k must"):
+        rank(torch.ones(2, 3), torch.ones(4, 3), 0)
+    with pytest.raises(ValueError, match="width"):
+        rank(torch.ones(2, 3), torch.ones(4, 2), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_greedy():
+    states, items = _case(9, b=100, i=500, d=16)
+    cpu = Policy(items, exploration="greedy", device="cpu").rank(states, 10)
+    gpu = Policy(items, exploration="greedy", device="cuda").rank(states, 10)
+    assert gpu.items.device.type == "cuda"
+    assert torch.equal(cpu.items, gpu.items.cpu())
+    sampled = Policy(items, device="cuda", seed=0).rank(states, 10)
+    assert torch.all(sampled.propensities > 0)
