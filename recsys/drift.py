@@ -147,6 +147,10 @@ class DriftMonitor:
         }
         self._popularity = PopularityShift(popularity_window, popularity_threshold)
         self._clock = clock
+        # Export zero counts from the start: Prometheus' increase() cannot see a first detection
+        # on a series that appears already at 1.
+        for signal in (*wanted, POPULARITY_SIGNAL):
+            metrics.DRIFT_DETECTED.labels(signal=signal)
         self.detections: Counter[str] = Counter()
         self.drift_detected = False
         self.last_signal: str | None = None
