@@ -125,7 +125,40 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-REGISTRY: list[Callable[[Any], None]] = [_add_broker, _add_topics, _add_config, _add_worker]
+# --- replay -----------------------------------------------------------------------------------
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser("replay", help="replay a real data set to the events and items topics")
+    p.add_argument("dataset", choices=("movielens", "obd"))
+    p.add_argument("--path", type=existing_path, required=True, help="data set folder")
+    p.add_argument("--max-rate", type=float, help="events per second at most (default: no cap)")
+    p.add_argument("--limit", type=int, help="stop after this many events")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from recsys.data.replay import run_replay
+
+    summary = run_replay(
+        args.dataset,
+        args.path,
+        _settings(args),
+        max_rate=args.max_rate,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(summary.render())
+    return 0
+
+
+REGISTRY: list[Callable[[Any], None]] = [
+    _add_broker,
+    _add_topics,
+    _add_config,
+    _add_worker,
+    _add_replay,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
