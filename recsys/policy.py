@@ -121,13 +121,18 @@ def rank(
     temperature: float = 1.0,
     epsilon: float = 0.1,
     generator: torch.Generator | None = None,
+    candidates: int | None = None,
 ) -> Ranking:
     """Top-``k`` slates for ``user_states [B, d]`` over ``item_matrix [I, d]``.
 
     ``exclude [B, M]`` (long, ``-1`` padding) lists item indices each user must not get.
-    ``generator`` (on the tensors' device) makes sampling reproducible.
+    ``generator`` (on the tensors' device) makes sampling reproducible. ``candidates``: how
+    many best-scoring items get explicit Gumbel noise in Boltzmann mode (default ``4 k``); it
+    changes the cost, never the distribution.
     """
     _check_args(exploration, temperature, epsilon)
+    if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
+        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if user_states.dim() != 2 or item_matrix.dim() != 2:
@@ -148,74 +153,144 @@ def rank(
         ones = torch.ones(top.shape, dtype=torch.float64, device=top.device)
         return _pad(Ranking(idx, top, ones, ones.clone(), valid), k)
     if exploration == "boltzmann":
-        return _pad(_boltzmann(raw, k_eff, temperature, generator), k)
+        m = candidates if candidates is not None else 4 * k_eff
+        return _pad(_boltzmann(raw, k_eff, temperature, generator, m), k)
     return _pad(_epsilon_greedy(raw, k_eff, epsilon, generator), k)
 
 
+def _gumbel(
+    shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
+    u = torch.rand(shape, generator=gen, device=like.device, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp_(min=1e-300)))
+
+
 def _boltzmann(
-    raw: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None
+    raw: torch.Tensor,
+    k: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    candidates: int,
 ) -> Ranking:
-    # ``raw`` is ours (fresh from the matmul): scale it in place rather than copy [B, I].
-    z = raw.div_(temperature) if temperature != 1.0 else raw
-    # Gumbel-top-k: key = z + G with G = -log(E), E ~ Exp(1); top-k keys = a Plackett–Luce draw.
-    noise = torch.empty_like(z).exponential_(generator=generator)
-    keys = z - noise.log_()
-    _, idx = torch.topk(keys, k, dim=1)
-    z_sel = z.gather(1, idx)  # [B, k]
-    valid = torch.isfinite(z_sel)
-    # Exact conditional probabilities without the cancellation of 1 - Σ p: the mass of the
-    # items never selected (R) plus the selected items still remaining at step j.
-    total = torch.logsumexp(z, dim=1, keepdim=True)  # [B, 1]
-    z.scatter_(1, idx, -math.inf)
-    rest = torch.logsumexp(z, dim=1, keepdim=True).double()  # log R, [B, 1]
-    zs = torch.where(valid, z_sel, torch.full_like(z_sel, -math.inf)).double()
-    # log Σ_{i >= j} exp(zs_i): reverse cumulative logsumexp over the k slots.
-    tail = torch.logcumsumexp(zs.flip(1), dim=1).flip(1)
-    log_denom = torch.logaddexp(tail, rest.expand_as(tail))
-    cond = torch.exp(zs - log_denom)
-    first = torch.exp(zs - total.double())
-    cond = torch.where(valid, cond.clamp(MIN_PROPENSITY, 1.0), torch.ones_like(cond))
-    first = torch.where(valid, first.clamp(MIN_PROPENSITY, 1.0), torch.ones_like(first))
-    return Ranking(idx, z_sel * temperature, cond, first, valid)
+    """Exact Gumbel-top-k that draws noise for every item only when it has to.
+
+    The ``m`` best-scoring items (the pool) get explicit Gumbel keys. For the other items R the
+    Gumbel-max property gives the law of their largest key exactly: ``Gumbel(logsumexp_R z)``.
+    When that key is below the pool's k-th key (most users, for a peaked policy) the slate is
+    the pool's top-k and R needs no noise at all. Otherwise R's keys are drawn *conditioned on
+    that maximum* (Kool et al. 2019, "Stochastic Beams", the shifted-Gumbel construction) and
+    merged. Either way the result has exactly the law of ``top-k(z + Gumbel)`` over all items.
+    """
+    bsz, n_items = raw.shape
+    dev = raw.device
+    z = raw.div_(temperature) if temperature != 1.0 else raw  # ours: scale in place
+    m = min(n_items, max(candidates, k))
+    cand_z, cand_idx = torch.topk(z, m, dim=1)  # [B, m]
+    shift = cand_z[:, :1].clone()  # row max; -inf when every item is excluded
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    p = z.sub_(shift).exp_()  # [B, I] unnormalised probabilities, 0 for excluded items
+    log_total = p.sum(1).double().log() + shift.squeeze(1).double()  # [B]
+    p.scatter_(1, cand_idx, 0.0)  # from here on p holds R only
+    rest = p.sum(1).double()  # mass of R, summed directly (no cancellation)
+    shift64 = shift.squeeze(1).double()
+
+    pool_z = cand_z.double()
+    pool_key = pool_z + _gumbel((bsz, m), p, generator)
+    rest_max = torch.log(rest) + shift64 + _gumbel((bsz,), p, generator)  # -inf if R is empty
+    kth = torch.topk(pool_key, k, dim=1).values[:, -1]
+    active = torch.nonzero(rest_max > kth).squeeze(1)
+    all_idx, all_z, all_key = cand_idx, pool_z, pool_key
+    if active.numel():
+        pa = p[active]  # [A, I]
+        # Unconditional keys in the exponential-race form p / E (same order as z + Gumbel).
+        u = torch.rand(pa.shape, generator=generator, device=dev).clamp_(min=1e-38)
+        race = pa / u.log_().neg_()
+        _, r_idx = torch.topk(race, k, dim=1)  # R's k largest keys, [A, k]
+        r_p = pa.gather(1, r_idx).double()
+        r_key = torch.log(race.gather(1, r_idx).double()) + shift64[active].unsqueeze(1)
+        r_z = torch.log(r_p) + shift64[active].unsqueeze(1)
+        top = r_key[:, :1]
+        # Condition on R's maximum being the rest_max already drawn (monotone shift).
+        target = rest_max[active].unsqueeze(1)
+        v = target - r_key + torch.log1p(-torch.exp(r_key - top))
+        r_key = target - torch.relu(v) - torch.log1p(torch.exp(-v.abs()))
+        r_key = torch.where(r_p > 0, r_key, torch.full_like(r_key, -math.inf))
+        ext_idx = torch.zeros((bsz, k), dtype=torch.long, device=dev)
+        ext_z = torch.full((bsz, k), -math.inf, dtype=torch.float64, device=dev)
+        ext_key = torch.full((bsz, k), -math.inf, dtype=torch.float64, device=dev)
+        ext_idx[active], ext_z[active], ext_key[active] = r_idx, r_z, r_key
+        all_idx = torch.cat([cand_idx, ext_idx], 1)
+        all_z = torch.cat([pool_z, ext_z], 1)
+        all_key = torch.cat([pool_key, ext_key], 1)
+    order = torch.topk(all_key, k, dim=1).indices
+    idx = all_idx.gather(1, order)
+    zs = all_z.gather(1, order)
+    valid = torch.isfinite(zs)
+    # Mass of everything not in the slate, without subtracting: R minus the R items taken
+    # (re-summed for those rows) plus the pool items left out.
+    if active.numel():
+        keep = (order[active] < m).to(p.dtype)  # 0 where the slate item came from R
+        pa = p[active]
+        pa.scatter_reduce_(1, idx[active], keep, reduce="prod")
+        rest[active] = pa.sum(1).double()
+    in_slate = torch.zeros_like(all_z, dtype=torch.bool).scatter_(1, order, True)
+    pool_rest = torch.logsumexp(all_z[:, :m].masked_fill(in_slate[:, :m], -math.inf), dim=1)
+    log_unselected = torch.logaddexp(torch.log(rest) + shift64, pool_rest)
+    zs_valid = zs.masked_fill(~valid, -math.inf)
+    tail = torch.logcumsumexp(zs_valid.flip(1), dim=1).flip(1)  # log Σ_{i >= j} exp(z_i)
+    log_denom = torch.logaddexp(tail, log_unselected.unsqueeze(1).expand_as(tail))
+    cond = torch.exp(zs_valid - log_denom)
+    first = torch.exp(zs_valid - log_total.unsqueeze(1))
+    one = torch.ones_like(cond)
+    cond = torch.where(valid, cond.clamp(MIN_PROPENSITY, 1.0), one)
+    first = torch.where(valid, first.clamp(MIN_PROPENSITY, 1.0), one)
+    scores = (zs * temperature).to(raw.dtype)
+    return Ranking(idx, scores, cond, first, valid)
 
 
 def _epsilon_greedy(
     raw: torch.Tensor, k: int, epsilon: float, generator: torch.Generator | None
 ) -> Ranking:
-    bsz = raw.shape[0]
+    bsz, n_items = raw.shape
     dev = raw.device
-    allowed = torch.isfinite(raw)
-    n_allowed = allowed.sum(1)  # [B]
-    _, greedy = torch.topk(raw, k, dim=1)  # best-first candidates
-    # A uniformly random order of the allowed items; its first unpicked entry is a uniform draw
-    # from the remaining allowed items (the order is independent of everything picked so far).
-    keys = torch.rand(raw.shape, generator=generator, device=dev)
-    keys.masked_fill_(~allowed, -1.0)
-    _, rand_order = torch.topk(keys, k, dim=1)
+    allowed_n = torch.isfinite(raw).sum(1)  # [B]
+    top, greedy = torch.topk(raw, k, dim=1)  # best-first candidates
     explore = torch.rand((bsz, k), generator=generator, device=dev) < epsilon
-    picked = torch.empty((bsz, k), dtype=torch.long, device=dev)
-    prop = torch.empty((bsz, k), dtype=torch.float64, device=dev)
-    top1 = greedy[:, 0]
-    first = torch.empty((bsz, k), dtype=torch.float64, device=dev)
+    picked = torch.zeros((bsz, k), dtype=torch.long, device=dev)
+    prop = torch.ones((bsz, k), dtype=torch.float64, device=dev)
+    first = torch.ones((bsz, k), dtype=torch.float64, device=dev)
     rows = torch.arange(bsz, device=dev)
+    n = allowed_n.double()
     for j in range(k):
         prev = picked[:, :j]
-        g_free = (greedy.unsqueeze(2) != prev.unsqueeze(1)).all(2) if j else None
-        r_free = (rand_order.unsqueeze(2) != prev.unsqueeze(1)).all(2) if j else None
-        g_pos = g_free.float().argmax(1) if g_free is not None else torch.zeros_like(top1)
-        r_pos = r_free.float().argmax(1) if r_free is not None else torch.zeros_like(top1)
+        free = (greedy.unsqueeze(2) != prev.unsqueeze(1)).all(2) if j else None
+        g_pos = free.float().argmax(1) if free is not None else torch.zeros_like(allowed_n)
         g_item = greedy[rows, g_pos]
-        r_item = rand_order[rows, r_pos]
-        choice = torch.where(explore[:, j], r_item, g_item)
+        choice = g_item.clone()
+        # Uniform draw among the remaining allowed items by rejection from a uniform proposal
+        # (exact); rows still unresolved after a few rounds draw from an explicit mask.
+        todo = torch.nonzero(explore[:, j] & (allowed_n > j)).squeeze(1)
+        for _ in range(16):
+            if todo.numel() == 0:
+                break
+            cand = torch.randint(0, n_items, (len(todo),), generator=generator, device=dev)
+            ok = torch.isfinite(raw[todo, cand]) & (prev[todo] != cand.unsqueeze(1)).all(1)
+            choice[todo[ok]] = cand[ok]
+            todo = todo[~ok]
+        if todo.numel():
+            weights = torch.isfinite(raw[todo]).double()
+            weights.scatter_(1, prev[todo], 0.0)
+            choice[todo] = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         picked[:, j] = choice
-        remaining = (n_allowed - j).clamp(min=1).double()
+        remaining = (n - j).clamp(min=1.0)
         prop[:, j] = (1.0 - epsilon) * (choice == g_item).double() + epsilon / remaining
-        first[:, j] = (1.0 - epsilon) * (choice == top1).double() + epsilon / n_allowed.clamp(
-            min=1
-        ).double()
-    valid = torch.arange(k, device=dev).unsqueeze(0) < n_allowed.unsqueeze(1)
+        first[:, j] = (1.0 - epsilon) * (choice == greedy[:, 0]).double() + epsilon / n.clamp(
+            min=1.0
+        )
+    valid = torch.arange(k, device=dev).unsqueeze(0) < allowed_n.unsqueeze(1)
     prop = torch.where(valid, prop, torch.ones_like(prop))
     first = torch.where(valid, first, torch.ones_like(first))
+    del top
     return Ranking(picked, raw.gather(1, picked), prop, first, valid)
 
 
@@ -258,6 +333,9 @@ class Policy:
         Seeds the sampling generator (None: nondeterministic).
     device:
         Where to rank; default CUDA when available, else CPU.
+    candidates:
+        Boltzmann only: best-scoring items given explicit Gumbel noise (default ``4 k``); a cost
+        knob, the sampled distribution is exact for any value.
     """
 
     def __init__(
@@ -270,8 +348,12 @@ class Policy:
         chunk_size: int = 1024,
         seed: int | None = None,
         device: torch.device | str | None = None,
+        candidates: int | None = None,
     ) -> None:
         _check_args(exploration, temperature, epsilon)
+        if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
+            raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        self.candidates = candidates
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         if item_matrix.dim() != 2 or item_matrix.shape[0] == 0:
@@ -311,6 +393,7 @@ class Policy:
                     temperature=self.temperature,
                     epsilon=self.epsilon,
                     generator=self.generator,
+                    candidates=self.candidates,
                 )
             )
         if len(parts) == 1:

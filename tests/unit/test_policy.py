@@ -35,7 +35,9 @@ def test_excluded_items_never_recommended_and_slates_distinct(mode):
     states, items = _case(1, b=64, i=30)
     g = torch.Generator().manual_seed(3)
     exclude = torch.randint(-1, 30, (64, 20), generator=g)
-    r = rank(states, items, 8, exclude=exclude, exploration=mode, epsilon=0.5, generator=g)
+    r = rank(
+        states, items, 8, exclude=exclude, exploration=mode, epsilon=0.5, generator=g, candidates=2
+    )
     for b in range(64):
         banned = {int(x) for x in exclude[b] if x >= 0}
         got = [i for i, v in zip(r.items[b].tolist(), r.valid[b].tolist(), strict=True) if v]
@@ -55,11 +57,20 @@ def _pl_conditional(z: list[float], slate: list[int]) -> list[float]:
     return out
 
 
-def test_boltzmann_propensities_are_plackett_luce_conditionals():
+@pytest.mark.parametrize("candidates", [1, 4, 7])
+def test_boltzmann_propensities_are_plackett_luce_conditionals(candidates):
     states, items = _case(2, b=3, i=7)
     g = torch.Generator().manual_seed(0)
-    r = rank(states, items, 4, exploration="boltzmann", temperature=0.7, generator=g)
-    z = (states @ items.T / 0.7).tolist()
+    r = rank(
+        states,
+        items,
+        4,
+        exploration="boltzmann",
+        temperature=3.0,
+        generator=g,
+        candidates=candidates,
+    )
+    z = (states @ items.T / 3.0).tolist()
     for b in range(3):
         slate = r.items[b].tolist()
         expected = _pl_conditional(z[b], slate)
@@ -69,13 +80,23 @@ def test_boltzmann_propensities_are_plackett_luce_conditionals():
         assert r.propensities[b, 0].item() == pytest.approx(r.first_draw[b, 0].item(), rel=1e-6)
 
 
-def test_boltzmann_samples_match_logged_slate_probabilities():
+@pytest.mark.parametrize("candidates", [1, 2, 8])
+def test_boltzmann_samples_match_logged_slate_probabilities(candidates):
     # Same user repeated: the empirical frequency of each ordered slate must match the product
-    # of the logged conditionals (which is that slate's exact probability).
+    # of the logged conditionals (which is that slate's exact probability). Few candidates
+    # force the path where the rest of the catalogue is sampled conditioned on its maximum.
     states, items = _case(4, b=1, i=5, d=3)
     n = 40_000
     g = torch.Generator().manual_seed(11)
-    r = rank(states.expand(n, 3), items, 2, exploration="boltzmann", temperature=1.5, generator=g)
+    r = rank(
+        states.expand(n, 3),
+        items,
+        2,
+        exploration="boltzmann",
+        temperature=1.5,
+        generator=g,
+        candidates=candidates,
+    )
     slates = [tuple(s) for s in r.items.tolist()]
     freq = Counter(slates)
     prob = {}
@@ -122,7 +143,7 @@ def test_k_larger_than_catalogue_and_fully_excluded_user():
     states, items = _case(7, b=2, i=3)
     exclude = torch.tensor([[0, 1, 2], [-1, -1, -1]])
     for mode in ("greedy", "boltzmann", "epsilon"):
-        r = rank(states, items, 5, exclude=exclude, exploration=mode)
+        r = rank(states, items, 5, exclude=exclude, exploration=mode, candidates=1)
         assert r.items.shape == (2, 5)
         assert r.valid[0].sum() == 0
         assert r.valid[1].sum() == 3
@@ -174,3 +195,25 @@ def test_cuda_matches_cpu_greedy():
     assert torch.equal(cpu.items, gpu.items.cpu())
     sampled = Policy(items, device="cuda", seed=0).rank(states, 10)
     assert torch.all(sampled.propensities > 0)
+
+
+def test_boltzmann_position_marginals_with_most_items_outside_the_pool():
+    # 20 items, a pool of 3: positions 0 and 1 must follow the exact Plackett–Luce marginals.
+    states, items = _case(12, b=1, i=20, d=4)
+    n, temp = 60_000, 2.0
+    g = torch.Generator().manual_seed(5)
+    r = rank(
+        states.expand(n, 4),
+        items,
+        3,
+        exploration="boltzmann",
+        temperature=temp,
+        generator=g,
+        candidates=3,
+    )
+    p = torch.softmax((states @ items.T)[0].double() / temp, 0)
+    second = torch.stack([(p * p[a] / (1 - p)).sum() - p[a] * p[a] / (1 - p[a]) for a in range(20)])
+    for pos, expected in ((0, p), (1, second)):
+        freq = torch.bincount(r.items[:, pos], minlength=20).double() / n
+        se = torch.sqrt(expected * (1 - expected) / n)
+        assert torch.all((freq - expected).abs() < 5 * se + 1e-4), (pos, freq, expected)
