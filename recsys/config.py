@@ -93,11 +93,21 @@ class TopicSettings(_Section):
     recommendations: str = Field("recsys.recommendations", description="Published slates")
     items: str = Field("recsys.items", description="Item catalogue records")
     dlq: str = Field("recsys.events.dlq", description="Rejected events with reasons")
+    item_vectors: str = Field(
+        "recsys.item_vectors", description="Encoded item text vectors (encoder → learner)"
+    )
     partitions: int = Field(6, ge=1, description="Partitions for each topic created by recsys")
     replication_factor: int = Field(1, ge=1, description="Replication factor for created topics")
 
     def all(self) -> list[str]:
-        return [self.events, self.rewards, self.recommendations, self.items, self.dlq]
+        return [
+            self.events,
+            self.rewards,
+            self.recommendations,
+            self.items,
+            self.dlq,
+            self.item_vectors,
+        ]
 
 
 class EventSettings(_Section):
