@@ -1,0 +1,427 @@
+"""The SQL store: published recommendations, model versions, and the publisher's user state.
+
+SQLAlchemy 2 (Core statements on ORM tables), SQLite by default, PostgreSQL by URL. The schema is
+created or upgraded when a :class:`Store` opens: missing tables are created, missing nullable
+columns are added, and a database written by a newer recsys is refused. Every value reaches the
+database as a bound parameter, so ids with quotes, semicolons or any Unicode are stored verbatim.
+
+Tables
+------
+``recommendations``   one row per user: the latest slate (items with score, propensity and
+                      position as JSON), model version, policy (``model``/``cold_start``),
+                      request id, the newest event time it reflects, updated at.
+``cold_start``        the slate served to users the publisher has never seen (one row).
+``model_versions``    every model version a publisher loaded: checkpoint path, created/loaded
+                      at, metrics from the checkpoint manifest.
+``user_histories``    the publisher's per-user positive-item entries ``[ts, item_id,
+                      event_id]`` so it resumes after a restart without re-reading the topic.
+``item_popularity``   positive-feedback counts per item, for cold-start slates.
+``schema_info``       the schema version.
+
+:meth:`Store.save_batch` writes a publisher batch (slates, histories, popularity, cold-start
+slate) in **one** transaction: after a crash the store holds the whole batch or none of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from recsys.errors import RecsysError
+from recsys.events import Slate, SlateItem
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+COLD_START_KEY = "default"
+
+
+class StoreError(RecsysError):
+    """The store cannot be opened or its schema is newer than this code."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RecommendationRow(Base):
+    __tablename__ = "recommendations"
+
+    user_id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    request_id: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    model_version: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    policy: Mapped[str] = mapped_column(sa.String(32), nullable=False)
+    items: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+    published_ms: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    event_ts: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+
+
+class ColdStartRow(Base):
+    __tablename__ = "cold_start"
+
+    key: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    request_id: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    model_version: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    items: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+    published_ms: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    checkpoint_path: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    created_at: Mapped[dt.datetime | None] = mapped_column(
+        sa.DateTime(timezone=True), nullable=True
+    )
+    loaded_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+    metrics: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+
+
+class UserHistoryRow(Base):
+    __tablename__ = "user_histories"
+
+    user_id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    entries: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+
+
+class ItemPopularityRow(Base):
+    __tablename__ = "item_popularity"
+
+    item_id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    positives: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+
+
+class SchemaInfoRow(Base):
+    __tablename__ = "schema_info"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+
+
+@dataclass(frozen=True)
+class StoredSlate:
+    """A slate as the store holds it."""
+
+    slate: Slate
+    policy: str
+    event_ts: int | None
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class SlateWrite:
+    """One user's slate in a publisher batch."""
+
+    slate: Slate
+    policy: str
+    event_ts: int | None = None
+
+
+HistoryEntry = tuple[int, str, str]  # (event ts, item_id, event_id)
+
+
+def _items_json(slate: Slate) -> list[dict[str, Any]]:
+    return [
+        {"item_id": i.item_id, "score": i.score, "propensity": i.propensity, "position": i.position}
+        for i in slate.items
+    ]
+
+
+def _items_from_json(raw: Any) -> tuple[SlateItem, ...]:
+    return tuple(
+        SlateItem(str(i["item_id"]), float(i["score"]), float(i["propensity"]), int(i["position"]))
+        for i in raw
+    )
+
+
+class Store:
+    """Repository over the SQL store; opening it creates or upgrades the schema.
+
+    Parameters
+    ----------
+    url:
+        SQLAlchemy URL: ``sqlite:///path.db`` (default file) or ``postgresql+psycopg://...``.
+    echo:
+        Log every SQL statement (debugging).
+    """
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        if not isinstance(url, str) or not url.startswith(("sqlite", "postgresql")):
+            raise StoreError(f"url must be a sqlite:// or postgresql:// URL, got {url!r}")
+        self.url = url
+        parsed = sa.make_url(url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:" and not db.startswith("file:"):
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine = sa.create_engine(url, **kwargs)
+        except Exception as exc:  # bad driver, malformed URL
+            raise StoreError(f"cannot open store {parsed!r}: {exc}") from exc
+        if self.dialect == "sqlite":
+            sa_event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._upgrade_schema()
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def _upgrade_schema(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                Base.metadata.create_all(conn)  # missing tables only
+                self._add_missing_columns(conn)
+                row = conn.execute(sa.select(SchemaInfoRow.version).where(SchemaInfoRow.id == 1))
+                found = row.scalar_one_or_none()
+                if found is None:
+                    conn.execute(sa.insert(SchemaInfoRow).values(id=1, version=SCHEMA_VERSION))
+                elif found > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store schema version {found} is newer than this recsys "
+                        f"({SCHEMA_VERSION}); upgrade recsys"
+                    )
+                elif found < SCHEMA_VERSION:
+                    conn.execute(
+                        sa.update(SchemaInfoRow)
+                        .where(SchemaInfoRow.id == 1)
+                        .values(version=SCHEMA_VERSION)
+                    )
+        except StoreError:
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot prepare the store schema: {exc}") from exc
+
+    @staticmethod
+    def _add_missing_columns(conn: sa.Connection) -> None:
+        """Additive upgrades: a nullable column the models have and the table lacks is added."""
+        inspector = sa.inspect(conn)
+        preparer = conn.dialect.identifier_preparer
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                if not col.nullable:
+                    raise StoreError(
+                        f"table {table.name} lacks non-nullable column {col.name}; "
+                        "it cannot be added in place"
+                    )
+                ddl = (
+                    f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN "
+                    f"{preparer.format_column(col)} {col.type.compile(conn.dialect)}"
+                )
+                log.info("store upgrade: %s", ddl)
+                conn.execute(sa.text(ddl))
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(SchemaInfoRow.version)).scalar_one())
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def _insert(self, table: type[Base]) -> Any:
+        mod = postgresql if self.dialect == "postgresql" else sqlite
+        return mod.insert(table.__table__)
+
+    def _upsert(
+        self, conn: sa.Connection, table: type[Base], rows: list[dict[str, Any]], key: str
+    ) -> None:
+        if not rows:
+            return
+        stmt = self._insert(table)
+        update = {c: stmt.excluded[c] for c in rows[0] if c != key}
+        conn.execute(stmt.on_conflict_do_update(index_elements=[key], set_=update), rows)
+
+    def save_batch(
+        self,
+        slates: Sequence[SlateWrite],
+        *,
+        histories: Mapping[str, Sequence[HistoryEntry]] | None = None,
+        popularity: Mapping[str, int] | None = None,
+        cold_start: Slate | None = None,
+    ) -> None:
+        """Upsert a publisher batch in one transaction (all of it or, after a crash, none)."""
+        now = _now()
+        rec_rows = [
+            {
+                "user_id": w.slate.user_id,
+                "request_id": w.slate.request_id,
+                "model_version": w.slate.model_version,
+                "policy": w.policy,
+                "items": _items_json(w.slate),
+                "published_ms": w.slate.ts,
+                "event_ts": w.event_ts,
+                "updated_at": now,
+            }
+            for w in slates
+        ]
+        hist_rows = [
+            {"user_id": u, "entries": [list(e) for e in entries], "updated_at": now}
+            for u, entries in (histories or {}).items()
+        ]
+        with self.engine.begin() as conn:
+            self._upsert(conn, RecommendationRow, rec_rows, "user_id")
+            self._upsert(conn, UserHistoryRow, hist_rows, "user_id")
+            if popularity:
+                stmt = self._insert(ItemPopularityRow)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["item_id"],
+                    set_={"positives": ItemPopularityRow.positives + stmt.excluded.positives},
+                )
+                conn.execute(
+                    stmt, [{"item_id": i, "positives": int(n)} for i, n in popularity.items()]
+                )
+            if cold_start is not None:
+                self._upsert(
+                    conn,
+                    ColdStartRow,
+                    [
+                        {
+                            "key": COLD_START_KEY,
+                            "request_id": cold_start.request_id,
+                            "model_version": cold_start.model_version,
+                            "items": _items_json(cold_start),
+                            "published_ms": cold_start.ts,
+                            "updated_at": now,
+                        }
+                    ],
+                    "key",
+                )
+
+    def record_model_version(
+        self,
+        version: str,
+        checkpoint_path: str,
+        *,
+        created_at: dt.datetime | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Remember a loaded model version (idempotent: loading it again updates loaded_at)."""
+        row = {
+            "version": version,
+            "checkpoint_path": checkpoint_path,
+            "created_at": created_at,
+            "loaded_at": _now(),
+            "metrics": dict(metrics or {}),
+        }
+        with self.engine.begin() as conn:
+            self._upsert(conn, ModelVersionRow, [row], "version")
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get_recommendation(self, user_id: str) -> StoredSlate | None:
+        """The stored slate of ``user_id``, or None when the store has none."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    sa.select(RecommendationRow).where(RecommendationRow.user_id == user_id)
+                )
+                .mappings()
+                .one_or_none()
+            )
+        if row is None:
+            return None
+        slate = Slate(
+            row["request_id"],
+            row["user_id"],
+            row["model_version"],
+            int(row["published_ms"]),
+            _items_from_json(row["items"]),
+        )
+        return StoredSlate(slate, row["policy"], row["event_ts"], row["updated_at"])
+
+    def get_cold_start(self) -> StoredSlate | None:
+        """The slate for users the publisher has never seen."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(sa.select(ColdStartRow).where(ColdStartRow.key == COLD_START_KEY))
+                .mappings()
+                .one_or_none()
+            )
+        if row is None:
+            return None
+        slate = Slate(
+            row["request_id"],
+            "",
+            row["model_version"],
+            int(row["published_ms"]),
+            _items_from_json(row["items"]),
+        )
+        return StoredSlate(slate, "cold_start", None, row["updated_at"])
+
+    def all_recommendations(self) -> dict[str, StoredSlate]:
+        """Every stored slate by user (tests, tools; not for the hot path)."""
+        out = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(sa.select(RecommendationRow)).mappings():
+                slate = Slate(
+                    row["request_id"],
+                    row["user_id"],
+                    row["model_version"],
+                    int(row["published_ms"]),
+                    _items_from_json(row["items"]),
+                )
+                out[row["user_id"]] = StoredSlate(
+                    slate, row["policy"], row["event_ts"], row["updated_at"]
+                )
+        return out
+
+    def known_users(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(RecommendationRow.user_id)).scalars())
+
+    def load_histories(self) -> Iterable[tuple[str, list[HistoryEntry]]]:
+        with self.engine.connect() as conn:
+            for user_id, entries in conn.execute(
+                sa.select(UserHistoryRow.user_id, UserHistoryRow.entries)
+            ):
+                yield user_id, [(int(e[0]), str(e[1]), str(e[2])) for e in entries]
+
+    def load_popularity(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ItemPopularityRow.item_id, ItemPopularityRow.positives))
+            return {i: int(n) for i, n in rows}
+
+    def model_versions(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ModelVersionRow).order_by(ModelVersionRow.loaded_at))
+            return [dict(r) for r in rows.mappings()]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL: readers (e.g. `recsys recommend`) never block the publisher's batch transaction, and a
+    # committed transaction survives a SIGKILL of the writer.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
