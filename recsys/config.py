@@ -166,6 +166,37 @@ class DriftSettings(_Section):
     )
 
 
+class PublisherSettings(_Section):
+    """The publisher worker: model hot reload, slate size and exploration, micro-batching."""
+
+    group_id: str = Field("recsys-publisher", description="Consumer group on the events topic")
+    checkpoint_dir: Path | None = Field(
+        None, description="Where to watch for model versions (unset: learner.checkpoint_dir)"
+    )
+    watch_interval_s: float = Field(1.0, gt=0, description="How often to look for a new version")
+    k: int = Field(10, ge=1, le=1000, description="Items per slate")
+    exploration: Literal["boltzmann", "epsilon", "greedy"] = Field(
+        "boltzmann", description="Slate sampling: Boltzmann (Gumbel-top-k), epsilon-greedy, greedy"
+    )
+    temperature: float = Field(1.0, gt=0, description="Boltzmann temperature on model logits")
+    epsilon: float = Field(0.1, ge=0, le=1, description="Epsilon-greedy exploration rate")
+    cold_start_temperature: float = Field(
+        1.0, gt=0, description="Temperature of the popularity policy for users without history"
+    )
+    history_len: int | None = Field(
+        None, ge=1, description="Items of history kept per user (unset: learner.max_history)"
+    )
+    batch_interval_ms: int = Field(
+        200, ge=1, description="Micro-batch: recompute changed users at most this long after"
+    )
+    refresh_batch_users: int = Field(
+        2048, ge=1, description="Users per batch when refreshing everyone for a new version"
+    )
+    chunk_size: int = Field(1024, ge=1, description="Users per matrix product when ranking")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    seed: int | None = Field(None, description="Seed of the slate sampler (unset: random)")
+
+
 class Settings(BaseSettings):
     """All settings of a recsys process."""
 
@@ -182,6 +213,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     metrics: MetricsSettings = MetricsSettings()
     drift: DriftSettings = DriftSettings()
+    publisher: PublisherSettings = PublisherSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of workers and commands"
     )
