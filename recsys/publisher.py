@@ -1,0 +1,641 @@
+"""The publisher: user histories from events, a hot-swapped policy, fresh slates in micro-batches.
+
+Pure logic, testable without Kafka; ``workers/publisher.py`` wires it to a consumer, a producer
+and the SQL store.
+
+- **Histories** use the one definition in :mod:`recsys.history` (positive-reward items in
+  event-time order, last N); an event's reward comes from the reward rules of
+  :mod:`recsys.rewards.rules`, the same the reward worker applies. Events are deduplicated by
+  ``event_id`` per user, so re-reading the topic after a crash changes nothing.
+- **Models** come from checkpoints the learner writes (``<dir>/v<step:012d>/``), loaded with
+  :func:`recsys.learner.load_policy`. :class:`ModelWatcher` loads a new version in a background
+  thread and swaps one reference: batches in flight finish on the old version, every batch that
+  starts later uses the new one, and there is never a moment without a model.
+- **Batches**: users whose history changed are recomputed at most ``batch_interval_s`` after
+  their first change; a new version recomputes every known user, ``refresh_batch_users`` at a
+  time. Users without usable history get the cold-start policy: Boltzmann over log popularity
+  (positive feedback counts), i.e. popular items plus exploration, with exact propensities.
+- :class:`PublisherSink` is the :class:`~recsys.kafka.Sink`: each batch is produced to the
+  recommendations topic (keyed by user, a fresh ``request_id`` per slate) and acknowledged, then
+  upserted into the store in one transaction, and only then are the offsets committed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import datetime as dt
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+
+from recsys import checkpoint as ckpt
+from recsys import metrics
+from recsys.errors import CheckpointError
+from recsys.events import Event, EventParser, Rejection, Slate, SlateItem
+from recsys.history import UserHistories, pad_histories
+from recsys.policy import Policy, Ranking, default_device
+from recsys.rewards.rules import RewardRules
+from recsys.store import HistoryEntry, SlateWrite, Store
+
+log = logging.getLogger(__name__)
+
+NO_MODEL_VERSION = "cold-start"
+"""``model_version`` of slates published before any model version exists."""
+WORKER = "publisher"
+
+
+# --- the model behind a small interface -------------------------------------------------------
+
+
+@dataclass
+class ServingModel:
+    """One loaded model version, ready to rank: what the publisher needs from the learner.
+
+    ``user_states(items [B, N])`` -> ``[B, d]`` from item-index histories (left-padded with -1);
+    ``policy`` ranks against the model's item matrix (scores are the model's policy logits).
+    """
+
+    version: str
+    path: str
+    item_ids: list[str]
+    index: dict[str, int]
+    max_history: int
+    policy: Policy
+    manifest: dict[str, Any]
+    _net: Any
+    _item_vecs: torch.Tensor
+
+    @torch.inference_mode()
+    def user_states(self, items: torch.Tensor) -> torch.Tensor:
+        return self._net.user_state(items.to(self._item_vecs.device), self._item_vecs)
+
+
+def load_serving_model(path: str | Path, policy_kwargs: Mapping[str, Any]) -> ServingModel:
+    """Load checkpoint ``path`` (verified) with the learner's loader and bind a :class:`Policy`.
+
+    Raises CheckpointError for a partial, corrupt or empty-catalogue checkpoint.
+    """
+    from recsys.learner import load_policy  # heavy; only where a model is actually loaded
+
+    wanted = policy_kwargs.get("device")
+    device = torch.device(wanted) if wanted else default_device()
+    net, item_ids, manifest = load_policy(path, device=str(device))
+    if not item_ids:
+        raise CheckpointError(f"{path}: model has no items yet")
+    with torch.inference_mode():
+        vecs = net.item_vectors().float()
+        # Policy scores are the model's logits: state · item / the model's temperature.
+        matrix = vecs / float(net.cfg.temperature)
+    return ServingModel(
+        version=str(manifest["model_version"]),
+        path=str(manifest["path"]),
+        item_ids=list(item_ids),
+        index={i: n for n, i in enumerate(item_ids)},
+        max_history=int(net.cfg.max_history),
+        policy=Policy(matrix, **{**policy_kwargs, "device": device}),
+        manifest=manifest,
+        _net=net,
+        _item_vecs=vecs,
+    )
+
+
+class ModelWatcher:
+    """Watches a checkpoint directory; loads a newer version in the background, swaps atomically.
+
+    ``current`` is one reference, replaced in a single assignment once the new model is fully
+    loaded, so a reader sees the old model or the new one, never a half-loaded one, and never
+    none after the first load. A checkpoint that fails verification is skipped (and remembered,
+    so it is not retried every tick).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        loader: Callable[[Path], ServingModel],
+        interval_s: float = 1.0,
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
+        self.root = Path(root)
+        self.loader = loader
+        self.interval_s = interval_s
+        self.current: ServingModel | None = None
+        self.on_swap: Callable[[ServingModel], None] | None = None
+        self._failed: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> bool:
+        """Load the newest valid version if it is newer than the current one; True if swapped."""
+        current = self.current.version if self.current is not None else None
+        for path in ckpt.list_checkpoints(self.root):
+            if path.name == current:
+                return False
+            if path.name in self._failed:
+                continue
+            try:
+                model = self.loader(path)
+            except CheckpointError as exc:
+                log.warning("skipping model version %s: %s", path.name, exc)
+                self._failed.add(path.name)
+                continue
+            self.current = model  # the atomic swap
+            metrics.MODEL_SWAPS.inc()
+            step = model.manifest.get("step")
+            if isinstance(step, int):
+                metrics.MODEL_VERSION.labels(worker=WORKER).set(step)
+            log.info("serving model version %s (%d items)", model.version, len(model.item_ids))
+            if self.on_swap is not None:
+                self.on_swap(model)
+            return True
+        return False
+
+    def start(self) -> ModelWatcher:
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # keep serving the current version whatever a load does
+                log.exception("model watcher: unexpected error")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+# --- the publisher ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """Publisher hyper-parameters; validated at construction, errors name the parameter."""
+
+    k: int = 10
+    history_len: int = 50
+    exploration: Literal["boltzmann", "epsilon", "greedy"] = "boltzmann"
+    temperature: float = 1.0
+    epsilon: float = 0.1
+    cold_start_temperature: float = 1.0
+    batch_interval_s: float = 0.2
+    refresh_batch_users: int = 2048
+    chunk_size: int = 1024
+    device: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("k", "history_len", "refresh_batch_users", "chunk_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("temperature", "cold_start_temperature"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.batch_interval_s, int | float) and self.batch_interval_s >= 0):
+            raise ValueError(f"batch_interval_s must be >= 0, got {self.batch_interval_s!r}")
+        if self.exploration not in ("boltzmann", "epsilon", "greedy"):
+            raise ValueError(
+                f"exploration must be boltzmann, epsilon or greedy, got {self.exploration!r}"
+            )
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon!r}")
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """Arguments for a model's :class:`~recsys.policy.Policy`."""
+        return {
+            "exploration": self.exploration,
+            "temperature": self.temperature,
+            "epsilon": self.epsilon,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+            "device": self.device,
+        }
+
+
+@dataclass
+class Batch:
+    """Slates computed in one go, with the state that must be stored with them."""
+
+    version: str
+    model: ServingModel | None
+    slates: list[SlateWrite]
+    trigger_ts: dict[str, int]  # user -> event time of the oldest event the slate reflects
+    histories: dict[str, list[HistoryEntry]]
+    popularity: dict[str, int]
+    cold_start: Slate | None
+    users: list[str] = field(default_factory=list)
+
+
+class Publisher:
+    """Histories, dirty users and slate computation; no I/O.
+
+    ``model()`` returns the current :class:`ServingModel` (or None before the first version),
+    typically ``lambda: watcher.current``; it is read once per batch, so a batch never mixes
+    versions.
+    """
+
+    def __init__(
+        self,
+        cfg: PublisherConfig,
+        model: Callable[[], ServingModel | None],
+        rules: RewardRules | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self._model = model
+        self.rules = rules or RewardRules()
+        self._clock = clock
+        self._mono = time.monotonic
+        self.histories = UserHistories(cfg.history_len)
+        self._entries: dict[str, list[HistoryEntry]] = {}  # persisted twin of histories
+        self._event_ids: dict[str, set[str]] = {}
+        self._ratings: dict[str, tuple[int, float]] = {}  # user-centred rating rule
+        self.item_ids: list[str] = []
+        self._item_index: dict[str, int] = {}
+        self._popularity: list[int] = []
+        self.known: set[str] = set()
+        self._dirty: dict[str, int] = {}  # user -> oldest unpublished event ts
+        self._dirty_since: float | None = None
+        self._hist_changed: set[str] = set()
+        self._pop_delta: Counter[str] = Counter()
+        self._refresh: deque[str] = deque()
+        self._serving: str | None = None  # version the last batch was computed with
+        self._restored = False
+        self._lookup: tuple[str, np.ndarray] | None = None
+        self._cold_dirty = True
+        self._generator = torch.Generator()
+        if cfg.seed is not None:
+            self._generator.manual_seed(cfg.seed + 1)
+
+    # -- state in ----------------------------------------------------------------------------
+
+    def _intern(self, item_id: str) -> int:
+        i = self._item_index.get(item_id)
+        if i is None:
+            i = len(self.item_ids)
+            self.item_ids.append(item_id)
+            self._item_index[item_id] = i
+            self._popularity.append(0)
+        return i
+
+    def restore(
+        self,
+        histories: Iterable[tuple[str, Sequence[HistoryEntry]]],
+        popularity: Mapping[str, int],
+        known_users: Iterable[str],
+    ) -> None:
+        """Resume from what the store holds (before any event is observed)."""
+        for user, entries in histories:
+            for ts, item_id, event_id in sorted(entries, key=lambda e: e[0]):
+                self._add_positive(user, ts, item_id, event_id)
+        self._hist_changed.clear()
+        for item_id, n in popularity.items():
+            self._popularity[self._intern(item_id)] = int(n)
+        self.known.update(known_users)
+        self.known.update(u for u in self._entries)
+        self._restored = bool(self.known)
+
+    def _add_positive(self, user: str, ts: int, item_id: str, event_id: str) -> bool:
+        ids = self._event_ids.setdefault(user, set())
+        if event_id in ids:
+            return False  # re-read after a restart: already in the history
+        self.histories.add(user, self._intern(item_id), ts, 1.0)
+        entries = self._entries.setdefault(user, [])
+        bisect.insort(entries, (ts, item_id, event_id), key=lambda e: e[0])
+        ids.add(event_id)
+        if len(entries) > self.histories.retain:
+            for _, _, old in entries[: len(entries) - self.histories.retain]:
+                ids.discard(old)
+            del entries[: len(entries) - self.histories.retain]
+        self._hist_changed.add(user)
+        return True
+
+    def reward(self, e: Event) -> float:
+        """The reward rules' value of one feedback event (0 for impressions)."""
+        if e.type == "impression":
+            return 0.0
+        centre = None
+        if e.type == "rating" and self.rules.rating_centre == "user":
+            n, total = self._ratings.get(e.user_id, (0, 0.0))
+            centre = self.rules.user_centre(n, total)
+            if e.value is not None:
+                self._ratings[e.user_id] = (n + 1, total + e.value)
+        return self.rules.value(e.type, e.value, centre)
+
+    def observe(self, events: Iterable[Event]) -> int:
+        """Update histories from events; returns how many users became due for a new slate."""
+        before = len(self._dirty)
+        for e in events:
+            self._intern(e.item_id)
+            first_sight = e.user_id not in self.known
+            self.known.add(e.user_id)
+            changed = False
+            r = self.reward(e)
+            if r > 0 and self._add_positive(e.user_id, e.ts, e.item_id, e.event_id):
+                self._popularity[self._item_index[e.item_id]] += 1
+                self._pop_delta[e.item_id] += 1
+                self._cold_dirty = True
+                changed = True
+            if changed or first_sight:
+                old = self._dirty.get(e.user_id)
+                self._dirty[e.user_id] = e.ts if old is None else min(old, e.ts)
+                if self._dirty_since is None:
+                    self._dirty_since = self._mono()
+        return len(self._dirty) - before
+
+    # -- batches -----------------------------------------------------------------------------
+
+    @property
+    def refreshing(self) -> bool:
+        """True while a full refresh for a new version still has users to go."""
+        return bool(self._refresh)
+
+    @property
+    def pending(self) -> bool:
+        """True while some observed event is not yet reflected in a published slate."""
+        return bool(self._dirty)
+
+    def due(self) -> bool:
+        """Whether :meth:`compute` has work now (micro-batch elapsed, refresh, or new version)."""
+        model = self._model()
+        version = model.version if model is not None else NO_MODEL_VERSION
+        if version != self._serving and (self._serving is not None or self._restored):
+            return True
+        if self._refresh:
+            return True
+        if not self._dirty:
+            return False
+        waited = self._mono() - (self._dirty_since or self._mono())
+        return (
+            waited >= self.cfg.batch_interval_s or len(self._dirty) >= self.cfg.refresh_batch_users
+        )
+
+    def compute(self) -> Batch | None:
+        """Slates for every dirty user plus the next chunk of a pending full refresh."""
+        model = self._model()  # read once: the whole batch uses one version
+        version = model.version if model is not None else NO_MODEL_VERSION
+        if version != self._serving:
+            # A new version (or the first one after a restart) refreshes every known user; the
+            # very first batch of a fresh publisher only has dirty users, who are covered anyway.
+            if self._serving is not None or self._restored:
+                log.info("version %s: refreshing %d known users", version, len(self.known))
+                self._refresh = deque(self.known)
+            self._serving = version
+            self._restored = False
+            self._cold_dirty = True
+        users = list(self._dirty)
+        taken = set(users)
+        while self._refresh and len(users) - len(self._dirty) < self.cfg.refresh_batch_users:
+            u = self._refresh.popleft()
+            if u not in taken:
+                users.append(u)
+                taken.add(u)
+        if not users and not self._cold_dirty:
+            return None
+        now_ms = int(self._clock() * 1000)
+        slates = [
+            dataclasses.replace(w, event_ts=self._dirty.get(w.slate.user_id))
+            for w in self._rank_users(users, model, version, now_ms)
+        ]
+        cold = self._cold_start_slate(model, version, now_ms) if self._cold_dirty else None
+        return Batch(
+            version=version,
+            model=model,
+            slates=slates,
+            trigger_ts={u: self._dirty[u] for u in users if u in self._dirty},
+            histories={u: list(self._entries.get(u, [])) for u in self._hist_changed},
+            popularity=dict(self._pop_delta),
+            cold_start=cold,
+            users=users,
+        )
+
+    def committed(self, batch: Batch) -> None:
+        """The batch is durable (published and stored): forget what it covered."""
+        for u in batch.users:
+            self._dirty.pop(u, None)
+        for u in batch.histories:
+            self._hist_changed.discard(u)
+        self._pop_delta.subtract(batch.popularity)
+        self._pop_delta = +self._pop_delta  # drop zero counts
+        if batch.cold_start is not None:
+            self._cold_dirty = False
+        self._dirty_since = self._mono() if self._dirty else None
+
+    # -- ranking -----------------------------------------------------------------------------
+
+    def _model_lookup(self, model: ServingModel) -> np.ndarray:
+        """Publisher item index -> model item index (-1: unknown to this version)."""
+        cached = self._lookup
+        if (
+            cached is not None
+            and cached[0] == model.version
+            and len(cached[1]) == len(self.item_ids)
+        ):
+            return cached[1]
+        table = np.array([model.index.get(i, -1) for i in self.item_ids], dtype=np.int64)
+        self._lookup = (model.version, table)
+        return table
+
+    def _rank_users(
+        self, users: list[str], model: ServingModel | None, version: str, now_ms: int
+    ) -> list[SlateWrite]:
+        hist = [self.histories.get(u) for u in users]
+        warm: list[int] = []
+        mapped: list[list[int]] = []
+        if model is not None:
+            lookup = self._model_lookup(model)
+            for n, h in enumerate(hist):
+                m = [int(x) for x in lookup[h] if x >= 0] if h else []
+                mapped.append(m)
+                if m:
+                    warm.append(n)
+        out: list[SlateWrite | None] = [None] * len(users)
+        if warm and model is not None:
+            items, _ = pad_histories([mapped[n] for n in warm], model.max_history)
+            states = model.user_states(items)
+            ranking = model.policy.rank(states, self.cfg.k, exclude=items)
+            for n, row in zip(warm, ranking.rows(), strict=True):
+                out[n] = self._slate(users[n], version, now_ms, row, model.item_ids, "model")
+        cold = [n for n in range(len(users)) if out[n] is None]
+        if cold:
+            universe, cold_ranking = self._cold_rank(
+                model, [mapped[n] if model is not None else hist[n] for n in cold]
+            )
+            if cold_ranking is not None:
+                for n, row in zip(cold, cold_ranking.rows(), strict=True):
+                    out[n] = self._slate(users[n], version, now_ms, row, universe, "cold_start")
+        return [s for s in out if s is not None]
+
+    def _cold_rank(
+        self, model: ServingModel | None, histories: list[list[int]]
+    ) -> tuple[list[str], Ranking | None]:
+        """Popularity + exploration: Boltzmann over log(1 + positives), history excluded."""
+        counts = np.asarray(self._popularity, dtype=np.float64)
+        if model is not None:
+            universe = model.item_ids
+            pop = np.zeros(len(universe))
+            lookup = self._model_lookup(model)
+            known = lookup >= 0
+            np.add.at(pop, lookup[known], counts[known])
+        else:
+            universe = self.item_ids
+            pop = counts
+        if len(universe) == 0:
+            return universe, None
+        matrix = torch.from_numpy(np.log1p(pop)).float().unsqueeze(1)  # [I, 1]
+        policy = Policy(
+            matrix,
+            exploration="boltzmann",
+            temperature=self.cfg.cold_start_temperature,
+            chunk_size=self.cfg.chunk_size,
+            device="cpu",
+        )
+        policy.generator = self._generator
+        exclude = pad_histories(histories, self.cfg.history_len)[0] if histories else None
+        return universe, policy.rank(torch.ones(len(histories), 1), self.cfg.k, exclude=exclude)
+
+    def _cold_start_slate(
+        self, model: ServingModel | None, version: str, now_ms: int
+    ) -> Slate | None:
+        universe, ranking = self._cold_rank(model, [[]])
+        if ranking is None:
+            return None
+        return self._slate("", version, now_ms, ranking.rows()[0], universe, "cold_start").slate
+
+    @staticmethod
+    def _slate(
+        user: str,
+        version: str,
+        now_ms: int,
+        row: list[tuple[int, float, float]],
+        universe: Sequence[str],
+        policy: str,
+    ) -> SlateWrite:
+        items = tuple(
+            SlateItem(universe[i], float(s), float(p), pos) for pos, (i, s, p) in enumerate(row)
+        )
+        slate = Slate(uuid.uuid4().hex, user, version, now_ms, items)
+        return SlateWrite(slate, policy)
+
+
+# --- the sink: Kafka + store, then offsets ------------------------------------------------------
+
+
+class PublisherSink:
+    """Consumer-loop sink: events -> :class:`Publisher` -> recommendations topic + store.
+
+    ``flush`` publishes a due batch: every slate is produced and acknowledged, then the batch is
+    upserted into the store in one transaction, then (by returning) its offsets may be committed.
+    A crash anywhere before that re-reads the events, and the re-computed slates (fresh
+    ``request_id``) replace the old ones: nothing is lost, nothing is half written. Invalid events
+    are skipped here: the reward worker owns their dead-lettering and counting.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        producer: Any,
+        topic: str,
+        store: Store,
+        parser: EventParser | None = None,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        if not topic:
+            raise ValueError("topic must not be empty")
+        self.publisher = publisher
+        self.producer = producer
+        self.topic = topic
+        self.store = store
+        self.parser = parser or EventParser()
+        self.ack_timeout_s = ack_timeout_s
+        self._written: dict[TopicPartition, int] = {}
+        self._durable: dict[TopicPartition, int] = {}
+        self._recorded: set[str] = set()
+        self.batches = 0
+
+    def write(self, records: Sequence[ConsumerRecord]) -> None:
+        events = []
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._written[tp] = r.offset + 1
+            parsed = self.parser.parse(r.value)
+            if isinstance(parsed, Rejection):
+                log.debug("skipping invalid event at %s:%d: %s", r.topic, r.offset, parsed.detail)
+                continue
+            events.append(parsed)
+        self.publisher.observe(events)
+
+    def flush(self) -> Mapping[TopicPartition, int] | None:
+        while self.publisher.due():
+            batch = self.publisher.compute()
+            if batch is None:
+                break
+            self.publish(batch)
+            if not self.publisher.refreshing:
+                break  # a long refresh continues on the next flush, so the loop keeps polling
+        if self.publisher.pending:
+            return dict(self._durable)
+        self._durable = dict(self._written)
+        return None
+
+    def publish(self, batch: Batch) -> None:
+        """Produce and await every slate, then store the batch in one transaction."""
+        if batch.model is not None and batch.version not in self._recorded:
+            created = batch.model.manifest.get("created_at")
+            self.store.record_model_version(
+                batch.version,
+                batch.model.path,
+                created_at=dt.datetime.fromtimestamp(created, dt.UTC) if created else None,
+                metrics={
+                    "step": batch.model.manifest.get("step"),
+                    **batch.model.manifest.get("extra", {}),
+                },
+            )
+            self._recorded.add(batch.version)
+        futures = [
+            self.producer.send(self.topic, key=w.slate.user_id.encode(), value=w.slate.to_bytes())
+            for w in batch.slates
+        ]
+        self.producer.flush(timeout=self.ack_timeout_s)
+        for f in futures:
+            f.get(timeout=self.ack_timeout_s)  # raises if any slate was not acknowledged
+        self.store.save_batch(
+            batch.slates,
+            histories=batch.histories,
+            popularity=batch.popularity,
+            cold_start=batch.cold_start,
+        )
+        self.publisher.committed(batch)
+        now = time.time()
+        for ts in batch.trigger_ts.values():
+            metrics.FRESHNESS_SECONDS.observe(max(0.0, now - ts / 1000.0))
+        metrics.SLATES_PUBLISHED.inc(len(batch.slates))
+        tops = [
+            w.slate.items[0].score for w in batch.slates if w.slate.items and w.policy == "model"
+        ]
+        if tops:
+            metrics.TOP_SCORE.set(sum(tops) / len(tops))
+        self.batches += 1
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._written.pop(tp, None)
+            self._durable.pop(tp, None)

@@ -1,0 +1,243 @@
+"""Publisher logic without Kafka: histories, cold start, micro-batches, hot swap, restore.
+
+Models are real checkpoints written by the learner (tiny configs), loaded by its loader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.events import Event
+from recsys.learner import Learner, LearnerConfig, load_policy, policy_scores
+from recsys.model import ModelConfig
+from recsys.publisher import (
+    NO_MODEL_VERSION,
+    ModelWatcher,
+    Publisher,
+    PublisherConfig,
+    load_serving_model,
+)
+
+ITEMS = [f"m{i}" for i in range(40)]
+
+
+def make_checkpoint(root: Path, step: int, items: list[str] = ITEMS, seed: int = 0) -> Path:
+    cfg = ModelConfig(
+        text_dim=8,
+        dim=16,
+        max_history=10,
+        item_capacity=64,
+        adaptor_hidden=16,
+        num_layers=1,
+        num_heads=2,
+        use_text=False,
+    )
+    learner = Learner(cfg, LearnerConfig(device="cpu", seed=seed, keep_checkpoints=10))
+    for i in items:
+        learner.catalog.index_of(i)
+    learner.step_count = step
+    return learner.save_checkpoint(root, offsets={})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ev(n: int, user: str, item: str, kind: str = "click", ts: int = 0, value=None) -> Event:
+    return Event(f"e{n}", kind, user, item, ts or 1_700_000_000_000 + n, value=value)
+
+
+def make_publisher(model=lambda: None, **kw) -> tuple[Publisher, Clock]:
+    cfg = PublisherConfig(**{"k": 5, "history_len": 10, "seed": 0, "device": "cpu", **kw})
+    pub = Publisher(cfg, model)
+    clock = Clock()
+    pub._mono = clock  # type: ignore[method-assign]  # deterministic micro-batch timing
+    return pub, clock
+
+
+def test_history_holds_positive_feedback_once_in_event_time_order():
+    pub, _ = make_publisher()
+    pub.observe(
+        [
+            ev(1, "u", "a", ts=30),
+            ev(2, "u", "b", "impression", ts=10),
+            ev(3, "u", "c", "skip", ts=20),
+            ev(4, "u", "d", "rating", ts=5, value=2.0),  # below the global mean: negative
+            ev(5, "u", "e", "rating", ts=7, value=5.0),
+            ev(6, "u", "f", "purchase", ts=1),
+            ev(1, "u", "a", ts=30),  # the same event again (re-read after a restart)
+        ]
+    )
+    assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["f", "e", "a"]
+    assert [e[1] for e in pub._entries["u"]] == ["f", "e", "a"]
+
+
+def test_unknown_users_get_cold_start_slates_of_popular_items():
+    pub, clock = make_publisher()
+    events = [ev(n, f"fan{n}", "hit") for n in range(30)]
+    events += [ev(100 + n, f"x{n}", f"rare{n % 20}", "impression") for n in range(400)]
+    events.append(ev(999, "newbie", "rare0", "impression"))
+    pub.observe(events)
+    assert not pub.due()
+    clock.t += 0.25
+    assert pub.due()
+    batch = pub.compute()
+    assert batch is not None
+    by_user = {w.slate.user_id: w for w in batch.slates}
+    newbie = by_user["newbie"]
+    assert newbie.policy == "cold_start"
+    assert newbie.slate.model_version == NO_MODEL_VERSION
+    assert len(newbie.slate.items) == 5
+    assert all(0 < i.propensity <= 1 for i in newbie.slate.items)
+    # Boltzmann over log(1 + positives): "hit" (30 positives) leads with p = 31 / (31 + 20);
+    # fans never get it back (consumed).
+    cold = [w for w in batch.slates if w.slate.user_id.startswith("x")]
+    firsts = [w.slate.items[0] for w in cold]
+    p = 31 / 51
+    assert all(i.propensity == pytest.approx(p) for i in firsts if i.item_id == "hit")
+    share = sum(i.item_id == "hit" for i in firsts) / len(firsts)
+    assert abs(share - p) < 5 * (p * (1 - p) / len(firsts)) ** 0.5
+    assert all("hit" not in {i.item_id for i in by_user[f"fan{n}"].slate.items} for n in range(30))
+    assert batch.cold_start is not None
+    assert batch.popularity == {"hit": 30}
+    pub.committed(batch)
+    assert not pub.pending
+    assert not pub.due()
+
+
+def test_model_slates_exclude_history_and_score_with_the_model(tmp_path):
+    path = make_checkpoint(tmp_path, 7)
+    cfg = PublisherConfig(k=5, history_len=10, exploration="greedy", device="cpu")
+    model = load_serving_model(path, cfg.policy_kwargs())
+    pub = Publisher(cfg, lambda: model)
+    pub.observe([ev(1, "u", "m3"), ev(2, "u", "m9"), ev(3, "u", "not-in-model")])
+    batch = pub.compute()
+    assert batch is not None
+    (w,) = batch.slates
+    assert w.policy == "model"
+    assert w.slate.model_version == "v000000000007"
+    got = [i.item_id for i in w.slate.items]
+    assert not {"m3", "m9"} & set(got)
+    net, ids, _ = load_policy(path)
+    logits = policy_scores(net, [[ids.index("m3"), ids.index("m9")]])[0]
+    logits[[ids.index("m3"), ids.index("m9")]] = -torch.inf
+    assert got == [ids[i] for i in logits.topk(5).indices.tolist()]
+    for item in w.slate.items:
+        assert item.score == pytest.approx(logits[ids.index(item.item_id)].item(), abs=1e-4)
+        assert item.propensity == 1.0
+    assert w.event_ts == 1_700_000_000_001
+
+
+def test_new_version_refreshes_every_known_user_in_chunks(tmp_path):
+    make_checkpoint(tmp_path, 1)
+    watcher = ModelWatcher(tmp_path, lambda p: load_serving_model(p, {"device": "cpu"}))
+    assert watcher.poll()
+    pub, clock = make_publisher(lambda: watcher.current, refresh_batch_users=4)
+    pub.observe([ev(n, f"u{n}", ITEMS[n % 40]) for n in range(10)])
+    clock.t += 1
+    first = pub.compute()
+    assert first is not None
+    assert {w.slate.model_version for w in first.slates} == {"v000000000001"}
+    assert len(first.slates) == 10
+    pub.committed(first)
+    assert not pub.due()
+
+    make_checkpoint(tmp_path, 2, seed=1)
+    assert watcher.poll()
+    assert pub.due()
+    seen: set[str] = set()
+    pub.observe([ev(50, "late", "m1")])  # a dirty user during the refresh goes first
+    while pub.due():
+        batch = pub.compute()
+        assert batch is not None
+        assert {w.slate.model_version for w in batch.slates} == {"v000000000002"}
+        assert len(batch.slates) <= 4 + 1
+        seen |= {w.slate.user_id for w in batch.slates}
+        pub.committed(batch)
+    assert seen == {f"u{n}" for n in range(10)} | {"late"}
+
+
+def test_watcher_skips_tampered_and_partial_checkpoints(tmp_path):
+    make_checkpoint(tmp_path, 1)
+    good = make_checkpoint(tmp_path, 2)
+    bad = make_checkpoint(tmp_path, 3)
+    (bad / "model.safetensors").write_bytes(b"tampered")
+    partial = tmp_path / "v000000000004"
+    shutil.copytree(good, partial)
+    (partial / "manifest.json").unlink()
+    watcher = ModelWatcher(tmp_path, lambda p: load_serving_model(p, {"device": "cpu"}))
+    assert watcher.poll()
+    assert watcher.current is not None
+    assert watcher.current.version == "v000000000002"
+    assert not watcher.poll()  # nothing newer that verifies: keep serving v2
+
+
+def test_watcher_swaps_in_the_background(tmp_path):
+    make_checkpoint(tmp_path, 1)
+    watcher = ModelWatcher(
+        tmp_path, lambda p: load_serving_model(p, {"device": "cpu"}), interval_s=0.05
+    )
+    watcher.poll()
+    watcher.start()
+    try:
+        make_checkpoint(tmp_path, 5)
+        import time
+
+        deadline = time.monotonic() + 20
+        while watcher.current.version != "v000000000005" and time.monotonic() < deadline:
+            assert watcher.current is not None  # never a gap
+            time.sleep(0.02)
+        assert watcher.current.version == "v000000000005"
+    finally:
+        watcher.stop()
+
+
+def test_restore_then_reread_changes_nothing():
+    pub, clock = make_publisher()
+    events = [ev(n, f"u{n % 3}", ITEMS[n]) for n in range(12)]
+    pub.observe(events)
+    clock.t += 1
+    batch = pub.compute()
+    assert batch is not None
+    pub.committed(batch)
+    stored_hist = json.loads(json.dumps(batch.histories))  # what the store would hold
+
+    again, clock2 = make_publisher()
+    again.restore(
+        ((u, [tuple(e) for e in es]) for u, es in stored_hist.items()),
+        batch.popularity,
+        [w.slate.user_id for w in batch.slates],
+    )
+    again.observe(events)  # the uncommitted tail is re-read after a crash
+    assert not again.pending
+    for u in ("u0", "u1", "u2"):
+        assert again.histories.get(u) == [
+            again._item_index[pub.item_ids[i]] for i in pub.histories.get(u)
+        ]
+    assert again._popularity == [again._popularity[again._item_index[i]] for i in again.item_ids]
+    assert sum(again._popularity) == 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"k": 0}, "k"),
+        ({"history_len": 0}, "history_len"),
+        ({"temperature": 0}, "temperature"),
+        ({"epsilon": 2}, "epsilon"),
+        ({"exploration": "thompson"}, "exploration"),
+        ({"batch_interval_s": -1}, "batch_interval_s"),
+    ],
+)
+def test_bad_config_names_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PublisherConfig(**kwargs)
