@@ -152,12 +152,53 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- recommend --------------------------------------------------------------------------------
+def _add_recommend(sub: Any) -> None:
+    p = sub.add_parser("recommend", help="print what the store holds for a user")
+    p.add_argument("user_id", help="the user's id, exactly as the app sends it")
+    p.add_argument("--json", action="store_true", help="print the slate as JSON")
+    _add_common(p)
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.store import Store
+
+    with Store(_settings(args).store.url) as store:
+        found = store.get_recommendation(args.user_id)
+        source = "user"
+        if found is None:
+            found = store.get_cold_start()
+            source = "cold_start (user not seen yet)"
+    if found is None:
+        print(f"no recommendations stored for {args.user_id!r} and no cold-start slate yet")
+        return 1
+    slate = found.slate
+    if args.json:
+        out = slate.to_dict()
+        out.update(user_id=args.user_id, policy=found.policy, source=source)
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+    print(f"user          {args.user_id}")
+    print(f"source        {source}; policy {found.policy}")
+    print(f"model_version {slate.model_version}")
+    print(f"request_id    {slate.request_id}")
+    print(f"updated_at    {found.updated_at}")
+    print(f"{'pos':>3}  {'score':>9}  {'propensity':>10}  item_id")
+    for item in slate.items:
+        print(f"{item.position:>3}  {item.score:>9.4f}  {item.propensity:>10.4g}  {item.item_id}")
+    return 0
+
+
 REGISTRY: list[Callable[[Any], None]] = [
     _add_broker,
     _add_topics,
     _add_config,
     _add_worker,
     _add_replay,
+    _add_recommend,
 ]
 
 

@@ -163,6 +163,11 @@ class ModelWatcher:
             return True
         return False
 
+    @property
+    def alive(self) -> bool:
+        """True while the background watcher thread runs (for /healthz)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> ModelWatcher:
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
         self._thread.start()
