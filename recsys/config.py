@@ -166,6 +166,127 @@ class DriftSettings(_Section):
     )
 
 
+class EncoderSettings(_Section):
+    """The item encoder: a frozen pretrained text model and its on-disk vector cache."""
+
+    model_path: Path | None = Field(
+        None, description="Local Hugging Face model dir (unset: packaged all-MiniLM-L6-v2)"
+    )
+    cache_dir: Path = Field(Path(".cache/item-vectors"), description="On-disk item vector cache")
+    batch_size: int = Field(64, ge=1, description="Texts per encoder forward pass")
+    dim: int = Field(384, ge=1, description="Width of the encoder's vectors (384: MiniLM-L6)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    group_id: str = Field("recsys-encoder", description="Consumer group of the encoder worker")
+
+
+class LearnerSettings(_Section):
+    """The learner worker: model size, optimisation, cadence of checkpoints."""
+
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="Where model versions go")
+    checkpoint_every_steps: int = Field(200, ge=1, description="Checkpoint after this many steps")
+    checkpoint_every_s: float = Field(10.0, gt=0, description="...or after this many seconds")
+    keep_checkpoints: int = Field(5, ge=1, description="Model versions kept on disk")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    group_id: str = Field("recsys-learner", description="Consumer group (for lag reporting)")
+    dim: int = Field(64, ge=8, description="Width of user states and item embeddings")
+    max_history: int = Field(50, ge=1, description="Items of history that make a user's state")
+    item_capacity: int = Field(1024, ge=1, description="Initial item rows (grows by doubling)")
+    batch_size: int = Field(256, ge=1, description="Samples per gradient step")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    alpha: float = Field(0.1, ge=0, description="Weight of the contrastive (InfoNCE) term")
+    topk: int = Field(10, ge=1, description="K of the top-K off-policy correction")
+    weight_cap: float = Field(10.0, gt=0, description="Cap c of the importance weight")
+    buffer_capacity: int = Field(100_000, ge=1, description="Replay buffer capacity")
+    replay_ratio: float = Field(4.0, gt=0, description="Training samples per new reward")
+    max_steps_per_batch: int = Field(16, ge=1, description="Most gradient steps per polled batch")
+    id_embeddings: bool = Field(True, description="Learn an id embedding beside the text vector")
+
+
+class RewardSettings(_Section):
+    """The reward worker: reward rules, the attribution-window join, its state bounds.
+
+    Rules (``weights``, ``dwell_cap_s``, ``rating_centre``, ``rating_mean``,
+    ``rating_prior_count``) may also come from ``rules_file`` (TOML or YAML with the same keys;
+    ``weights`` merges over these): the file wins over the environment for the keys it sets.
+    Times are event time (the events' ``ts``), never the wall clock.
+    """
+
+    group_id: str = Field("recsys-reward", description="Consumer group of the reward workers")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "click": 1.0,
+            "add_to_cart": 2.0,
+            "purchase": 5.0,
+            "skip": -0.2,
+            "dwell": 1.0,
+            "rating": 1.0,
+        },
+        description="Reward weight per feedback type (JSON object); missing types weigh 0",
+    )
+    dwell_cap_s: float = Field(
+        60.0, gt=0, description="Dwell reward = weight * min(seconds, cap) / cap"
+    )
+    rating_centre: Literal["global", "user", "none"] = Field(
+        "global",
+        description="Rating reward = weight * (rating - centre); centre: rating_mean, the "
+        "user's running mean (shrunk towards rating_mean), or 0",
+    )
+    rating_mean: float = Field(3.0, description="Global rating centre (and the user-mean prior)")
+    rating_prior_count: float = Field(
+        1.0, ge=0, description="Pseudo-ratings at rating_mean in a user's running mean"
+    )
+    rules_file: Path | None = Field(None, description="TOML/YAML file with reward rules")
+    window_ms: int = Field(
+        30 * 60 * 1000, ge=1, description="Attribution window after an impression (event time)"
+    )
+    allowed_lateness_ms: int = Field(
+        2 * 60 * 1000,
+        ge=0,
+        description="Out-of-order tolerance: a window closes when the partition's max ts "
+        "passes its end by this much",
+    )
+    late_rule: Literal["organic", "drop"] = Field(
+        "organic",
+        description="Feedback for an impression whose window is over: emit it as an organic "
+        "reward (propensity unknown) or drop it (counted either way)",
+    )
+    late_retention_ms: int = Field(
+        10 * 60 * 1000,
+        ge=0,
+        description="How long after its window an impression is remembered to recognise late "
+        "feedback; later feedback counts as organic (also delays commits: a restart re-reads "
+        "window + lateness + this much event time)",
+    )
+    dedupe_horizon_ms: int = Field(
+        10 * 60 * 1000, ge=0, description="How long (event time) an event_id is remembered"
+    )
+    max_open_windows: int = Field(
+        1_000_000, ge=1, description="Per partition; beyond it the oldest window closes early"
+    )
+    max_dedupe_entries: int = Field(
+        2_000_000, ge=1, description="Per partition; beyond it the oldest event_ids are forgotten"
+    )
+    max_batch: int = Field(5000, ge=1, description="Most events handled per poll")
+    linger_ms: int = Field(5, ge=0, description="Producer linger for reward records")
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of the rewards topic batches"
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> RewardSettings:
+        from recsys.events import FEEDBACK_TYPES
+
+        unknown = set(self.weights) - FEEDBACK_TYPES
+        if unknown:
+            raise ValueError(
+                f"weights: unknown feedback types {sorted(unknown)}; "
+                f"allowed: {sorted(FEEDBACK_TYPES)}"
+            )
+        if self.rules_file is not None and not self.rules_file.is_file():
+            raise ValueError(f"rules_file {self.rules_file} is not a file")
+        return self
+
+
 class PublisherSettings(_Section):
     """The publisher worker: model hot reload, slate size and exploration, micro-batching."""
 
@@ -212,7 +333,10 @@ class Settings(BaseSettings):
     events: EventSettings = EventSettings()
     store: StoreSettings = StoreSettings()
     metrics: MetricsSettings = MetricsSettings()
+    rewards: RewardSettings = RewardSettings()
     drift: DriftSettings = DriftSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    learner: LearnerSettings = LearnerSettings()
     publisher: PublisherSettings = PublisherSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of workers and commands"

@@ -6,6 +6,8 @@ Parsing never raises on bad input: it returns a :class:`Rejection` with a machin
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
@@ -353,3 +355,45 @@ class Slate:
             return cls(obj["request_id"], obj["user_id"], obj["model_version"], obj["ts"], items)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad slate: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemVector:
+    """An encoded item text on the item-vectors topic (keyed by item_id), encoder → learner.
+
+    ``key`` is the text's cache key (model + text hash): a consumer that already holds this key
+    for the item has nothing to update. The vector travels as base64 of little-endian float32.
+    """
+
+    item_id: str
+    model: str
+    key: str
+    vector: tuple[float, ...]
+
+    def to_bytes(self) -> bytes:
+        import numpy as np
+
+        blob = np.asarray(self.vector, dtype="<f4").tobytes()
+        return json.dumps(
+            {
+                "item_id": self.item_id,
+                "model": self.model,
+                "key": self.key,
+                "dim": len(self.vector),
+                "vector": base64.b64encode(blob).decode(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ItemVector:
+        import numpy as np
+
+        obj = _loads(raw)
+        try:
+            vec = np.frombuffer(base64.b64decode(obj["vector"], validate=True), dtype="<f4")
+            if len(vec) != obj["dim"] or not np.isfinite(vec).all():
+                raise ValueError("vector has the wrong size or non-finite values")
+            return cls(str(obj["item_id"]), str(obj["model"]), str(obj["key"]), tuple(vec.tolist()))
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise ValueError(f"bad item vector: {exc}") from None

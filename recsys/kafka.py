@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
@@ -243,7 +243,15 @@ class ConsumerLoop:
         offsets = {tp: off for tp, off in offsets.items() if tp in assigned}
         if not offsets:
             return
-        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+        try:
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+            )
+        except CommitFailedError as exc:
+            # A rebalance took the partitions away mid-batch. Their next owner re-reads from
+            # the last commit and effects are idempotent, so this is a repeat, never a loss.
+            log.warning("commit failed (%s); partitions will be re-read by their owner", exc)
+            return
         for tp, off in offsets.items():
             if self._uncommitted.get(tp) == off:
                 del self._uncommitted[tp]

@@ -1,0 +1,241 @@
+"""The learner worker's logic without Kafka: dedupe rewards, decide how many gradient steps new
+data buys, react to drift, and checkpoint with the offsets consumed so far.
+
+The worker feeds it decoded records and the offsets they came from; everything here can be
+driven from a test with plain lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys import metrics
+from recsys.drift import DriftMonitor, DriftReaction
+from recsys.errors import CheckpointError
+from recsys.events import ItemVector, RewardRecord
+from recsys.learner import Learner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """How the online learner spends compute and how often it checkpoints.
+
+    ``replay_ratio``: samples drawn for training per new reward (so steps per new batch is
+    ``ceil(new · replay_ratio / batch_size)``, capped by ``max_steps_per_batch``).
+    """
+
+    replay_ratio: float = 4.0
+    max_steps_per_batch: int = 16
+    checkpoint_every_steps: int = 200
+    checkpoint_every_s: float = 10.0
+    dedupe_capacity: int = 200_000
+    dedupe_persisted: int = 20_000
+
+    def __post_init__(self) -> None:
+        if not self.replay_ratio > 0:
+            raise ValueError(f"replay_ratio must be > 0, got {self.replay_ratio}")
+        if self.max_steps_per_batch < 1:
+            raise ValueError(f"max_steps_per_batch must be >= 1, got {self.max_steps_per_batch}")
+        if self.checkpoint_every_steps < 1:
+            raise ValueError(
+                f"checkpoint_every_steps must be >= 1, got {self.checkpoint_every_steps}"
+            )
+        if not self.checkpoint_every_s > 0:
+            raise ValueError(f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+        if self.dedupe_capacity < 1:
+            raise ValueError(f"dedupe_capacity must be >= 1, got {self.dedupe_capacity}")
+        if not 0 <= self.dedupe_persisted <= self.dedupe_capacity:
+            raise ValueError("dedupe_persisted must be in [0, dedupe_capacity]")
+
+
+class RecentIds:
+    """A bounded set of recently seen ids (oldest forgotten first)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ids
+
+    def add(self, key: str) -> bool:
+        """Remember ``key``; False if it was already there (a duplicate)."""
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+    def newest(self, n: int) -> list[str]:
+        return list(self._ids)[-n:] if n else []
+
+
+class OnlineLearner:
+    """Incremental training around a :class:`~recsys.learner.Learner`.
+
+    Parameters
+    ----------
+    learner:
+        The model, buffer and optimizer (fresh or restored from a checkpoint).
+    checkpoint_dir:
+        Where model versions are written (``v<step>`` directories).
+    config:
+        Step and checkpoint cadence.
+    drift:
+        Watches mean reward, reward rate and loss; a detection triggers ``reaction``.
+    reaction:
+        Raises the learning rate for a while after drift.
+    clock:
+        Monotonic seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        checkpoint_dir: str | Path,
+        config: OnlineConfig | None = None,
+        drift: DriftMonitor | None = None,
+        reaction: DriftReaction | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seen: Sequence[str] = (),
+    ) -> None:
+        self.learner = learner
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.config = config or OnlineConfig()
+        self.drift = drift
+        self.reaction = reaction
+        self._clock = clock
+        self._seen = RecentIds(self.config.dedupe_capacity)
+        for rid in seen:
+            self._seen.add(rid)
+        self._base_lr = [g["lr"] for g in learner.optimizer.param_groups]
+        self._last_checkpoint_t = clock()
+        self._last_checkpoint_step = learner.step_count
+        self.duplicates = 0
+        self.history: list[dict[str, float]] = []
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint_dir: str | Path,
+        new_learner: Callable[[], Learner],
+        **kwargs: Any,
+    ) -> tuple[OnlineLearner, dict[str, int]]:
+        """Restore from the newest valid checkpoint (or start fresh) -> (learner, offsets)."""
+        found = Learner.load_latest_checkpoint(checkpoint_dir)
+        if found is None:
+            log.info("no valid checkpoint under %s: starting fresh", checkpoint_dir)
+            return cls(new_learner(), checkpoint_dir, **kwargs), {}
+        learner, offsets = found
+        seen = _seen_from_latest(checkpoint_dir, learner.step_count)
+        log.info("resumed from step %d with %d offsets", learner.step_count, len(offsets))
+        return cls(learner, checkpoint_dir, seen=seen, **kwargs), offsets
+
+    @property
+    def version(self) -> int:
+        return self.learner.step_count
+
+    def add_vectors(self, vectors: Sequence[ItemVector]) -> int:
+        """New or changed item text vectors from the encoder; returns how many."""
+        if not vectors:
+            return 0
+        dim = self.learner.catalog.dim
+        usable = [v for v in vectors if len(v.vector) == dim]
+        if len(usable) < len(vectors):
+            log.warning("ignoring %d item vectors of the wrong width", len(vectors) - len(usable))
+        if usable:
+            self.learner.catalog.put_vectors(
+                [v.item_id for v in usable],
+                np.asarray([v.vector for v in usable], dtype=np.float32),
+                [v.key for v in usable],
+            )
+        return len(usable)
+
+    def add_rewards(self, records: Sequence[RewardRecord]) -> int:
+        """Buffer rewards not seen before (by reward_id); returns how many were new."""
+        fresh = [r for r in records if self._seen.add(r.reward_id)]
+        self.duplicates += len(records) - len(fresh)
+        if fresh and self.drift is not None:
+            rewards = [r.reward for r in fresh]
+            self._watch("mean_reward", float(np.mean(rewards)))
+            self._watch("reward_rate", float(np.mean([x > 0 for x in rewards])))
+        return self.learner.observe(fresh)
+
+    def train(self, new_samples: int) -> list[dict[str, float]]:
+        """Take the gradient steps that ``new_samples`` new rewards pay for."""
+        if new_samples <= 0:
+            return []
+        cfg = self.config
+        want = math.ceil(new_samples * cfg.replay_ratio / self.learner.cfg.batch_size)
+        factor = self.reaction.lr_factor if self.reaction is not None else 1.0
+        for group, base in zip(self.learner.optimizer.param_groups, self._base_lr, strict=True):
+            group["lr"] = base * factor
+        out = []
+        for _ in range(min(cfg.max_steps_per_batch, max(1, want))):
+            result = self.learner.step()
+            if result is None:
+                break
+            out.append(result)
+        if out:
+            loss = float(np.mean([r["loss"] for r in out if not r.get("skipped")] or [math.nan]))
+            self._watch("loss", loss)
+            self.history.append({"step": float(self.learner.step_count), "loss": loss})
+            metrics.MODEL_VERSION.labels(worker="learner").set(self.learner.step_count)
+        return out
+
+    def checkpoint_due(self) -> bool:
+        steps = self.learner.step_count - self._last_checkpoint_step
+        if steps <= 0:
+            return False
+        elapsed = self._clock() - self._last_checkpoint_t
+        return (
+            steps >= self.config.checkpoint_every_steps or elapsed >= self.config.checkpoint_every_s
+        )
+
+    def checkpoint(self, offsets: Mapping[str, int]) -> Path | None:
+        """Write a model version with the offsets consumed so far; None if weights are bad."""
+        try:
+            path = self.learner.save_checkpoint(
+                self.checkpoint_dir,
+                dict(offsets),
+                extra={"seen_reward_ids": self._seen.newest(self.config.dedupe_persisted)},
+            )
+        except CheckpointError as exc:
+            log.error("checkpoint not written: %s", exc)
+            return None
+        self._last_checkpoint_t = self._clock()
+        self._last_checkpoint_step = self.learner.step_count
+        log.info("checkpoint %s", path.name)
+        return path
+
+    def _watch(self, signal: str, value: float) -> None:
+        if self.drift is None or signal not in self.drift.signals:
+            return
+        if self.drift.update(signal, value) and self.reaction is not None:
+            self.reaction.trigger(signal)
+
+
+def _seen_from_latest(checkpoint_dir: str | Path, step: int) -> list[str]:
+    from recsys import checkpoint as ckpt
+
+    found = ckpt.find_latest(checkpoint_dir)
+    if found is None or int(found[1].get("step", -1)) != step:
+        return []
+    return [str(x) for x in found[1].get("extra", {}).get("seen_reward_ids", [])]
