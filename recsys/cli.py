@@ -192,6 +192,82 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval -------------------------------------------------------------------------------------
+EVALUATIONS = {
+    "offline": ("recsys.eval.offline", "leave-one-out, full ranking, against baselines"),
+    "prequential": ("recsys.eval.prequential", "test-then-learn on the time-ordered stream"),
+    "ope": ("recsys.eval.ope", "IPS / SNIPS / DM / DR on logged bandit data"),
+}
+
+
+def _add_eval(sub: Any) -> None:
+    lines = "\n".join(f"  {name:12s} {text}" for name, (_, text) in EVALUATIONS.items())
+    p = sub.add_parser(
+        "eval",
+        help="offline, prequential and off-policy evaluation",
+        description=f"evaluations:\n{lines}\n\n`recsys eval NAME --help` shows a NAME's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("evaluation", choices=sorted(EVALUATIONS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    # The evaluation's module (torch and all) is imported only when it runs, and declares its
+    # own flags, so `recsys --help` and the workers start fast.
+    module_name, text = EVALUATIONS[args.evaluation]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"recsys eval {args.evaluation}", description=text)
+    module.add_arguments(parser)
+    return int(module.run_from_args(parser.parse_args(args.args)) or 0)
+
+
+# --- demo -------------------------------------------------------------------------------------
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="everything in a closed loop on embedded defaults, then a report"
+    )
+    p.add_argument("--minutes", type=float, default=4.0, help="length of the live phase")
+    p.add_argument("--out", type=Path, default=Path("demo-report"), help="report folder")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data"),
+        help="MovieLens folder (or its parent) for the simulated users",
+    )
+    p.add_argument("--visits-per-s", type=float, default=15.0, help="simulated visits per second")
+    p.add_argument(
+        "--shift-at",
+        type=float,
+        default=None,
+        help="fraction of the live phase after which preferences shift (drift)",
+    )
+    p.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="skip the backfill of the catalogue's MovieLens ratings",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from recsys.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        minutes=args.minutes,
+        out=args.out,
+        data=args.data,
+        visits_per_s=args.visits_per_s,
+        shift_at=args.shift_at,
+        warm_start=not args.no_warm_start,
+        seed=args.seed,
+    )
+    run_demo(cfg)
+    return 0
+
+
 REGISTRY: list[Callable[[Any], None]] = [
     _add_broker,
     _add_topics,
@@ -199,6 +275,8 @@ REGISTRY: list[Callable[[Any], None]] = [
     _add_worker,
     _add_replay,
     _add_recommend,
+    _add_eval,
+    _add_demo,
 ]
 
 

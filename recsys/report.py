@@ -171,11 +171,11 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
     for name, arm in result.arms.items():
         if not arm.t:
             continue
-        t, ctr = _rolling_ctr(arm)
-        ax.plot(t, ctr, label=name, linewidth=2.2 if name == "recsys" else 1.4)
-    for t, signal in result.drift_marks:
-        ax.axvline(t, color="red", alpha=0.3, linestyle=":")
-        ax.annotate(signal, (t, ax.get_ylim()[1]), fontsize=7, color="red", rotation=90, va="top")
+        times, ctr = _rolling_ctr(arm)
+        ax.plot(times, ctr, label=name, linewidth=2.2 if name == "recsys" else 1.4)
+    for mark, signal in result.drift_marks:
+        ax.axvline(mark, color="red", alpha=0.3, linestyle=":")
+        ax.annotate(signal, (mark, ax.get_ylim()[1]), fontsize=7, color="red", rotation=90, va="top")
     if result.shift_at_s is not None:
         ax.axvline(result.shift_at_s, color="black", linestyle="--", label="preference shift")
     ax.set_xlabel("seconds since start")
@@ -191,7 +191,7 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
     if result.freshness_s:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.hist(result.freshness_s, bins=40, color="tab:blue")
-        p99 = float(np.percentile(result.freshness_s, 99))
+        p99 = float(np.percentile(np.asarray(result.freshness_s), 99))
         ax.axvline(p99, color="red", linestyle="--", label=f"p99 {p99:.2f} s")
         ax.set_xlabel("seconds from event to published slate")
         ax.set_ylabel("slates")
@@ -205,9 +205,9 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
     if result.losses:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         keys = sorted({k for row in result.losses for k in row} - {"t", "step"})
-        t = [row.get("t", i) for i, row in enumerate(result.losses)]
+        loss_times = [row.get("t", i) for i, row in enumerate(result.losses)]
         for key in keys:
-            ax.plot(t, [row.get(key, math.nan) for row in result.losses], label=key)
+            ax.plot(loss_times, [row.get(key, math.nan) for row in result.losses], label=key)
         for mark_t, _ in result.drift_marks:
             ax.axvline(mark_t, color="red", alpha=0.3, linestyle=":")
         ax.set_xlabel("seconds since start")

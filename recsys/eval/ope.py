@@ -11,6 +11,7 @@ part of the log (time order) on the rest. With a few dozen clicks the intervals 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -335,3 +336,23 @@ def render(result: dict[str, Any]) -> str:
         "With so few clicks the intervals are wide: a difference inside them is not evidence."
     )
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `recsys eval ope`."""
+    p.add_argument("--path", required=True, help="Open Bandit Dataset folder (CSV layout)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
+    p.add_argument("--train-fraction", type=float, default=0.7, help="time-ordered training part")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    result = run_ope(
+        args.path,
+        args.json_out,
+        train_fraction=args.train_fraction,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    return 0 if result["logging_policy_check"]["holds"] else 1

@@ -1,0 +1,408 @@
+"""`recsys demo`: the whole system in a closed loop on one machine, then a report.
+
+The embedded broker, the encoder, reward, learner and publisher workers (subprocesses, as in
+production) and a user simulator fitted on MovieLens. Users arrive at a set rate; each visit
+shows the newest slate the publisher pushed for that user (a random slate until there is one),
+and the simulator's impressions and feedback go back to the events topic.
+
+The same arrivals are served, each in its own copy of the simulated world, by random,
+most-popular and epsilon-greedy baselines and by the oracle, so every CTR in the report is
+measured in the same run. Before the live phase the system is warmed with the catalogue's
+MovieLens ratings (a backfill, as a deployment would start); most-popular gets the same counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+import urllib.request
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaProducer
+from kafka.structs import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from recsys.baselines import EpsilonGreedyPolicy, MostPopularPolicy, RandomPolicy
+from recsys.broker import EmbeddedBroker, free_port
+from recsys.config import KafkaSettings, TopicSettings
+from recsys.data.movielens import MovieLens, load_movielens
+from recsys.data.replay import replay, replay_items
+from recsys.errors import ConfigError, RecsysError
+from recsys.events import Event, Slate, SlateItem
+from recsys.kafka import create_topics, make_consumer, make_producer
+from recsys.report import ArmSeries, DemoResult, write_report
+from recsys.sim import SimConfig, UserSimulator
+from recsys.supervisor import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+WORKER_NAMES = ("encoder", "reward", "learner", "publisher")
+ARMS = ("recsys", "random", "most_popular", "epsilon_greedy", "oracle")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Parameters of one demo run.
+
+    ``visits_per_s``: users served per second (each sees a slate of ``k``); ``shift_at``: the
+    fraction of the live phase after which users' preferences shift (None: no shift).
+    """
+
+    minutes: float = 4.0
+    out: Path = Path("demo-report")
+    data: Path = Path("../shared/data")
+    visits_per_s: float = 15.0
+    k: int = 10
+    n_items: int = 1000
+    seed: int = 0
+    partitions: int = 2
+    shift_at: float | None = None
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ConfigError(f"minutes must be > 0, got {self.minutes}")
+        if not self.visits_per_s > 0:
+            raise ConfigError(f"visits_per_s must be > 0, got {self.visits_per_s}")
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.shift_at is not None and not 0 < self.shift_at < 1:
+            raise ConfigError(f"shift_at must be in (0, 1), got {self.shift_at}")
+
+    def movielens_path(self) -> Path:
+        for candidate in (self.data, self.data / "ml-latest-small"):
+            if (
+                (candidate / "ratings.csv").is_file()
+                or (candidate / "u.data").is_file()
+                or (candidate / "ratings.dat").is_file()
+            ):
+                return candidate
+        raise ConfigError(
+            f"--data {self.data}: no MovieLens ratings there (ratings.csv, u.data or ratings.dat)"
+        )
+
+
+def worker_env(bootstrap: str, out: Path, topics: TopicSettings, port: int) -> dict[str, str]:
+    """RECSYS_* settings the demo gives every worker: short windows and fast cadences."""
+    return {
+        "RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "RECSYS_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "RECSYS_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        "RECSYS_TOPICS__PARTITIONS": str(topics.partitions),
+        "RECSYS_STORE__URL": f"sqlite:///{(out / 'recsys.db').resolve()}",
+        "RECSYS_METRICS__PORT": str(port),
+        "RECSYS_LEARNER__CHECKPOINT_DIR": str((out / "checkpoints").resolve()),
+        "RECSYS_LEARNER__CHECKPOINT_EVERY_S": "5",
+        "RECSYS_REWARDS__WINDOW_MS": "20000",
+        "RECSYS_REWARDS__ALLOWED_LATENESS_MS": "2000",
+        "RECSYS_REWARDS__LATE_RETENTION_MS": "10000",
+        "RECSYS_PUBLISHER__WATCH_INTERVAL_S": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+@dataclass
+class _Arm:
+    """One policy arm: its own simulated world, its policy, its counts for this interval."""
+
+    world: UserSimulator
+    series: ArmSeries = field(default_factory=ArmSeries)
+    impressions: int = 0
+    clicks: int = 0
+    expected: float = 0.0
+
+    def record(self, slate: Slate, events: list[Event], expected: float) -> None:
+        self.impressions += len(slate.items)
+        self.clicks += sum(e.type == "click" for e in events)
+        self.expected += expected
+
+    def close_interval(self, t: float) -> None:
+        self.series.add(t, self.impressions, self.clicks, self.expected)
+        self.impressions, self.clicks, self.expected = 0, 0, 0.0
+
+
+class _Scraper:
+    """Reads a worker's /metrics (the demo's window into the worker processes)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        try:
+            with urllib.request.urlopen(self.url, timeout=1.0) as resp:  # noqa: S310 - loopback
+                text = resp.read().decode()
+        except OSError:
+            return []
+        return [
+            (s.name, s.labels, s.value)
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        ]
+
+
+def _backfill(ml: MovieLens, items: set[str]) -> list[Event]:
+    """The ratings of the catalogue's initial items, as events in time order."""
+    return [e for e in ml.events() if e.item_id in items]
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run the closed loop for ``cfg.minutes`` and write the report; returns its path."""
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    # A demo starts from nothing: the broker is in memory, so old state would not match it.
+    (out / "recsys.db").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    ml = load_movielens(cfg.movielens_path())
+    print(f"fitting the simulator on {len(ml)} MovieLens ratings ...", flush=True)
+    probe = UserSimulator(ml, SimConfig(seed=cfg.seed, n_items=cfg.n_items))
+    topics = TopicSettings(partitions=cfg.partitions)
+    result = DemoResult(minutes=cfg.minutes, arms={})
+    workers: list[WorkerProcess] = []
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+        create_topics(kafka, topics.all(), topics.partitions)
+        ports = {name: free_port() for name in WORKER_NAMES}
+        for name in WORKER_NAMES:
+            env = worker_env(broker.bootstrap, out, topics, ports[name])
+            workers.append(WorkerProcess(name, env, out / "logs" / f"{name}.log").start())
+        producer = make_producer(kafka)
+        try:
+            initial = np.flatnonzero(probe.release_ms <= probe.config.start_ms)
+            replay_items([probe.items[j] for j in initial], producer, topics.items)
+            warm = _backfill(ml, {probe.item_ids[j] for j in initial}) if cfg.warm_start else []
+            if warm:
+                print(f"warm start: backfilling {len(warm)} catalogue ratings ...", flush=True)
+                replay(warm, producer, topics.events, progress=False)
+            _wait_for_model(workers, _Scraper(ports["learner"]), timeout_s=600)
+            # The live phase's clock starts now: release times and the shift count from here.
+            live_ms = int(time.time() * 1000)
+            shift_ms = None
+            if cfg.shift_at is not None:
+                shift_ms = live_ms + int(cfg.shift_at * cfg.minutes * 60_000)
+            sim_cfg = SimConfig(
+                seed=cfg.seed, n_items=cfg.n_items, start_ms=live_ms, shift_at_ms=shift_ms
+            )
+            worlds = {arm: UserSimulator(ml, sim_cfg) for arm in ARMS}
+            result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping workers and writing the report", flush=True)
+        finally:
+            producer.close()
+            for w in reversed(workers):
+                w.stop()
+    report = write_report(result, out)
+    print(f"report: {report.resolve()}")
+    return report
+
+
+def _wait_for_model(workers: list[WorkerProcess], learner: _Scraper, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for w in workers:
+            if not w.alive:
+                raise RecsysError(f"{w.name} worker exited ({w.returncode}):\n{w.tail()}")
+        steps = sum(v for n, _, v in learner.samples() if n == "recsys_checkpoints_written_total")
+        if steps >= 1:
+            return
+        time.sleep(0.5)
+    raise RecsysError("no model checkpoint within the warm-up time; see the learner log")
+
+
+def _live(
+    cfg: DemoConfig,
+    kafka: KafkaSettings,
+    topics: TopicSettings,
+    producer: KafkaProducer,
+    worlds: dict[str, UserSimulator],
+    warm: list[Event],
+    workers: list[WorkerProcess],
+    ports: dict[str, int],
+) -> DemoResult:
+    sim = worlds["recsys"]
+    arms = {name: _Arm(world) for name, world in worlds.items()}
+    live_items = [sim.item_ids[j] for j in sim.available(int(time.time() * 1000))]
+    popular = MostPopularPolicy(live_items, cfg.k, seed=cfg.seed)
+    counts = Counter(e.item_id for e in warm if (e.value or 0) >= 4.0)
+    popular.clicks = np.asarray([counts.get(i, 0) for i in popular.items], dtype=float)
+    baselines: dict[str, RandomPolicy | MostPopularPolicy | EpsilonGreedyPolicy] = {
+        "random": RandomPolicy(live_items, cfg.k, seed=cfg.seed),
+        "most_popular": popular,
+        "epsilon_greedy": EpsilonGreedyPolicy(live_items, cfg.k, seed=cfg.seed),
+    }
+    slates = _SlateFeed(kafka, topics.recommendations)
+    learner, publisher = _Scraper(ports["learner"]), _Scraper(ports["publisher"])
+    rng_arrival = np.random.default_rng(cfg.seed + 1)
+    rng_cold = np.random.default_rng(cfg.seed + 2)
+    rngs = {name: np.random.default_rng(cfg.seed + 10 + i) for i, name in enumerate(ARMS)}
+    result = DemoResult(minutes=cfg.minutes, arms={name: arm.series for name, arm in arms.items()})
+    started = time.monotonic()
+    released_until = int(time.time() * 1000)
+    last_event_wall: dict[str, float] = {}
+    drift_seen: Counter[str] = Counter()
+    sent = 0
+    visit = 0
+    next_tick = started + 1.0
+    window: deque[tuple[float, int]] = deque(maxlen=10)
+    try:
+        while (elapsed := time.monotonic() - started) < cfg.minutes * 60:
+            now_ms = int(time.time() * 1000)
+            for w in workers:
+                if not w.alive:
+                    raise RecsysError(f"{w.name} worker exited ({w.returncode}):\n{w.tail()}")
+            new_items = sim.released_between(released_until, now_ms)
+            if new_items:
+                replay_items(new_items, producer, topics.items)
+                for policy in baselines.values():
+                    policy.add_items([i.item_id for i in new_items])
+                released_until = now_ms
+            for user_id, wall in slates.poll():
+                if user_id in last_event_wall:
+                    result.freshness_s.append(wall - last_event_wall.pop(user_id))
+            # One batch of visits per tick keeps to the rate without a sleep per visit.
+            due = int(elapsed * cfg.visits_per_s) - visit
+            for _ in range(max(0, due)):
+                visit += 1
+                user = sim.next_user(rng_arrival)
+                rid = f"demo-{visit}"
+                slate = slates.latest.get(user) or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
+                slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
+                events = sim.respond(slate, now_ms, rngs["recsys"])
+                arms["recsys"].record(slate, events, sim.expected_clicks(slate, now_ms))
+                for e in events:
+                    producer.send(topics.events, key=e.key, value=e.to_bytes())
+                sent += len(events)
+                if any(e.type != "impression" for e in events):
+                    last_event_wall[user] = time.time()
+                for name, policy in baselines.items():
+                    world = arms[name].world
+                    s = policy.slate(user, now_ms, rid)
+                    expected = world.expected_clicks(s, now_ms)
+                    evs = world.respond(s, now_ms, rngs[name])
+                    policy.update(evs)
+                    arms[name].record(s, evs, expected)
+                oracle = arms["oracle"].world
+                s = oracle.oracle_slate(user, cfg.k, now_ms, rid)
+                arms["oracle"].record(
+                    s, oracle.respond(s, now_ms, rngs["oracle"]), oracle.expected_clicks(s, now_ms)
+                )
+            if time.monotonic() >= next_tick:
+                next_tick += 1.0
+                t = time.monotonic() - started
+                for arm in arms.values():
+                    arm.close_interval(t)
+                window.append((t, sent))
+                _scrape(learner, publisher, t, result, drift_seen)
+                _progress(t, cfg, result, window, slates)
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping workers and writing the report", flush=True)
+    finally:
+        slates.close()
+    result.events_sent = sent
+    result.model_versions = slates.versions
+    if cfg.shift_at is not None:
+        result.shift_at_s = cfg.shift_at * cfg.minutes * 60
+    result.extra["warm_start_ratings"] = len(warm)
+    result.extra["visits"] = visit
+    result.extra["visits_per_s"] = cfg.visits_per_s
+    result.extra["slates_received"] = slates.received
+    return result
+
+
+class _SlateFeed:
+    """Follows the recommendations topic: the newest slate per user, with arrival times."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.consumer = make_consumer(kafka, None)
+        parts = self.consumer.partitions_for_topic(topic) or set()
+        self.consumer.assign([TopicPartition(topic, p) for p in parts])
+        self.latest: dict[str, Slate] = {}
+        self.versions: list[str] = []
+        self.received = 0
+
+    def poll(self) -> Iterable[tuple[str, float]]:
+        arrived = []
+        for records in self.consumer.poll(timeout_ms=0, max_records=5000).values():
+            wall = time.time()
+            for r in records:
+                try:
+                    slate = Slate.from_bytes(r.value)
+                except ValueError:
+                    continue
+                self.latest[slate.user_id] = slate
+                self.received += 1
+                if not self.versions or self.versions[-1] != slate.model_version:
+                    self.versions.append(slate.model_version)
+                arrived.append((slate.user_id, wall))
+        return arrived
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _cold_slate(
+    sim: UserSimulator, user: str, now_ms: int, k: int, rng: np.random.Generator
+) -> Slate:
+    """What the app shows before the publisher has a slate for the user: uniform random."""
+    avail = sim.available(now_ms)
+    chosen = rng.choice(len(avail), size=min(k, len(avail)), replace=False)
+    prop = min(k, len(avail)) / len(avail)
+    items = tuple(
+        SlateItem(sim.item_ids[int(avail[j])], 0.0, prop, p) for p, j in enumerate(chosen)
+    )
+    return Slate("cold", user, "cold-start", now_ms, items)
+
+
+def _scrape(
+    learner: _Scraper,
+    publisher: _Scraper,
+    t: float,
+    result: DemoResult,
+    drift_seen: Counter[str],
+) -> None:
+    losses: dict[str, float] = {"t": t}
+    for name, labels, value in learner.samples():
+        if name == "recsys_learner_loss" and math.isfinite(value):
+            losses[labels.get("loss", "loss")] = value
+        elif name == "recsys_learner_steps_total":
+            losses["step"] = value
+        elif name == "recsys_drift_detected_total":
+            signal = labels.get("signal", "?")
+            if value > drift_seen[signal]:
+                result.drift_marks.append((t, signal))
+                drift_seen[signal] = int(value)
+    if len(losses) > 2:
+        result.losses.append(losses)
+    del publisher  # freshness is measured end to end by the harness itself
+
+
+def _progress(
+    t: float,
+    cfg: DemoConfig,
+    result: DemoResult,
+    window: deque[tuple[float, int]],
+    slates: _SlateFeed,
+) -> None:
+    rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else 0
+    recent = max(0.0, t - 30)
+    ctr = {name: arm.ctr(recent) for name, arm in result.arms.items()}
+    fresh = np.percentile(result.freshness_s[-500:], 99) if result.freshness_s else math.nan
+    model = slates.versions[-1] if slates.versions else "-"
+    line = (
+        f"[{t:5.0f}/{cfg.minutes * 60:.0f}s] {rate:6.0f} ev/s | CTR(30s) recsys {ctr['recsys']:.3f}"
+        f" pop {ctr['most_popular']:.3f} eps {ctr['epsilon_greedy']:.3f}"
+        f" rand {ctr['random']:.3f} oracle {ctr['oracle']:.3f} | model {model}"
+        f" | fresh p99 {fresh:.2f}s | drift {len(result.drift_marks)}"
+    )
+    if sys.stdout.isatty():
+        print("\r" + line[:200], end="", flush=True)
+    elif int(t) % 10 == 0:
+        print(line, flush=True)
