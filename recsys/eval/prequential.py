@@ -224,7 +224,7 @@ def run_prequential(
     online = OnlineLearner(
         learner, ckpt_dir, OnlineConfig(replay_ratio=4.0, max_steps_per_batch=16)
     )
-    baselines = {
+    baselines: dict[str, RecentPopularity | ISGD] = {
         "recent popularity": RecentPopularity(n_items),
         "ISGD (incremental MF)": ISGD(len(users), n_items, seed=seed),
     }

@@ -1,0 +1,104 @@
+"""The online learner's own logic: dedupe by reward_id, the step budget, checkpoint cadence."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys import checkpoint as ckpt
+from recsys.events import ItemVector, RewardRecord
+from recsys.items import ItemCatalog
+from recsys.learner import Learner, LearnerConfig
+from recsys.model import ModelConfig
+from recsys.online_learner import OnlineConfig, OnlineLearner, RecentIds
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path, clock, **config) -> OnlineLearner:
+    model = ModelConfig(text_dim=8, dim=8, max_history=5, item_capacity=16, adaptor_hidden=8,
+                        num_heads=2, num_layers=1)  # fmt: skip
+    learner = Learner(model, LearnerConfig(batch_size=8, device="cpu", seed=0),
+                      ItemCatalog(dim=8))  # fmt: skip
+    return OnlineLearner(learner, tmp_path, OnlineConfig(**config), clock=clock)
+
+
+def rewards(n: int, start: int = 0) -> list[RewardRecord]:
+    return [
+        RewardRecord(f"r{k}", f"u{k % 3}", f"i{k % 5}", 1.0, 1000 + k, "joined", 0.2, 0)
+        for k in range(start, start + n)
+    ]
+
+
+def test_duplicates_are_dropped_by_reward_id(tmp_path):
+    online = make(tmp_path, Clock())
+    assert online.add_rewards(rewards(10)) == 10
+    assert online.add_rewards(rewards(10)) == 0
+    assert online.add_rewards(rewards(5, start=8)) == 3
+    assert online.duplicates == 12
+
+
+def test_step_budget_follows_new_samples(tmp_path):
+    online = make(tmp_path, Clock(), replay_ratio=2.0, max_steps_per_batch=3)
+    online.add_rewards(rewards(20))
+    assert len(online.train(4)) == 1  # ceil(4 * 2 / 8)
+    assert len(online.train(12)) == 3  # ceil(12 * 2 / 8)
+    assert len(online.train(1000)) == 3  # capped
+    assert online.train(0) == []
+    assert online.version == 7
+
+
+def test_checkpoint_cadence_and_dedupe_survive_restart(tmp_path):
+    clock = Clock()
+    online = make(tmp_path, clock, checkpoint_every_steps=5, checkpoint_every_s=60)
+    online.add_vectors([ItemVector("i0", "m", "k0", tuple(float(x) for x in range(8)))])
+    assert not online.checkpoint_due()
+    online.add_rewards(rewards(20))
+    online.train(8)  # one step
+    assert not online.checkpoint_due()
+    clock.t = 61.0
+    assert online.checkpoint_due()
+    path = online.checkpoint({"rewards:0": 20})
+    assert path is not None
+    assert not online.checkpoint_due()
+    manifest = ckpt.read_manifest(path)
+    assert manifest["offsets"] == {"rewards:0": 20}
+
+    resumed, offsets = OnlineLearner.resume(tmp_path, lambda: pytest.fail("must resume"))
+    assert offsets == {"rewards:0": 20}
+    assert resumed.version == online.version
+    assert resumed.add_rewards(rewards(20)) == 0, "reward ids seen before the checkpoint"
+    assert resumed.learner.catalog.vectors[resumed.learner.catalog.index["i0"]][1] == 1.0
+
+
+def test_vectors_of_the_wrong_width_are_ignored(tmp_path):
+    online = make(tmp_path, Clock())
+    assert online.add_vectors([ItemVector("i0", "m", "k", (1.0, 2.0))]) == 0
+    assert "i0" not in online.learner.catalog
+
+
+def test_recent_ids_forget_the_oldest():
+    ids = RecentIds(3)
+    assert all(ids.add(k) for k in "abc")
+    assert not ids.add("a")
+    assert ids.add("d")
+    assert "a" not in ids
+    assert "d" in ids
+    assert ids.newest(2) == ["c", "d"]
+    with pytest.raises(ValueError, match="capacity"):
+        RecentIds(0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("replay_ratio", 0), ("max_steps_per_batch", 0), ("checkpoint_every_s", 0),
+     ("dedupe_persisted", -1)],
+)  # fmt: skip
+def test_config_is_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        OnlineConfig(**{field: value})
