@@ -1,0 +1,666 @@
+"""The incremental learner: reward records in, gradient steps, atomic checkpoints out. No Kafka.
+
+Typical use (the learner worker wraps exactly this around a consumer)::
+
+    learner = Learner(ModelConfig(...), LearnerConfig(...))      # or load_latest_checkpoint(dir)
+    learner.observe(records)          # list[RewardRecord]: histories + replay buffer
+    metrics = learner.step()          # one gradient step, or None while the buffer is empty
+    learner.save_checkpoint(dir, offsets={"recsys.rewards:0": 1234})
+
+Each step minimises ``pg_weight·L_PG + α·L_contrast + behaviour_weight·L_β`` (see
+:mod:`recsys.objectives`): off-policy top-K REINFORCE with β from the logged propensity or the
+behaviour head, InfoNCE between state and next positive item plus NT-Xent between two augmented
+histories (or the cosine hinge), and the behaviour head's own cross-entropy. ``objective="ce"``
+swaps the policy gradient for plain cross-entropy on positive samples (the ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recsys import checkpoint as ckpt
+from recsys import metrics
+from recsys import objectives as obj
+from recsys.errors import CheckpointError, ConfigError
+from recsys.events import RewardRecord
+from recsys.history import UserHistories, pad_histories
+from recsys.items import ItemCatalog, resolve_device
+from recsys.model import ModelConfig, PolicyNet
+from recsys.replay import ReplayBuffer, Transitions
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("loss", "pg", "contrast", "behaviour", "weight_mean")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Learner hyper-parameters; validated at construction, errors name the parameter."""
+
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    objective: Literal["reinforce", "ce"] = "reinforce"
+    pg_weight: float = 1.0
+    topk: int = 10
+    weight_cap: float = 10.0
+    behaviour_weight: float = 1.0
+    alpha: float = 0.1
+    contrastive: Literal["infonce", "hinge", "none"] = "infonce"
+    augment_weight: float = 1.0
+    augment_views: int = 2
+    augment_rows: int = 64
+    contrast_all_positions: bool = True
+    normalize_weights: bool = True
+    contrast_temperature: float = 0.1
+    hinge_margin: float = 0.5
+    softmax: Literal["auto", "full", "sampled"] = "auto"
+    sampled_above: int = 50_000
+    num_negatives: int = 2048
+    buffer_capacity: int = 100_000
+    recent_capacity: int | None = None
+    recent_fraction: float = 0.5
+    min_buffer: int = 1
+    grad_clip: float = 5.0
+    amp: bool = True
+    device: str = "auto"
+    seed: int = 0
+    keep_checkpoints: int = 3
+    checkpoint_buffer: bool = False
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"LearnerConfig.{name} must be {what}, got {getattr(self, name)!r}"
+                )
+
+        def pos_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        def nonneg(v: Any) -> bool:
+            return isinstance(v, int | float) and math.isfinite(v) and v >= 0
+
+        for n in (
+            "augment_rows",
+            "batch_size",
+            "topk",
+            "sampled_above",
+            "num_negatives",
+            "buffer_capacity",
+            "min_buffer",
+            "keep_checkpoints",
+        ):
+            check(n, pos_int(getattr(self, n)), "an int >= 1")
+        for n in (
+            "weight_decay",
+            "pg_weight",
+            "behaviour_weight",
+            "alpha",
+            "augment_weight",
+            "hinge_margin",
+        ):
+            check(n, nonneg(getattr(self, n)), "a finite number >= 0")
+        for n in ("lr", "weight_cap", "contrast_temperature", "grad_clip"):
+            check(n, nonneg(getattr(self, n)) and getattr(self, n) > 0, "a finite number > 0")
+        check("objective", self.objective in ("reinforce", "ce"), "'reinforce' or 'ce'")
+        check(
+            "contrastive",
+            self.contrastive in ("infonce", "hinge", "none"),
+            "'infonce', 'hinge' or 'none'",
+        )
+        check("augment_views", self.augment_views in (1, 2), "1 or 2")
+        check("softmax", self.softmax in ("auto", "full", "sampled"), "'auto', 'full' or 'sampled'")
+        check("recent_fraction", 0.0 <= self.recent_fraction <= 1.0, "in [0, 1]")
+        rc = self.recent_capacity
+        check(
+            "recent_capacity",
+            rc is None or (isinstance(rc, int) and 0 <= rc <= self.buffer_capacity),
+            "None or an int in [0, buffer_capacity]",
+        )
+        check("device", isinstance(self.device, str) and bool(self.device), "a device string")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LearnerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"LearnerConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class Learner:
+    """Owns the model, optimizer, item catalogue, user histories and replay buffer."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: LearnerConfig | None = None,
+        catalog: ItemCatalog | None = None,
+    ) -> None:
+        self.cfg = cfg = cfg or LearnerConfig()
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.catalog = catalog if catalog is not None else ItemCatalog(dim=model_cfg.text_dim)
+        if self.catalog.dim != model_cfg.text_dim:
+            raise ConfigError(
+                f"ModelConfig.text_dim={model_cfg.text_dim} but the catalogue's vectors have "
+                f"{self.catalog.dim} dimensions"
+            )
+        self.model = PolicyNet(model_cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.histories = UserHistories(model_cfg.max_history)
+        self.buffer = ReplayBuffer(
+            cfg.buffer_capacity,
+            model_cfg.max_history,
+            recent_capacity=cfg.recent_capacity,
+            recent_fraction=cfg.recent_fraction,
+            device=self.device,
+            seed=cfg.seed,
+        )
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed + 1)
+        self.step_count = 0
+        # logged actions per item (the proposal Q of in-batch negatives), grown with the catalogue
+        self.item_counts = torch.zeros(model_cfg.item_capacity, device=self.device)
+        self._synced_version = -1
+        self._amp = cfg.amp and self.device.type == "cuda"
+        metrics.REPLAY_BUFFER_CAPACITY.set(cfg.buffer_capacity)
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    # --- data in ----------------------------------------------------------------------------
+
+    def observe(self, records: Sequence[RewardRecord]) -> int:
+        """Update histories and buffer from reward records; returns how many were buffered.
+
+        Each sample's state is the user's history as of the record's ``ts`` (strictly earlier
+        positives), taken before the record itself is added: no leakage. Records with a
+        non-finite reward are dropped.
+        """
+        hist, items, rewards, props, positions = [], [], [], [], []
+        for r in records:
+            if not math.isfinite(r.reward):
+                log.warning("dropping reward %s with non-finite reward", r.reward_id)
+                continue
+            i = self.catalog.index_of(r.item_id)
+            hist.append(self.histories.as_of(r.user_id, r.ts))
+            self.histories.add(r.user_id, i, r.ts, r.reward)
+            items.append(i)
+            rewards.append(r.reward)
+            props.append(math.nan if r.propensity is None else r.propensity)
+            positions.append(-1 if r.position is None else r.position)
+        if not items:
+            return 0
+        idx = torch.tensor(items, device=self.device)
+        if len(self.catalog) > self.item_counts.shape[0]:
+            self.item_counts = F.pad(
+                self.item_counts, (0, 2 * len(self.catalog) - self.item_counts.shape[0])
+            )
+        self.item_counts.index_add_(0, idx, torch.ones(len(items), device=self.device))
+        h, _ = pad_histories(hist, self.model_cfg.max_history)
+        self.buffer.add(
+            Transitions(
+                history=h,
+                item=torch.tensor(items),
+                reward=torch.tensor(rewards, dtype=torch.float32),
+                propensity=torch.tensor(props, dtype=torch.float32),
+                position=torch.tensor(positions),
+            )
+        )
+        metrics.REPLAY_BUFFER_SIZE.set(len(self.buffer))
+        return len(items)
+
+    def sync_items(self) -> None:
+        """Bring the model's item rows up to the catalogue (new items, changed vectors)."""
+        if self.catalog.version == self._synced_version:
+            return
+        n = len(self.catalog)
+        cap = self.model.items.capacity
+        if n > cap:
+            new_cap = cap
+            while new_cap < n:
+                new_cap *= 2
+            self._replace_params(self.model.grow(new_cap))
+        if n:
+            self.model.set_text_vectors(self.catalog.text_vectors(self.device))
+        self._synced_version = self.catalog.version
+
+    def _replace_params(self, mapping: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Point the optimizer at grown parameters, padding their state with zeros."""
+        opt = self.optimizer
+        for group in opt.param_groups:
+            group["params"] = [mapping.get(p, p) for p in group["params"]]
+        for old, new in mapping.items():
+            state = opt.state.pop(old, None)
+            if state is None:
+                continue
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == old.shape:
+                    pad = [0, 0] * (v.dim() - 1) + [0, new.shape[0] - old.shape[0]]
+                    state[k] = F.pad(v, pad)
+            opt.state[new] = state
+
+    # --- learning ---------------------------------------------------------------------------
+
+    def use_sampled_softmax(self) -> bool:
+        if self.cfg.softmax == "auto":
+            return self.model.num_items > self.cfg.sampled_above
+        return self.cfg.softmax == "sampled"
+
+    def losses(self, batch: Transitions) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch (differentiable ``loss``; the rest for reporting)."""
+        cfg, model = self.cfg, self.model
+        actions, rewards = batch.item, batch.reward
+        positive = (rewards > 0).float()
+        sampled = self.use_sampled_softmax()
+        if sampled:
+            neg_ids, neg_lq = obj.sample_negatives(
+                model.num_items, cfg.num_negatives, self.generator, device=self.device
+            )
+            pos_lq = torch.full_like(rewards, -math.log(model.num_items))
+            cand_ids = torch.cat([actions, neg_ids])
+            cand = model.item_vectors(cand_ids)
+            pos_vecs, neg_vecs = cand[: len(actions)], cand[len(actions) :]
+            vecs = None
+            state, seq = model.user_states_all(batch.history)
+            logits = obj.sampled_softmax_logits(
+                state, pos_vecs, neg_vecs, actions, neg_ids, pos_lq, neg_lq, model.cfg.temperature
+            )
+            # behaviour head over the same candidates, gradient stopped into state and items
+            h = model.beta_proj(state.detach())
+            bias = model.beta_bias[cand_ids].to(h.dtype)
+            beta_logits = obj.sampled_softmax_logits(
+                h, pos_vecs.detach(), neg_vecs.detach(), actions, neg_ids, pos_lq, neg_lq
+            ) + torch.cat(
+                [bias[: len(actions)].unsqueeze(1), bias[len(actions) :].expand(len(actions), -1)],
+                1,
+            )
+            targets = torch.zeros_like(actions)
+        else:
+            vecs = model.item_vectors()
+            state, seq = model.user_states_all(batch.history, vecs)
+            pos_vecs = vecs[actions]
+            logits = model.logits(state, vecs)
+            beta_logits = model.behaviour_logits(state, vecs)
+            targets = actions
+        beta = obj.behaviour_probability(batch.propensity, beta_logits, targets)
+        if cfg.objective == "reinforce":
+            pg, w = obj.off_policy_topk_loss(
+                logits, targets, rewards, beta, cfg.topk, cfg.weight_cap, cfg.normalize_weights
+            )
+            w_mean = w.mean()
+        else:
+            ce = F.cross_entropy(logits.float(), targets, reduction="none")
+            pg = (ce * positive).sum() / positive.sum().clamp(min=1.0)
+            w_mean = torch.ones((), device=self.device)
+        behaviour = obj.behaviour_loss(beta_logits, targets)
+        contrast = torch.zeros((), device=self.device)
+        if cfg.contrastive != "none" and cfg.alpha > 0:
+            if cfg.contrastive == "infonce":
+                contrast = self._next_item_nce(batch, state, seq, pos_vecs, vecs)
+            else:
+                contrast = obj.cosine_hinge(state, pos_vecs, pos_vecs.roll(1, 0), cfg.hinge_margin)
+            if cfg.augment_weight > 0:
+                hist = batch.history[: cfg.augment_rows]
+                z1 = model.user_state(obj.augment(hist, self.generator), vecs)
+                z2 = (
+                    model.user_state(obj.augment(hist, self.generator), vecs)
+                    if cfg.augment_views == 2
+                    else state[: cfg.augment_rows]
+                )
+                contrast = contrast + cfg.augment_weight * obj.nt_xent(
+                    z1, z2, cfg.contrast_temperature
+                )
+        loss = cfg.pg_weight * pg + cfg.alpha * contrast + cfg.behaviour_weight * behaviour
+        return {
+            "loss": loss,
+            "pg": pg,
+            "contrast": contrast,
+            "behaviour": behaviour,
+            "weight_mean": w_mean,
+        }
+
+    def _next_item_nce(
+        self,
+        batch: Transitions,
+        state: torch.Tensor,
+        seq: torch.Tensor,
+        pos_vecs: torch.Tensor,
+        vecs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """InfoNCE between states and their next positive item, in-batch negatives, log-Q.
+
+        Rows: the state after each history (its logged item, when rewarded positively) and, with
+        ``contrast_all_positions``, the causal state before every history position (that
+        position's item, a positive by definition of the history). Negatives: the batch's logged
+        items, with the log-Q correction for their frequency. Similarity is the policy's own
+        score ``s·v/T``, so this term trains the same scores the policy ranks with.
+        """
+        cfg, model = self.cfg, self.model
+        actions = batch.item
+        log_q = self._log_q()
+        q_states, q_ids, q_vecs = state, actions, pos_vecs
+        weights = (batch.reward > 0).float()
+        if cfg.contrast_all_positions:
+            hist = batch.history.reshape(-1)
+            ids = hist.clamp(min=0)
+            q_states = torch.cat([state, seq.reshape(-1, seq.shape[-1])])
+            q_ids = torch.cat([actions, ids])
+            q_vecs = torch.cat(
+                [pos_vecs, vecs[ids] if vecs is not None else model.item_vectors(ids)]
+            )
+            weights = torch.cat([weights, (hist >= 0).float()])
+        logits = obj.sampled_softmax_logits(
+            q_states,
+            q_vecs,
+            pos_vecs,
+            q_ids,
+            actions,
+            log_q[q_ids],
+            log_q[actions],
+            model.cfg.temperature,
+        )
+        ce = F.cross_entropy(logits, torch.zeros_like(q_ids), reduction="none")
+        return (ce * weights).sum() / weights.sum().clamp(min=1.0)
+
+    def _log_q(self) -> torch.Tensor:
+        """log of each item's share of logged actions (add-one smoothed), ``[C]``."""
+        counts = self.item_counts[: self.model.num_items]
+        return torch.log((counts + 1.0) / (counts.sum() + counts.shape[0]))
+
+    def step(self) -> dict[str, float] | None:
+        """One gradient step on a sampled batch; ``None`` while the buffer holds too little.
+
+        A non-finite loss or gradient skips the update (counted in
+        ``recsys_learner_skipped_steps_total``); the returned dict then has ``skipped=1``.
+        """
+        if len(self.buffer) < self.cfg.min_buffer or len(self.buffer) == 0:
+            return None
+        self.sync_items()
+        if self.model.num_items == 0:
+            return None
+        self.model.train()
+        batch = self.buffer.sample(self.cfg.batch_size)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+            terms = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        values = torch.stack([terms[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
+        out = dict(zip((*LOSS_NAMES, "grad_norm"), values.tolist(), strict=True))  # one sync
+        if not all(math.isfinite(v) for v in out.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics.LEARNER_SKIPPED_STEPS.inc()
+            log.warning("skipping step %d: non-finite loss or gradient %s", self.step_count, out)
+            out["skipped"] = 1.0
+            return out
+        self.optimizer.step()
+        self.step_count += 1
+        metrics.LEARNER_STEPS.inc()
+        metrics.LEARNER_SAMPLES.inc(len(batch))
+        for k in ("loss", "pg", "contrast", "behaviour"):
+            metrics.LEARNER_LOSS.labels(loss=k).set(out[k])
+        out["skipped"] = 0.0
+        return out
+
+    # --- inference --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def scores(self, user_histories: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+        """Policy logits ``[B, I]`` (float32) for histories: item-index lists or ``[B, N]``."""
+        self.sync_items()
+        return policy_scores(self.model, user_histories)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, root: str | Path, offsets: dict[str, int], extra: dict[str, Any] | None = None
+    ) -> Path:
+        """Write an atomic checkpoint ``<root>/v<step:012d>`` (see :mod:`recsys.checkpoint`).
+
+        Raises CheckpointError (and writes nothing) if any weight is not finite.
+        """
+        self.sync_items()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"refusing to save non-finite weights: {bad}")
+        opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer, self.model)
+        users, hist = self.histories.to_arrays()
+        hist_t = {k: torch.from_numpy(v) for k, v in hist.items()}
+        cat_arrays, cat_meta = self.catalog.state()
+        del cat_arrays  # the vectors are the model's text_vectors rows
+        writers: dict[str, Any] = {
+            "model.safetensors": lambda p: save_file(state, str(p)),
+            "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
+            "optimizer.json": lambda p: _write_json(p, opt_meta),
+            "catalog.json": lambda p: _write_json(p, cat_meta),
+            "learner.safetensors": lambda p: save_file(
+                {"item_counts": self.item_counts.detach().cpu().contiguous()}, str(p)
+            ),
+            "histories.safetensors": lambda p: save_file(hist_t, str(p)),
+            "histories.json": lambda p: _write_json(
+                p,
+                {
+                    "users": users,
+                    "max_len": self.histories.max_len,
+                    "retain": self.histories.retain,
+                },
+            ),
+        }
+        if self.cfg.checkpoint_buffer:
+            rb_tensors, rb_meta = self.buffer.state_dict()
+            writers["replay.safetensors"] = lambda p: save_file(rb_tensors, str(p))
+            writers["replay.json"] = lambda p: _write_json(p, rb_meta)
+        manifest = {
+            "offsets": {str(k): int(v) for k, v in offsets.items()},
+            "config": {"model": self.model_cfg.to_dict(), "learner": self.cfg.to_dict()},
+            "encoder": self.catalog.encoder.name if self.catalog.encoder is not None else None,
+            "num_items": self.model.num_items,
+            "extra": extra or {},
+        }
+        path = ckpt.write_checkpoint(root, self.step_count, writers, manifest)
+        ckpt.prune(root, self.cfg.keep_checkpoints)
+        metrics.CHECKPOINTS_WRITTEN.inc()
+        metrics.CHECKPOINT_TIMESTAMP.set_to_current_time()
+        return path
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        path: str | Path,
+        catalog: ItemCatalog | None = None,
+        device: str | None = None,
+    ) -> tuple[Learner, dict[str, Any]]:
+        """Restore a learner from checkpoint ``path`` -> ``(learner, manifest)``.
+
+        ``catalog``: an empty catalogue to restore into (e.g. one with a text encoder); default
+        an id-only one. ``device`` overrides the saved ``LearnerConfig.device``.
+        """
+        path = Path(path)
+        manifest = ckpt.read_manifest(path)
+        try:
+            model_cfg = ModelConfig.from_dict(manifest["config"]["model"])
+            lcfg = manifest["config"]["learner"]
+            if device is not None:
+                lcfg = {**lcfg, "device": device}
+            learner = cls(model_cfg, LearnerConfig.from_dict(lcfg), catalog)
+            learner.model.load_state_dict(load_file(str(path / "model.safetensors")))
+            _optimizer_from_flat(
+                learner.optimizer,
+                learner.model,
+                load_file(str(path / "optimizer.safetensors")),
+                json.loads((path / "optimizer.json").read_text()),
+            )
+            learner.item_counts = load_file(str(path / "learner.safetensors"))["item_counts"].to(
+                learner.device
+            )
+            cat_meta = json.loads((path / "catalog.json").read_text())
+            n = len(cat_meta["ids"])
+            vecs = learner.model.items.text_vectors[:n].cpu().numpy()
+            learner.catalog.load_state({"vectors": vecs}, cat_meta)
+            learner._synced_version = learner.catalog.version
+            hmeta = json.loads((path / "histories.json").read_text())
+            harr = {k: v.numpy() for k, v in load_file(str(path / "histories.safetensors")).items()}
+            learner.histories = UserHistories.from_arrays(
+                hmeta["users"], harr, hmeta["max_len"], hmeta["retain"]
+            )
+            if (path / "replay.safetensors").is_file():
+                learner.buffer.load_state_dict(
+                    load_file(str(path / "replay.safetensors")),
+                    json.loads((path / "replay.json").read_text()),
+                )
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot restore learner: {exc}") from exc
+        learner.step_count = int(manifest["step"])
+        return learner, manifest
+
+    @classmethod
+    def load_latest_checkpoint(
+        cls,
+        root: str | Path,
+        catalog_factory: Any = None,
+        device: str | None = None,
+    ) -> tuple[Learner, dict[str, int]] | None:
+        """Resume from the newest valid checkpoint under ``root`` -> ``(learner, offsets)``.
+
+        Partial, corrupt or tampered checkpoints are skipped (logged); ``None`` when no valid
+        one exists. ``catalog_factory()`` makes the empty catalogue to restore into.
+        """
+        for p in ckpt.list_checkpoints(root):
+            try:
+                catalog = catalog_factory() if catalog_factory is not None else None
+                learner, manifest = cls.load_checkpoint(p, catalog, device)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint: %s", exc)
+                continue
+            return learner, dict(manifest["offsets"])
+        return None
+
+
+def policy_scores(
+    model: PolicyNet, user_histories: Sequence[Sequence[int]] | torch.Tensor
+) -> torch.Tensor:
+    """Policy logits ``[B, I]`` (float32, eval mode, no grad) for the given histories."""
+    dev = next(model.parameters()).device
+    if isinstance(user_histories, torch.Tensor):
+        items = user_histories.to(dev)
+    else:
+        items, _ = pad_histories(user_histories, model.cfg.max_history, dev)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(items).float()
+    model.train(was_training)
+    return out
+
+
+def load_policy(
+    path: str | Path, device: str | None = "cpu"
+) -> tuple[PolicyNet, list[str], dict[str, Any]]:
+    """Load a checkpoint's model for inference -> ``(model in eval mode, item ids, manifest)``.
+
+    ``item_ids[i]`` is the id of item index ``i``. ``path`` is a checkpoint directory, or a root
+    holding several (the newest valid is taken). Raises CheckpointError when nothing valid.
+    """
+    path = Path(path)
+    if not (path / ckpt.MANIFEST).exists():
+        found = ckpt.find_latest(path)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint under {path}")
+        path = found[0]
+    manifest = ckpt.read_manifest(path)
+    try:
+        cfg = ModelConfig.from_dict(manifest["config"]["model"])
+        model = PolicyNet(cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        item_ids = [str(x) for x in json.loads((path / "catalog.json").read_text())["ids"]]
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load policy: {exc}") from exc
+    if len(item_ids) != model.num_items:
+        raise CheckpointError(f"{path}: catalog has {len(item_ids)} ids, model {model.num_items}")
+    manifest["path"] = str(path)
+    manifest["model_version"] = path.name
+    return model.to(resolve_device(device)).eval(), item_ids, manifest
+
+
+# --- optimizer state as safetensors + JSON (no pickle) ---------------------------------------
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _optimizer_to_flat(
+    opt: torch.optim.Optimizer, model: nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    names = _param_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for p, st in opt.state.items():
+        name = names[id(p)]
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(name, {})[k] = v
+    groups = []
+    for g in opt.param_groups:
+        g2 = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+        g2["params"] = [names[id(p)] for p in g["params"]]
+        groups.append(g2)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_flat(
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    params = dict(model.named_parameters())
+    order = [n for g in meta["param_groups"] for n in g["params"]]
+    if set(order) != set(params):
+        raise CheckpointError("optimizer state does not match the model's parameters")
+    state: dict[int, dict[str, Any]] = {}
+    for i, name in enumerate(order):
+        st = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        st.update(meta["scalars"].get(name, {}))
+        if st:
+            state[i] = st
+    groups = []
+    start = 0
+    for g in meta["param_groups"]:
+        g2 = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"}
+        g2["params"] = list(range(start, start + len(g["params"])))
+        start += len(g["params"])
+        groups.append(g2)
+    # our param order must match the saved one for load_state_dict's positional mapping
+    if len(opt.param_groups) != 1:
+        raise CheckpointError("only single-group optimizers can be restored")
+    opt.param_groups[0]["params"] = [params[n] for n in order]
+    opt.load_state_dict({"state": state, "param_groups": groups})

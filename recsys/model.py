@@ -1,0 +1,337 @@
+"""The policy network, in the torchrec style: small modules, a dataclass config, shapes documented.
+
+Notation: ``B`` batch, ``N`` history length, ``I`` items held (the catalogue size), ``C`` item
+capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model width.
+
+- :class:`ItemTower`: frozen text vectors ``[C, D]`` -> learned adaptor MLP -> ``[C, d]``, plus an
+  optional learned id embedding, summed. Rows beyond ``I`` are never scored.
+- :class:`UserEncoder`: a small causal transformer (or GRU) over the last ``N`` item vectors
+  behind a learned begin token -> user state ``[B, d]``; an empty history is served from the
+  begin token alone (a new user).
+- :class:`PolicyNet`: policy logits ``state @ items.T / temperature`` and the behaviour head
+  ``β`` on ``state.detach()`` (Chen et al., WSDM 2019), which estimates the logging policy
+  when propensities are not logged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.errors import ConfigError
+from recsys.history import MASK, PAD
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of :class:`PolicyNet`; validated at construction."""
+
+    text_dim: int = 384
+    dim: int = 64
+    max_history: int = 50
+    item_capacity: int = 1024
+    adaptor_hidden: int = 256
+    use_text: bool = True
+    use_id_embedding: bool = True
+    encoder: Literal["transformer", "gru"] = "transformer"
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_mult: int = 2
+    dropout: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "text_dim",
+            "dim",
+            "max_history",
+            "item_capacity",
+            "adaptor_hidden",
+            "ffn_mult",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"ModelConfig.{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ConfigError(
+                f"ModelConfig.num_layers must be an int >= 1, got {self.num_layers!r}"
+            )
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.dim % self.num_heads:
+            raise ConfigError(
+                f"ModelConfig.num_heads must be >= 1 and divide dim={self.dim}, "
+                f"got {self.num_heads!r}"
+            )
+        if self.encoder not in ("transformer", "gru"):
+            raise ConfigError(
+                f"ModelConfig.encoder must be 'transformer' or 'gru', got {self.encoder!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"ModelConfig.temperature must be > 0, got {self.temperature!r}")
+        if not (self.use_text or self.use_id_embedding):
+            raise ConfigError("ModelConfig: at least one of use_text / use_id_embedding is needed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class ItemTower(nn.Module):
+    """Item vectors from frozen text vectors through a learned adaptor, plus an id embedding.
+
+    Buffers: ``text_vectors [C, D]`` (frozen, from the text encoder; zero for id-only items) and
+    ``num_items`` (``I``, a 0-d long). ``forward()`` -> ``[I, d]``; ``forward(idx)`` -> ``idx.shape
+    + [d]`` for indices in ``[0, I)``.
+    """
+
+    text_vectors: torch.Tensor
+    num_items: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("text_vectors", torch.zeros(cfg.item_capacity, cfg.text_dim))
+        self.register_buffer("num_items", torch.zeros((), dtype=torch.long))
+        self.adaptor: nn.Module | None = None
+        if cfg.use_text:
+            self.adaptor = nn.Sequential(
+                nn.Linear(cfg.text_dim, cfg.adaptor_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.adaptor_hidden, cfg.dim),
+            )
+        self.id_embedding: nn.Embedding | None = None
+        if cfg.use_id_embedding:
+            self.id_embedding = nn.Embedding(cfg.item_capacity, cfg.dim)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.text_vectors.shape[0])
+
+    def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        n = int(self.num_items)
+        out: torch.Tensor | None = None
+        if self.adaptor is not None:
+            text = self.text_vectors[:n] if idx is None else self.text_vectors[idx]
+            out = self.adaptor(text)
+        if self.id_embedding is not None:
+            ids = self.id_embedding.weight[:n] if idx is None else self.id_embedding(idx)
+            out = ids if out is None else out + ids
+        assert out is not None
+        return self.norm(out)
+
+
+class UserEncoder(nn.Module):
+    """User state from the last ``N`` item vectors.
+
+    ``forward(item_vecs [B, N, d], items [B, N])`` -> ``state [B, d]``. ``items`` carries
+    :data:`~recsys.history.PAD` (left padding) and :data:`~recsys.history.MASK`; masked
+    positions get a learned mask vector. A learned begin token precedes the sequence, so the
+    state of an empty history is defined.
+    """
+
+    causal: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.begin = nn.Parameter(torch.randn(d) * 0.02)
+        self.mask_vec = nn.Parameter(torch.randn(d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(cfg.max_history + 1, d) * 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer: nn.TransformerEncoder | None = None
+        self.gru: nn.GRU | None = None
+        if cfg.encoder == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                d,
+                cfg.num_heads,
+                dim_feedforward=cfg.ffn_mult * d,
+                dropout=cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.transformer = nn.TransformerEncoder(
+                layer, cfg.num_layers, enable_nested_tensor=False
+            )
+        else:
+            self.gru = nn.GRU(d, d, num_layers=cfg.num_layers, batch_first=True)
+        self.out_norm = nn.LayerNorm(d)
+        causal = torch.triu(torch.ones(cfg.max_history + 1, cfg.max_history + 1), diagonal=1)
+        self.register_buffer("causal", causal.bool(), persistent=False)
+
+    def forward(self, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[B, N, d]``, ``[B, N]`` -> state ``[B, d]`` after the whole history."""
+        return self.forward_all(item_vecs, items)[0]
+
+    def forward_all(
+        self, item_vecs: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States after the whole history ``[B, d]`` and before each position ``[B, N, d]``.
+
+        ``seq[:, j]`` is the state from the items before history column ``j`` (what predicts
+        column ``j``, causally); it is meaningful where column ``j`` holds a real item.
+        """
+        bsz, n, d = item_vecs.shape
+        real = items != PAD
+        lengths = real.sum(1)  # [B]
+        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
+        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
+        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
+        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]: begin sits right before the items
+        if self.transformer is not None:
+            # Layout [pad.., begin, items..]: column j < begin_at takes a pad, j == begin_at the
+            # begin token, after that the items (already in place).
+            src = torch.where(cols < begin_at, cols + 1, torch.where(cols == begin_at, 0, cols))
+            x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))
+            x = self.drop(x + self.pos[-(n + 1) :].to(x.dtype))
+            pad = cols < begin_at  # [B, N+1]
+            # Causal, no attention to padding; a pad query may see itself so no row is empty.
+            blocked = self.causal[-(n + 1) :, -(n + 1) :].unsqueeze(0) | pad.unsqueeze(1)
+            blocked = blocked & ~torch.eye(n + 1, dtype=torch.bool, device=items.device)
+            mask = blocked.repeat_interleave(self.cfg.num_heads, dim=0)  # [B*H, N+1, N+1]
+            h = self.out_norm(self.transformer(x, mask=mask))
+            # layout column c predicts layout column c + 1, which holds history column c
+            return h[:, -1], h[:, :-1]
+        assert self.gru is not None
+        # Right-aligned layout [begin, items.., pad..] for the GRU; read the state at the end.
+        src = torch.where(cols == 0, 0, (cols + begin_at).clamp(max=n))
+        x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))
+        h, _ = self.gru(self.drop(x))  # recurrence carries order; no position vectors
+        h = self.out_norm(h)
+        last = h[torch.arange(bsz, device=items.device), lengths]
+        # right-aligned column c predicts history column c + (n - length); invert that
+        back = (cols[:, :n] - (n - lengths).unsqueeze(1)).clamp(min=0)
+        seq = torch.gather(h, 1, back.unsqueeze(-1).expand(bsz, n, d))
+        return last, seq
+
+
+class PolicyNet(nn.Module):
+    """Item tower + user encoder + policy head + behaviour head.
+
+    - ``item_vectors()`` -> ``[I, d]``
+    - ``user_state(items [B, N], item_vecs [I, d] | None)`` -> ``[B, d]``
+    - ``logits(state [B, d], item_vecs [I, d])`` -> ``[B, I]`` policy logits (divided by T)
+    - ``behaviour_logits(state, item_vecs)`` -> ``[B, I]``, gradient stopped into state and items
+    - ``forward(items [B, N])`` -> ``[B, I]`` policy logits (inference)
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemTower(cfg)
+        self.encoder = UserEncoder(cfg)
+        self.beta_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.beta_bias = nn.Parameter(torch.zeros(cfg.item_capacity))
+
+    @property
+    def num_items(self) -> int:
+        return int(self.items.num_items)
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.items(idx)
+
+    def user_state(
+        self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``items [B, N]`` (PAD/MASK allowed) -> ``[B, d]``; ``item_vecs`` reuses ``[I, d]``."""
+        safe = items.clamp(min=0)
+        vecs = self.items(safe) if item_vecs is None else item_vecs[safe]
+        return self.encoder(vecs, items)
+
+    def user_states_all(
+        self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``items [B, N]`` -> (state ``[B, d]``, per-position states ``[B, N, d]``)."""
+        safe = items.clamp(min=0)
+        vecs = self.items(safe) if item_vecs is None else item_vecs[safe]
+        return self.encoder.forward_all(vecs, items)
+
+    def logits(self, state: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        return state @ item_vecs.T / self.cfg.temperature
+
+    def behaviour_logits(self, state: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        n = item_vecs.shape[0]
+        h = self.beta_proj(state.detach())
+        return h @ item_vecs.detach().T + self.beta_bias[:n].to(h.dtype)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        vecs = self.item_vectors()
+        return self.logits(self.user_state(items, vecs), vecs)
+
+    # --- item capacity ----------------------------------------------------------------------
+
+    def set_text_vectors(self, vectors: torch.Tensor, start: int = 0) -> None:
+        """Copy ``vectors [n, D]`` into rows ``start..start+n`` and raise ``I`` to cover them."""
+        end = start + vectors.shape[0]
+        if end > self.items.capacity:
+            raise ConfigError(
+                f"item index {end - 1} exceeds item_capacity {self.items.capacity}; "
+                "call grow() first"
+            )
+        with torch.no_grad():
+            self.items.text_vectors[start:end].copy_(vectors)
+            self.items.num_items.fill_(max(int(self.items.num_items), end))
+
+    def set_num_items(self, n: int) -> None:
+        if n > self.items.capacity:
+            raise ConfigError(f"num_items {n} exceeds item_capacity {self.items.capacity}")
+        self.items.num_items.fill_(n)
+
+    def item_parameters(self) -> list[torch.Tensor]:
+        """Parameters whose first dimension is the item capacity (grown together)."""
+        out: list[torch.Tensor] = [self.beta_bias]
+        if self.items.id_embedding is not None:
+            out.append(self.items.id_embedding.weight)
+        return out
+
+    def grow(self, capacity: int) -> dict[torch.Tensor, torch.Tensor]:
+        """Reallocate item rows to ``capacity``; returns {old param: new param} for optimizers.
+
+        New id-embedding rows are initialised like the first ones; the behaviour bias with 0.
+        """
+        old_cap = self.items.capacity
+        if capacity <= old_cap:
+            return {}
+        dev = self.items.text_vectors.device
+        text = torch.zeros(capacity, self.cfg.text_dim, device=dev)
+        text[:old_cap] = self.items.text_vectors
+        self.items.text_vectors = text
+        mapping: dict[torch.Tensor, torch.Tensor] = {}
+        old_bias = self.beta_bias
+        new_bias = nn.Parameter(F.pad(old_bias.detach(), (0, capacity - old_cap)))
+        self.beta_bias = new_bias
+        mapping[old_bias] = new_bias
+        if self.items.id_embedding is not None:
+            old_w = self.items.id_embedding.weight
+            extra = torch.randn(capacity - old_cap, self.cfg.dim, device=dev) * 0.02
+            new_emb = nn.Embedding(capacity, self.cfg.dim, device=dev)
+            with torch.no_grad():
+                new_emb.weight.copy_(torch.cat([old_w.detach(), extra.to(old_w.dtype)]))
+            self.items.id_embedding = new_emb
+            mapping[old_w] = new_emb.weight
+        self.cfg = _replace_capacity(self.cfg, capacity)
+        self.items.cfg = self.cfg
+        self.encoder.cfg = self.cfg
+        return mapping
+
+
+def _replace_capacity(cfg: ModelConfig, capacity: int) -> ModelConfig:
+    d = cfg.to_dict()
+    d["item_capacity"] = capacity
+    return ModelConfig(**d)

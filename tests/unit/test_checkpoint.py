@@ -1,0 +1,249 @@
+"""Atomic checkpoints: round trip, integrity checks, crash safety, publisher loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recsys import checkpoint as ckpt
+from recsys.errors import CheckpointError
+from recsys.events import RewardRecord
+from recsys.learner import Learner, LearnerConfig, load_policy
+from recsys.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ModelConfig(
+    text_dim=8, dim=16, max_history=4, item_capacity=8, adaptor_hidden=16, dropout=0.0
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _records(n: int, start: int = 0) -> list[RewardRecord]:
+    return [
+        RewardRecord(
+            f"r{k}",
+            f"u{k % 7}",
+            f"i{k % 11}",
+            float(k % 3 != 0),
+            k,
+            "organic",
+            propensity=0.2 if k % 2 else None,
+        )
+        for k in range(start, start + n)
+    ]
+
+
+def _trained(steps: int = 3, **kw: object) -> Learner:
+    lr = Learner(MODEL, LearnerConfig(batch_size=16, device="cpu", buffer_capacity=200, **kw))  # type: ignore[arg-type]
+    lr.observe(_records(60))
+    for _ in range(steps):
+        lr.step()
+    return lr
+
+
+def test_round_trip_restores_everything(tmp_path: Path) -> None:
+    lr = _trained(checkpoint_buffer=True)
+    path = lr.save_checkpoint(
+        tmp_path, {"recsys.rewards:0": 60, "recsys.rewards:1": 7}, extra={"note": "x"}
+    )
+    assert path.name == "v000000000003"
+    files = sorted(p.name for p in path.iterdir())
+    assert all(f.endswith((".safetensors", ".json")) for f in files)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 3
+    assert manifest["offsets"] == {
+        "recsys.rewards:0": 60,
+        "recsys.rewards:1": 7,
+    }
+    assert manifest["config"]["model"]["dim"] == 16
+    assert manifest["extra"] == {"note": "x"}
+    assert manifest["created_at"] > 0
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    assert all(len(h) == 64 for h in manifest["files"].values())
+
+    loaded = Learner.load_latest_checkpoint(tmp_path, device="cpu")
+    assert loaded is not None
+    lr2, offsets = loaded
+    assert offsets == {"recsys.rewards:0": 60, "recsys.rewards:1": 7}
+    assert lr2.step_count == 3
+    assert lr2.catalog.ids == lr.catalog.ids
+    assert lr2.histories.get("u1") == lr.histories.get("u1")
+    assert len(lr2.buffer) == len(lr.buffer)
+    torch.testing.assert_close(lr2.item_counts, lr.item_counts)
+    hist = [[0, 1], [], [5]]
+    torch.testing.assert_close(lr2.scores(hist), lr.scores(hist))
+    for p, p2 in zip(lr.model.parameters(), lr2.model.parameters(), strict=True):
+        s, s2 = lr.optimizer.state[p], lr2.optimizer.state[p2]
+        torch.testing.assert_close(s["exp_avg"], s2["exp_avg"])
+        torch.testing.assert_close(s["exp_avg_sq"], s2["exp_avg_sq"])
+        assert float(s["step"]) == float(s2["step"])
+    assert lr2.optimizer.param_groups[0]["betas"] == lr.optimizer.param_groups[0]["betas"]
+    out = lr2.step()
+    assert out is not None
+    assert out["skipped"] == 0.0
+    assert lr2.step_count == 4
+
+
+def test_load_policy_for_publishers(tmp_path: Path) -> None:
+    lr = _trained()
+    path = lr.save_checkpoint(tmp_path, {"t:0": 1})
+    for where in (path, tmp_path):  # a checkpoint dir, or the root (newest valid)
+        model, item_ids, manifest = load_policy(where)
+        assert item_ids == lr.catalog.ids
+        assert manifest["model_version"] == path.name
+        assert not model.training
+        items = torch.tensor([[-1, -1, 0, 1]])
+        torch.testing.assert_close(model(items), lr.scores(items))
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        load_policy(tmp_path / "empty")
+
+
+def test_invalid_checkpoints_are_skipped(tmp_path: Path) -> None:
+    lr = _trained(steps=1, keep_checkpoints=10)
+    good = lr.save_checkpoint(tmp_path, {"t:0": 10})
+    lr.step()
+    truncated = lr.save_checkpoint(tmp_path, {"t:0": 20})
+    lr.step()
+    tampered = lr.save_checkpoint(tmp_path, {"t:0": 30})
+    lr.step()
+    partial = lr.save_checkpoint(tmp_path, {"t:0": 40})
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        partial.name,
+        tampered.name,
+        truncated.name,
+        good.name,
+    ]
+    # truncated weights file
+    w = truncated / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    # tampered: a hash in the manifest no longer matches
+    m = json.loads((tampered / "manifest.json").read_text())
+    m["files"]["model.safetensors"] = "0" * 64
+    (tampered / "manifest.json").write_text(json.dumps(m))
+    # partial: a directory with files but no manifest (as if renamed too early)
+    (partial / "manifest.json").unlink()
+    # plus a temp dir left by a writer that died
+    (tmp_path / ".tmp-v000000000099-dead").mkdir()
+
+    for bad, msg in ((truncated, "sha256"), (tampered, "sha256"), (partial, "partial")):
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.read_manifest(bad)
+    loaded = Learner.load_latest_checkpoint(tmp_path, device="cpu")
+    assert loaded is not None
+    assert loaded[1] == {"t:0": 10}
+    assert loaded[0].step_count == 1
+    found = ckpt.find_latest(tmp_path)
+    assert found is not None
+    assert found[0] == good
+    # nothing valid at all
+    for p in (good,):
+        (p / "histories.json").write_text("{}")
+    assert Learner.load_latest_checkpoint(tmp_path, device="cpu") is None
+
+
+def test_corrupt_file_with_matching_hash_is_rejected_on_restore(tmp_path: Path) -> None:
+    lr = _trained()
+    path = lr.save_checkpoint(tmp_path, {})
+    (path / "optimizer.json").write_text('{"param_groups": []}')
+    m = json.loads((path / "manifest.json").read_text())
+    m["files"]["optimizer.json"] = ckpt.sha256_file(path / "optimizer.json")
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        Learner.load_checkpoint(path, device="cpu")
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    def boom(p: Path) -> None:
+        p.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_checkpoint(tmp_path, 5, {"a.bin": boom}, {"offsets": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_step_twice_and_pruning(tmp_path: Path) -> None:
+    lr = _trained(steps=1, keep_checkpoints=2)
+    a = lr.save_checkpoint(tmp_path, {"t:0": 1})
+    b = lr.save_checkpoint(tmp_path, {"t:0": 2})  # no step in between: a new version anyway
+    assert (a.name, b.name) == ("v000000000001", "v000000000001-1")
+    found = ckpt.find_latest(tmp_path)
+    assert found is not None
+    assert found[1]["offsets"] == {"t:0": 2}
+    lr.step()
+    c = lr.save_checkpoint(tmp_path, {"t:0": 3})
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [c.name, b.name]
+
+
+def test_weights_are_plain_safetensors(tmp_path: Path) -> None:
+    lr = _trained()
+    path = lr.save_checkpoint(tmp_path, {})
+    state = load_file(str(path / "model.safetensors"))
+    assert "items.text_vectors" in state
+    assert "encoder.begin" in state
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from recsys.events import RewardRecord
+    from recsys.learner import Learner, LearnerConfig
+    from recsys.model import ModelConfig
+    root = sys.argv[1]
+    lr = Learner(ModelConfig(text_dim=8, dim=16, max_history=4, item_capacity=8,
+                             adaptor_hidden=16), LearnerConfig(batch_size=8, device="cpu"))
+    offset = 0
+    while True:
+        recs = [RewardRecord(f"r{k}", f"u{k % 5}", f"i{k % 9}", 1.0, k, "organic")
+                for k in range(offset, offset + 20)]
+        lr.observe(recs)
+        offset += 20
+        lr.step()
+        lr.save_checkpoint(root, {"t:0": offset}, extra={"seen": offset})
+        print(offset, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_during_training_and_checkpoint_writes(tmp_path: Path) -> None:
+    """SIGKILL a learner process at arbitrary moments; a valid checkpoint always survives."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for delay in (1.5, 2.0, 2.7):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one checkpoint done
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        loaded = Learner.load_latest_checkpoint(tmp_path, device="cpu")
+        assert loaded is not None
+        lr, offsets = loaded
+        manifest = ckpt.find_latest(tmp_path)
+        assert manifest is not None
+        assert offsets["t:0"] == manifest[1]["extra"]["seen"] == lr.step_count * 20
+        assert torch.isfinite(lr.scores([[0, 1]])).all()

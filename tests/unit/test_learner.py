@@ -1,0 +1,188 @@
+"""The incremental learner: observe (no leakage), steps that learn, non-finite guards, growth."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from recsys import metrics
+from recsys.errors import CheckpointError, ConfigError
+from recsys.events import RewardRecord
+from recsys.history import PAD
+from recsys.items import ItemCatalog
+from recsys.learner import Learner, LearnerConfig
+from recsys.model import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MODEL = ModelConfig(
+    text_dim=8, dim=16, max_history=4, item_capacity=8, adaptor_hidden=16, dropout=0.0
+)
+
+
+def _learner(**kw: object) -> Learner:
+    cfg = dict(batch_size=32, device="cpu", buffer_capacity=1000, lr=3e-3, seed=0)
+    cfg.update(kw)
+    return Learner(MODEL, LearnerConfig(**cfg))  # type: ignore[arg-type]
+
+
+def _rec(
+    n: int, user: str, item: str, ts: int, reward: float = 1.0, propensity: float | None = None
+) -> RewardRecord:
+    return RewardRecord(f"r{n}", user, item, reward, ts, "organic", propensity=propensity)
+
+
+def _cycle_records(users: int = 20, length: int = 12, items: int = 6) -> list[RewardRecord]:
+    """Each user walks item k -> k+1 (mod items): the next item is predictable from the last."""
+    out: list[RewardRecord] = []
+    for u in range(users):
+        for t in range(length):
+            out.append(_rec(len(out), f"u{u}", f"i{(u + t) % items}", 1000 * t + u))
+    out.sort(key=lambda r: r.ts)
+    return out
+
+
+def test_config_validation_names_the_parameter() -> None:
+    for bad in (
+        {"batch_size": 0},
+        {"lr": -1.0},
+        {"weight_cap": 0.0},
+        {"objective": "x"},
+        {"recent_fraction": 2.0},
+        {"recent_capacity": 10**9},
+        {"augment_views": 3},
+        {"alpha": float("nan")},
+    ):
+        name = next(iter(bad))
+        with pytest.raises(ConfigError, match=f"LearnerConfig.{name}"):
+            LearnerConfig(**bad)
+    catalog = ItemCatalog(dim=5)
+    with pytest.raises(ConfigError, match="text_dim"):
+        Learner(MODEL, LearnerConfig(device="cpu"), catalog)
+
+
+def test_observe_builds_states_without_leakage() -> None:
+    lr = _learner(recent_capacity=0, recent_fraction=0.0)
+    unknown0 = metrics.ITEMS_UNKNOWN._value.get()
+    recs = [
+        _rec(0, "u", "a", 10),
+        _rec(1, "u", "b", 20, reward=0.0),
+        _rec(2, "u", "c", 30),
+        _rec(3, "u", "d", 30),
+        _rec(4, "v", "a", 35, propensity=0.25),
+        _rec(5, "u", "e", 40),
+        _rec(6, "u", "x", 50, reward=float("nan")),
+    ]
+    assert lr.observe(recs) == 6
+    assert metrics.ITEMS_UNKNOWN._value.get() - unknown0 == 5  # a..e, id-only
+    rows = lr.buffer.gather(lr.buffer.reservoir_rows())
+    a, b, c, d, e = (lr.catalog.index[x] for x in "abcde")
+    hist = [[x for x in row if x != PAD] for row in rows.history.tolist()]
+    # each state is the positive history strictly before the impression
+    assert hist == [[], [a], [a], [a], [], [a, c, d]]
+    assert rows.item.tolist() == [a, b, c, d, a, e]
+    assert rows.reward.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert rows.propensity[4].item() == 0.25
+    assert math.isnan(rows.propensity[0].item())
+    assert lr.histories.get("u") == [a, c, d, e]  # zero reward never enters a history
+
+
+def test_steps_learn_a_predictable_sequence() -> None:
+    lr = _learner()
+    assert lr.step() is None  # empty buffer
+    lr.observe(_cycle_records())
+    losses = []
+    for _ in range(150):
+        out = lr.step()
+        assert out is not None
+        assert out["skipped"] == 0.0
+        losses.append(out["loss"])
+    first, last = sum(losses[:10]), sum(losses[-10:])
+    assert last < first
+    idx = lr.catalog.index
+    hits = 0
+    for k in range(6):
+        scores = lr.scores([[idx[f"i{(k + 4) % 6}"], idx[f"i{(k + 5) % 6}"]]])
+        hits += int(scores[0].argmax().item() == idx[f"i{k}"])
+    assert hits >= 5
+    assert lr.step_count == 150
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"softmax": "sampled", "num_negatives": 16},
+        {"contrastive": "hinge"},
+        {"objective": "ce", "contrastive": "none"},
+        {"augment_views": 1, "contrast_all_positions": False},
+    ],
+)
+def test_variants_take_finite_steps(kw: dict[str, object]) -> None:
+    lr = _learner(**kw)
+    lr.observe(_cycle_records(users=8, length=6))
+    for _ in range(5):
+        out = lr.step()
+        assert out is not None
+        assert out["skipped"] == 0.0
+        assert math.isfinite(out["loss"])
+
+
+def test_logged_propensity_sets_the_correction_weight() -> None:
+    lr = _learner(normalize_weights=False, topk=1, weight_cap=100.0)
+    lr.observe([_rec(i, f"u{i}", f"i{i % 4}", i, propensity=0.5) for i in range(40)])
+    lr.sync_items()
+    batch = lr.buffer.sample(8)
+    terms = lr.losses(batch)
+    # K = 1: w = pi / 0.5 with pi = softmax(logits)[a]
+    vecs = lr.model.item_vectors()
+    lr.model.eval()
+    pi = torch.softmax(lr.model.logits(lr.model.user_state(batch.history, vecs), vecs), -1)
+    pi_a = pi.gather(1, batch.item.unsqueeze(1)).squeeze(1)
+    assert terms["weight_mean"].item() == pytest.approx((pi_a / 0.5).mean().item(), rel=1e-4)
+
+
+def test_non_finite_loss_skips_the_step_and_is_counted() -> None:
+    lr = _learner()
+    lr.observe(_cycle_records(users=4, length=4))
+    lr.step()
+    with torch.no_grad():
+        lr.model.encoder.begin.fill_(float("nan"))
+    snapshot = {k: v.clone() for k, v in lr.model.state_dict().items()}
+    skipped0 = metrics.LEARNER_SKIPPED_STEPS._value.get()
+    out = lr.step()
+    assert out is not None
+    assert out["skipped"] == 1.0
+    assert metrics.LEARNER_SKIPPED_STEPS._value.get() - skipped0 == 1
+    assert lr.step_count == 1
+    for k, v in lr.model.state_dict().items():
+        torch.testing.assert_close(v, snapshot[k], equal_nan=True)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        lr.save_checkpoint("/nonexistent-never-written", {"t:0": 1})
+
+
+def test_new_items_grow_model_and_optimizer() -> None:
+    lr = _learner()
+    lr.observe(_cycle_records(users=4, length=4, items=6))
+    lr.step()
+    assert lr.model.items.capacity == 8
+    lr.observe([_rec(1000 + k, "u0", f"new{k}", 10**6 + k) for k in range(10)])
+    out = lr.step()
+    assert out is not None
+    assert out["skipped"] == 0.0
+    assert lr.model.items.capacity == 16
+    assert lr.model.num_items == 16
+    emb = lr.model.items.id_embedding.weight  # type: ignore[union-attr]
+    assert lr.optimizer.state[emb]["exp_avg"].shape == (16, 16)
+    assert any(p is emb for p in lr.optimizer.param_groups[0]["params"])
+    assert lr.scores([[0, 1]]).shape == (1, 16)

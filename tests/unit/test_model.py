@@ -1,0 +1,151 @@
+"""The policy network: shapes, causality, padding, capacity, behaviour-head stop-gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from recsys.errors import ConfigError
+from recsys.history import MASK, PAD, pad_histories
+from recsys.model import ModelConfig, PolicyNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _net(encoder: Any = "transformer", **kw: Any) -> PolicyNet:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        text_dim=8,
+        dim=16,
+        max_history=6,
+        item_capacity=16,
+        adaptor_hidden=12,
+        encoder=encoder,
+        dropout=0.0,
+        **kw,
+    )
+    net = PolicyNet(cfg).eval()
+    net.set_text_vectors(torch.randn(10, 8))
+    return net
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "gru"])
+def test_shapes_and_empty_history(encoder: Any) -> None:
+    net = _net(encoder)
+    items, _ = pad_histories([[], [1], [1, 2, 3, 4, 5, 6, 7, 8]], 6)
+    logits = net(items)
+    assert logits.shape == (3, 10)
+    assert torch.isfinite(logits).all()
+    assert net.item_vectors().shape == (10, 16)
+    assert net.item_vectors(torch.tensor([[1, 2]])).shape == (1, 2, 16)
+    last, seq = net.user_states_all(items)
+    assert last.shape == (3, 16)
+    assert seq.shape == (3, 6, 16)
+    # a new user (empty history) is served from the begin token, the same for everyone
+    a = net.user_state(pad_histories([[]], 6)[0])
+    torch.testing.assert_close(a, last[:1])
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "gru"])
+def test_state_ignores_padding_and_batch_company(encoder: str) -> None:
+    net = _net(encoder)
+    alone = net.user_state(pad_histories([[3, 4]], 6)[0])
+    together = net.user_state(pad_histories([[3, 4], [1, 2, 3, 4, 5, 6]], 6)[0])[:1]
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "gru"])
+def test_states_are_causal(encoder: str) -> None:
+    net = _net(encoder)
+    a, _ = pad_histories([[1, 2, 3, 4]], 6)
+    b, _ = pad_histories([[1, 2, 7, 8]], 6)
+    _, sa = net.user_states_all(a)
+    _, sb = net.user_states_all(b)
+    # columns 2..5 hold 1,2,3,4 vs 1,2,7,8: the states before columns <= 4 agree
+    torch.testing.assert_close(sa[:, :5], sb[:, :5], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(sa[:, 5], sb[:, 5])
+    assert not torch.allclose(net.user_state(a), net.user_state(b))
+
+
+def test_mask_token_changes_state() -> None:
+    net = _net()
+    a, _ = pad_histories([[1, 2, 3]], 6)
+    m = a.clone()
+    m[0, -2] = MASK
+    assert not torch.allclose(net.user_state(a), net.user_state(m))
+
+
+def test_behaviour_head_gradient_is_stopped_into_state_and_items() -> None:
+    net = _net().train()
+    items, _ = pad_histories([[1, 2], [3]], 6)
+    vecs = net.item_vectors()
+    state = net.user_state(items, vecs)
+    net.behaviour_logits(state, vecs).sum().backward()
+    assert net.beta_proj.weight.grad is not None
+    assert net.beta_bias.grad is not None
+    for name, p in net.named_parameters():
+        if not name.startswith("beta_"):
+            assert p.grad is None or not p.grad.any(), name
+
+
+def test_temperature_scales_logits() -> None:
+    hot = _net(temperature=2.0)
+    cold = _net(temperature=1.0)
+    items, _ = pad_histories([[1, 2]], 6)
+    torch.testing.assert_close(hot(items) * 2.0, cold(items))
+
+
+def test_text_only_and_id_only_variants() -> None:
+    text_only = _net(use_id_embedding=False)
+    assert text_only.items.id_embedding is None
+    ids_only = _net(use_text=False)
+    assert ids_only.items.adaptor is None
+    items, _ = pad_histories([[1]], 6)
+    assert torch.isfinite(text_only(items)).all()
+    assert torch.isfinite(ids_only(items)).all()
+
+
+def test_capacity_is_validated_and_grows() -> None:
+    net = _net()
+    with pytest.raises(ConfigError, match="item_capacity"):
+        net.set_text_vectors(torch.randn(17, 8))
+    items, _ = pad_histories([[1, 2]], 6)
+    before = net(items)
+    assert net.items.id_embedding is not None
+    old_emb: Any = net.items.id_embedding.weight
+    mapping = net.grow(40)
+    assert net.items.capacity == 40
+    assert net.cfg.item_capacity == 40
+    assert mapping[old_emb].shape == (40, 16)
+    torch.testing.assert_close(net(items), before)  # existing items unchanged
+    net.set_text_vectors(torch.randn(5, 8), start=30)
+    assert net.num_items == 35
+    assert net(items).shape == (1, 35)
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="dim"):
+        ModelConfig(dim=0)
+    with pytest.raises(ConfigError, match="num_heads"):
+        ModelConfig(dim=10, num_heads=3)
+    with pytest.raises(ConfigError, match="encoder"):
+        ModelConfig(encoder="lstm")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="temperature"):
+        ModelConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="use_text"):
+        ModelConfig(use_text=False, use_id_embedding=False)
+    cfg = ModelConfig(dim=32)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        ModelConfig.from_dict({"bogus": 1})
+    assert PAD == -1
