@@ -155,6 +155,8 @@ def _backfill(ml: MovieLens, items: set[str]) -> list[Event]:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the closed loop for ``cfg.minutes`` and write the report; returns its path."""
+    # The workers log to their own files; the console is for the progress line.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     # A demo starts from nothing: the broker is in memory, so old state would not match it.
@@ -274,8 +276,9 @@ def _live(
                 rid = f"demo-{visit}"
                 slate = slates.latest.get(user) or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
                 slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
+                expected = sim.expected_clicks(slate, now_ms)  # before respond() adds fatigue
                 events = sim.respond(slate, now_ms, rngs["recsys"])
-                arms["recsys"].record(slate, events, sim.expected_clicks(slate, now_ms))
+                arms["recsys"].record(slate, events, expected)
                 for e in events:
                     producer.send(topics.events, key=e.key, value=e.to_bytes())
                 sent += len(events)
@@ -290,9 +293,8 @@ def _live(
                     arms[name].record(s, evs, expected)
                 oracle = arms["oracle"].world
                 s = oracle.oracle_slate(user, cfg.k, now_ms, rid)
-                arms["oracle"].record(
-                    s, oracle.respond(s, now_ms, rngs["oracle"]), oracle.expected_clicks(s, now_ms)
-                )
+                expected = oracle.expected_clicks(s, now_ms)
+                arms["oracle"].record(s, oracle.respond(s, now_ms, rngs["oracle"]), expected)
             if time.monotonic() >= next_tick:
                 next_tick += 1.0
                 t = time.monotonic() - started
