@@ -1,0 +1,318 @@
+"""The reward worker's sink with a fake producer and consumer: batching, DLQ, metrics, rebalance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kafka.structs import TopicPartition
+from prometheus_client import REGISTRY
+
+from recsys.config import load_settings
+from recsys.events import Event, Reason, RewardRecord
+from recsys.rewards import RewardRules, offline_join
+from workers.reward import RewardSink
+
+SRC = "ev"
+
+
+@dataclass
+class FakeFuture:
+    exception: Exception | None = None
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
+@dataclass
+class FakeProducer:
+    n_partitions: int = 3
+    sent: list[tuple[str, bytes | None, bytes, int | None, Any]] = field(default_factory=list)
+    fail: bool = False
+    flushes: int = 0
+
+    def send(self, topic, value=None, key=None, headers=None, partition=None):
+        self.sent.append((topic, key, value, partition, headers))
+        return FakeFuture(RuntimeError("broker said no") if self.fail else None)
+
+    def flush(self, timeout=None) -> None:
+        self.flushes += 1
+
+    def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.n_partitions))
+
+
+@dataclass
+class FakeConsumer:
+    assigned: set[TopicPartition] = field(default_factory=set)
+    commits: dict[TopicPartition, int] = field(default_factory=dict)
+    seeks: list[tuple[TopicPartition, int]] = field(default_factory=list)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self.commits.get(tp)
+
+    def beginning_offsets(self, tps):
+        return {tp: 0 for tp in tps}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def _settings():
+    return load_settings(
+        topics={"events": SRC, "rewards": "rw", "dlq": "dlq"},
+        rewards={
+            "window_ms": 1000,
+            "allowed_lateness_ms": 10,
+            "late_retention_ms": 100,
+            "dedupe_horizon_ms": 100,
+        },
+    )
+
+
+def _sink(producer: FakeProducer | None = None, consumer: FakeConsumer | None = None):
+    s = _settings()
+    return RewardSink(s, producer or FakeProducer(), consumer or FakeConsumer(), None), s
+
+
+def _events(n: int = 60) -> list[Event]:
+    out = []
+    for k in range(n):
+        u = f"u{k % 4}"
+        out.append(
+            Event(
+                f"i{k}",
+                "impression",
+                u,
+                f"a{k % 5}",
+                k * 100,
+                request_id=f"r{k}",
+                position=0,
+                propensity=0.5,
+            )
+        )
+        if k % 3 == 0:
+            out.append(Event(f"c{k}", "click", u, f"a{k % 5}", k * 100 + 50, request_id=f"r{k}"))
+    out.append(Event("end", "click", "zz", "q", 10**7))
+    return out
+
+
+def _records(events: list[Event], partitions: int = 2) -> list[SimpleNamespace]:
+    """Consumer records: each user's events on one partition, offsets per partition."""
+    next_off = [0] * partitions
+    out = []
+    for e in events:
+        p = int(e.user_id[-1], 36) % partitions
+        out.append(
+            SimpleNamespace(
+                topic=SRC,
+                partition=p,
+                offset=next_off[p],
+                key=e.user_id.encode(),
+                value=e.to_bytes(),
+            )
+        )
+        next_off[p] += 1
+    return out
+
+
+def _produced(producer: FakeProducer) -> dict[str, RewardRecord]:
+    got = {}
+    for topic, key, value, partition, _ in producer.sent:
+        if topic == "rw":
+            r = RewardRecord.from_bytes(value)
+            assert key == r.user_id.encode("utf-8", "surrogatepass")
+            assert partition is not None
+            got[r.reward_id] = r
+    return got
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_batches_give_the_oracle_and_safe_offsets(batch: int) -> None:
+    events = _events()
+    sink, s = _sink()
+    records = _records(events)
+    safe: dict[TopicPartition, int] = {}
+    for i in range(0, len(records), batch):
+        sink.write(records[i : i + batch])
+        safe.update(sink.flush() or {})
+    rs = s.rewards
+    oracle = offline_join(
+        events,
+        RewardRules.from_settings(rs),
+        window_ms=rs.window_ms,
+        late_retention_ms=rs.late_retention_ms,
+    )
+    # The last event (far in the future) closed every window of its partition; the other
+    # partition's last windows close when its clock moves, so compare what is due.
+    got = _produced(sink.producer)
+    assert got.keys() <= oracle.keys()
+    assert all(oracle[k] == v for k, v in got.items())
+    missing = oracle.keys() - got.keys()
+    assert all(oracle[k].kind == "default" for k in missing)
+    assert 0 < sink.producer.flushes <= len(range(0, len(records), batch))  # once per batch
+    assert set(safe) == {TopicPartition(SRC, 0), TopicPartition(SRC, 1)}
+
+
+def test_same_user_keys_go_to_the_default_partitioner_partition() -> None:
+    from kafka.partitioner.default import DefaultPartitioner
+
+    cluster = SimpleNamespace(
+        topics=lambda: {"rw"},
+        partitions_for_topic=lambda t: {0, 1, 2},
+        available_partitions_for_topic=lambda t: {0, 1, 2},
+    )
+    sink, _ = _sink()
+    sink.write(_records(_events(10)))
+    assert sink.producer.sent
+    for topic, key, value, partition, _ in sink.producer.sent:
+        assert partition == DefaultPartitioner().partition(topic, None, key, None, value, cluster)
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_rejects_go_to_the_dlq_with_reason_and_are_counted() -> None:
+    sink, _ = _sink()
+    good = Event("g", "click", "u", "a", 5)
+    bad = [b"{not json", json.dumps({"event_id": "x"}).encode(), b"[1]", None]
+    records = [
+        SimpleNamespace(topic=SRC, partition=0, offset=k, key=b"u", value=v)
+        for k, v in enumerate([*bad, good.to_bytes()])
+    ]
+    before = {
+        r: _sample("recsys_events_rejected_total", {"reason": r})
+        for r in ("not_json", "missing_field", "bad_type")
+    }
+    sink.write(records)
+    safe = sink.flush()
+    dlq = [x for x in sink.producer.sent if x[0] == "dlq"]
+    assert [dict(h)["recsys.reason"] for *_, h in dlq] == [
+        b"not_json",
+        b"missing_field",
+        b"bad_type",
+        b"not_json",
+    ]
+    assert [dict(h)["recsys.source_offset"] for *_, h in dlq] == [b"0", b"1", b"2", b"3"]
+    assert _sample("recsys_events_rejected_total", {"reason": "not_json"}) == before["not_json"] + 2
+    assert _sample("recsys_events_rejected_total", {"reason": "bad_type"}) == before["bad_type"] + 1
+    assert len([x for x in sink.producer.sent if x[0] == "rw"]) == 1
+    assert safe == {TopicPartition(SRC, 0): 4}  # the organic click's clock/dedupe entry
+    assert Reason.NOT_JSON.value == "not_json"
+
+
+def test_negative_and_extreme_rewards_are_produced() -> None:
+    sink, _ = _sink()
+    gain = _sample("recsys_reward_sum_total", {"kind": "organic"})
+    events = [
+        Event("s", "skip", "u", "a", 5),
+        Event("r", "rating", "u", "b", 6, value=1e308),
+        Event("q", "rating", "u", "c", 7, value=-1e308),
+    ]
+    sink.write(_records(events, partitions=1))
+    sink.flush()
+    got = sorted(r.reward for r in _produced(sink.producer).values())
+    assert got[0] < -1e307
+    assert got[1] == pytest.approx(-0.2)
+    assert got[2] > 1e307
+    assert _sample("recsys_reward_sum_total", {"kind": "organic"}) > gain  # positive part only
+
+
+def test_lone_surrogates_in_ids_do_not_stop_the_worker() -> None:
+    sink, _ = _sink()
+    raw = b'{"event_id":"e\\ud800","type":"click","user_id":"u\\udfff","item_id":"a","ts":5}'
+    sink.write([SimpleNamespace(topic=SRC, partition=0, offset=0, key=b"u", value=raw)])
+    sink.flush()
+    (rec,) = _produced(sink.producer).values()
+    assert rec.user_id == "u\udfff"
+
+
+def test_failed_send_raises_in_flush_so_nothing_is_committed() -> None:
+    sink, _ = _sink(FakeProducer(fail=True))
+    sink.write(_records([Event("g", "click", "u", "a", 5)]))
+    with pytest.raises(RuntimeError, match="broker said no"):
+        sink.flush()
+
+
+def test_gauges_follow_the_state() -> None:
+    sink, _ = _sink()
+    sink.write(_records([Event("i", "impression", "u", "a", 5, request_id="r")]))
+    sink.flush()
+    assert _sample("recsys_open_windows") == 1
+    assert _sample("recsys_dedupe_entries") == 1
+    dupes = _sample("recsys_events_duplicate_total")
+    sink.write(
+        [
+            SimpleNamespace(
+                topic=SRC,
+                partition=0,
+                offset=1,
+                key=b"u",
+                value=Event("i", "impression", "u", "a", 5, request_id="r").to_bytes(),
+            )
+        ]
+    )
+    sink.flush()
+    assert _sample("recsys_events_duplicate_total") == dupes + 1
+
+
+def test_a_reassigned_partition_is_rebuilt_from_its_committed_offset() -> None:
+    tp = TopicPartition(SRC, 0)
+    consumer = FakeConsumer(assigned={tp}, commits={tp: 3})
+    sink, _ = _sink(consumer=consumer)
+    events = [Event(f"i{k}", "impression", "u", "a", k, request_id=f"r{k}") for k in range(8)]
+    records = [
+        SimpleNamespace(topic=SRC, partition=0, offset=k, key=b"u", value=e.to_bytes())
+        for k, e in enumerate(events)
+    ]
+    sink.write(records[:5])
+    assert sink.joins[0].open_windows == 5
+    # A rebalance keeps the partition here, with the consumer's position where it was (5):
+    # the state is dropped and the consumer sought back to the committed offset.
+    sink.on_revoke([tp])
+    sink.on_assign([tp])
+    sink.write(records[5:])
+    assert consumer.seeks == [(tp, 3)]
+    assert 0 not in sink.joins  # the batch from the old position was not used
+    sink.write(records[3:])  # what the consumer fetches after the seek
+    assert sink.joins[0].open_windows == 5
+    assert consumer.seeks == [(tp, 3)]
+
+
+def test_a_revoked_partition_is_dropped() -> None:
+    tp = TopicPartition(SRC, 1)
+    consumer = FakeConsumer(assigned=set())
+    sink, _ = _sink(consumer=consumer)
+    sink.write(
+        [
+            SimpleNamespace(
+                topic=SRC,
+                partition=1,
+                offset=0,
+                key=b"u",
+                value=Event("i", "impression", "u", "a", 1).to_bytes(),
+            )
+        ]
+    )
+    sink.on_revoke([tp])
+    sink.write([])
+    assert sink.joins == {}
+    assert consumer.seeks == []
+    assert sink.flush() == {}
+
+
+def test_first_assignment_without_commit_starts_at_the_beginning() -> None:
+    tp = TopicPartition(SRC, 0)
+    consumer = FakeConsumer(assigned={tp})
+    sink, _ = _sink(consumer=consumer)
+    sink.on_assign([tp])
+    sink.write(_records([Event("g", "click", "u", "a", 5)], partitions=1))
+    assert consumer.seeks == []  # already at offset 0
+    assert sink.flush() == {tp: 0}
