@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         pub._serving = None
         pub._restored = True  # as after a version change: every known user is recomputed
         batch = pub.compute()
-        assert batch is not None and len(batch.slates) == args.users
+        assert batch is not None
+        assert len(batch.slates) == args.users
         sync()
 
     fns = {"bare": bare, "bare_chunked": bare_chunked, "ranking": ranking, "refresh": refresh}
