@@ -318,6 +318,9 @@ class PublisherSettings(_Section):
     chunk_size: int = Field(1024, ge=1, description="Users per matrix product when ranking")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     seed: int | None = Field(None, description="Seed of the slate sampler (unset: random)")
+    refresh_on_impression: bool = Field(
+        True, description="Publish a fresh slate once the user's current one has been shown"
+    )
 
 
 class Settings(BaseSettings):

@@ -204,6 +204,7 @@ class PublisherConfig:
     chunk_size: int = 1024
     device: str | None = None
     seed: int | None = None
+    refresh_on_impression: bool = True
 
     def __post_init__(self) -> None:
         for name in ("k", "history_len", "refresh_batch_users", "chunk_size"):
@@ -359,7 +360,10 @@ class Publisher:
                 self._pop_delta[e.item_id] += 1
                 self._cold_dirty = True
                 changed = True
-            if changed or first_sight:
+            # A shown slate is spent: the user's next visit gets a fresh sample from the policy
+            # (exploration, and no repeating a slate the user just passed over).
+            shown = e.type == "impression" and self.cfg.refresh_on_impression
+            if changed or first_sight or shown:
                 old = self._dirty.get(e.user_id)
                 self._dirty[e.user_id] = e.ts if old is None else min(old, e.ts)
                 if self._dirty_since is None:

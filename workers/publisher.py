@@ -46,6 +46,7 @@ def run(settings: Settings) -> int:
         chunk_size=ps.chunk_size,
         device=None if ps.device == "auto" else ps.device,
         seed=ps.seed,
+        refresh_on_impression=ps.refresh_on_impression,
     )
     root = ps.checkpoint_dir or settings.learner.checkpoint_dir
     watcher = ModelWatcher(
