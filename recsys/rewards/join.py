@@ -144,7 +144,8 @@ class RewardJoin:
         How long (event time) an ``event_id`` is remembered to drop duplicates.
     max_open_windows, max_dedupe_entries:
         Safety valves on memory: beyond them the earliest-closing window closes early, and the
-        oldest ``event_id`` is forgotten.
+        oldest ``event_id`` is forgotten. (With ``rating_centre="user"``, at most
+        ``max_dedupe_entries`` users' rating means are kept, the oldest dropped first.)
     """
 
     def __init__(
