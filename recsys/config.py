@@ -189,6 +189,7 @@ class LearnerSettings(_Section):
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     group_id: str = Field("recsys-learner", description="Consumer group (for lag reporting)")
     dim: int = Field(64, ge=8, description="Width of user states and item embeddings")
+    layers: int = Field(2, ge=1, description="Layers of the user-state transformer")
     max_history: int = Field(50, ge=1, description="Items of history that make a user's state")
     item_capacity: int = Field(1024, ge=1, description="Initial item rows (grows by doubling)")
     batch_size: int = Field(256, ge=1, description="Samples per gradient step")

@@ -100,6 +100,10 @@ def worker_env(bootstrap: str, out: Path, topics: TopicSettings, port: int) -> d
         "RECSYS_METRICS__PORT": str(port),
         "RECSYS_LEARNER__CHECKPOINT_DIR": str((out / "checkpoints").resolve()),
         "RECSYS_LEARNER__CHECKPOINT_EVERY_S": "5",
+        # A smaller network than the default: four workers and the simulator share 2 cores.
+        "RECSYS_LEARNER__DIM": "32",
+        "RECSYS_LEARNER__LAYERS": "1",
+        "RECSYS_LEARNER__MAX_HISTORY": "20",
         "RECSYS_REWARDS__WINDOW_MS": "20000",
         "RECSYS_REWARDS__ALLOWED_LATENESS_MS": "2000",
         "RECSYS_REWARDS__LATE_RETENTION_MS": "10000",
@@ -183,7 +187,8 @@ def run_demo(cfg: DemoConfig) -> Path:
             if warm:
                 print(f"warm start: backfilling {len(warm)} catalogue ratings ...", flush=True)
                 replay(warm, producer, topics.events, progress=False)
-            _wait_for_model(workers, _Scraper(ports["learner"]), timeout_s=600)
+            learner = _Scraper(ports["learner"])
+            _wait_for_model(workers, learner, topics.rewards, len(warm), timeout_s=900)
             # The live phase's clock starts now: release times and the shift count from here.
             live_ms = int(time.time() * 1000)
             shift_ms = None
@@ -205,17 +210,36 @@ def run_demo(cfg: DemoConfig) -> Path:
     return report
 
 
-def _wait_for_model(workers: list[WorkerProcess], learner: _Scraper, timeout_s: float) -> None:
+def _wait_for_model(
+    workers: list[WorkerProcess],
+    learner: _Scraper,
+    rewards_topic: str,
+    backfill: int,
+    timeout_s: float,
+) -> None:
+    """Until the learner has learned from the backfill and written a checkpoint after it."""
     deadline = time.monotonic() + timeout_s
+    consumed_at: float | None = None
+    last = -1.0
     while time.monotonic() < deadline:
         for w in workers:
             if not w.alive:
                 raise RecsysError(f"{w.name} worker exited ({w.returncode}):\n{w.tail()}")
-        steps = sum(v for n, _, v in learner.samples() if n == "recsys_checkpoints_written_total")
-        if steps >= 1:
+        consumed = checkpoints = 0.0
+        for name, labels, value in learner.samples():
+            if name == "recsys_events_consumed_total" and labels.get("topic") == rewards_topic:
+                consumed = value
+            elif name == "recsys_checkpoints_written_total":
+                checkpoints = value
+        if consumed != last:
+            print(f"  warm-up: learner has {int(consumed)}/{backfill} backfill rewards", flush=True)
+            last = consumed
+        if consumed_at is None and consumed >= backfill and checkpoints >= 1:
+            consumed_at = checkpoints
+        elif consumed_at is not None and checkpoints > consumed_at:
             return
-        time.sleep(0.5)
-    raise RecsysError("no model checkpoint within the warm-up time; see the learner log")
+        time.sleep(1.0)
+    raise RecsysError("the learner did not finish the warm-up in time; see its log")
 
 
 def _live(

@@ -88,6 +88,7 @@ def new_learner(settings: Settings) -> Learner:
     model_cfg = ModelConfig(
         text_dim=settings.encoder.dim,
         dim=s.dim,
+        num_layers=s.layers,
         max_history=s.max_history,
         item_capacity=s.item_capacity,
         use_id_embedding=s.id_embeddings,
