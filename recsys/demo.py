@@ -198,6 +198,12 @@ def run_demo(cfg: DemoConfig) -> Path:
                 seed=cfg.seed, n_items=cfg.n_items, start_ms=live_ms, shift_at_ms=shift_ms
             )
             worlds = {arm: UserSimulator(ml, sim_cfg) for arm in ARMS}
+            watched: dict[str, list[str]] = {}
+            for e in warm:
+                watched.setdefault(e.user_id, []).append(e.item_id)
+            for world in worlds.values():
+                for user_id, items in watched.items():
+                    world.mark_consumed(user_id, items)  # nobody re-watches their history
             result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping workers and writing the report", flush=True)

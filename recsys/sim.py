@@ -64,6 +64,7 @@ class SimConfig:
     dwell_mean_s: float = 40.0
     purchase_rate: float = 0.05  # P(purchase | click) at average affinity
     activity_power: float = 0.5  # arrivals ∝ (number of ratings) ** activity_power
+    consumed_factor: float = 0.1  # appeal left in an item the user has already watched
 
 
 def fit_als(
@@ -155,6 +156,7 @@ class UserSimulator:
         _check("feedback_delay_ms", cfg.feedback_delay_ms, 0)
         _check("dwell_mean_s", cfg.dwell_mean_s, 0.0)
         _check("purchase_rate", cfg.purchase_rate, 0.0, 0.99)
+        _check("consumed_factor", cfg.consumed_factor, 0.0, 1.0)
         if cfg.n_items is not None:
             _check("n_items", cfg.n_items, 10)
         if cfg.shift_kind not in ("permute", "rotate"):
@@ -208,6 +210,8 @@ class UserSimulator:
         self._shifted_P = self._shift(P, rng)
         # Recent impressions per (user, item): decayed count and when it was last updated.
         self._seen: dict[tuple[int, int], tuple[float, int]] = {}
+        # Items each user has watched (clicked, or rated in their history): little appeal left.
+        self._consumed: dict[int, set[int]] = {}
 
     # --- preferences ------------------------------------------------------------------------
     def _raw_affinity(self, P: np.ndarray, users: np.ndarray | None = None) -> np.ndarray:
@@ -259,7 +263,13 @@ class UserSimulator:
         P = self._factors(now_ms)
         raw = P[u] @ self._Q[items].T + self._bias[items]
         z = (raw - self._mean) / self._std
-        return _sigmoid(self.config.sharpness * z + self.offset) * self._fatigue(u, items, now_ms)
+        appeal = _sigmoid(self.config.sharpness * z + self.offset) * self._fatigue(u, items, now_ms)
+        watched = self._consumed.get(u)
+        if watched:
+            appeal = np.where(
+                np.isin(items, list(watched)), appeal * self.config.consumed_factor, appeal
+            )
+        return appeal
 
     def _purchase_probability(self, z: float) -> float:
         rate = self.config.purchase_rate
@@ -356,4 +366,12 @@ class UserSimulator:
                 )  # fmt: skip
         for i in idx.tolist():
             self._seen[(u, i)] = (self._decayed(u, i, now_ms) + 1.0, now_ms)
+        self._consumed.setdefault(u, set()).update(int(idx[j]) for j in np.flatnonzero(clicked))
         return events
+
+    def mark_consumed(self, user_id: str, item_ids: list[str] | tuple[str, ...]) -> None:
+        """The user has already watched these items (e.g. their rating history)."""
+        known = [i for i in item_ids if i in self._item_index]
+        if known:
+            u = self.user_index(user_id)
+            self._consumed.setdefault(u, set()).update(self.item_indices(known).tolist())

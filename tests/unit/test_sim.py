@@ -204,3 +204,24 @@ def test_policy_propensities() -> None:
     assert [i.item_id for i in popular.slate("u", 0, "p").items][:2] == ["7", "2"]
     r = RandomPolicy(items, 4, seed=0).slate("u", 0, "x")
     assert all(i.propensity == pytest.approx(0.2) for i in r.items)
+
+
+def test_watched_items_lose_their_appeal_for_that_user_only(ml: MovieLens) -> None:
+    sim = UserSimulator(ml, replace(CFG, shift_at_ms=None))
+    user, other = sim.user_ids[0], sim.user_ids[1]
+    items = sim.item_ids[:4]
+    before = sim.click_probabilities(user, items)
+    sim.mark_consumed(user, [*items[:2], "not-in-catalogue"])
+    after = sim.click_probabilities(user, items)
+    np.testing.assert_allclose(after[:2], before[:2] * CFG.consumed_factor)
+    np.testing.assert_array_equal(after[2:], before[2:])
+    np.testing.assert_array_equal(
+        sim.click_probabilities(other, items),
+        UserSimulator(ml, CFG).click_probabilities(other, items),
+    )
+    # The oracle ranks by the appeal that is left: watched items fall out of its slate.
+    sim.mark_consumed(user, [s.item_id for s in sim.oracle_slate(user, 10, CFG.start_ms).items])
+    released = [sim.item_ids[j] for j in sim.available(CFG.start_ms)]
+    appeal = sim.click_probabilities(user, released)
+    best = {released[j] for j in np.argsort(-appeal, kind="stable")[:10]}
+    assert {s.item_id for s in sim.oracle_slate(user, 10, CFG.start_ms).items} == best
