@@ -179,7 +179,8 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 "Mean reward by kind",
                 [
                     (
-                        f"sum by (kind) (rate(recsys_reward_sum_total[{RATE}])) / "
+                        f"(sum by (kind) (rate(recsys_reward_positive_sum_total[{RATE}])) - "
+                        f"sum by (kind) (rate(recsys_reward_negative_sum_total[{RATE}]))) / "
                         f"sum by (kind) (rate(recsys_rewards_emitted_total[{RATE}]))",
                         "{{kind}}",
                     )
@@ -339,7 +340,9 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 "Reward rate and top score (the monitored signals)",
                 [
                     (
-                        f"sum(rate(recsys_reward_sum_total[{RATE}])) / sum(rate(recsys_rewards_emitted_total[{RATE}]))",
+                        f"(sum(rate(recsys_reward_positive_sum_total[{RATE}])) - "
+                        f"sum(rate(recsys_reward_negative_sum_total[{RATE}]))) / "
+                        f"sum(rate(recsys_rewards_emitted_total[{RATE}]))",
                         "mean reward",
                     ),
                     ("avg(recsys_top_score_mean)", "mean top score"),

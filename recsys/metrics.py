@@ -42,7 +42,16 @@ REPLAY_EVENTS_SENT = Counter(
 REWARDS_EMITTED = Counter(
     "recsys_rewards_emitted_total", "Reward records produced, by kind", ["kind"]
 )
-REWARD_SUM = Counter("recsys_reward_sum_total", "Sum of emitted reward values, by kind", ["kind"])
+# Rewards can be negative (skips, centred ratings) and a Counter only goes up: the positive and
+# negative parts are counted apart; mean reward = (positive - negative) / emitted.
+REWARD_POSITIVE = Counter(
+    "recsys_reward_positive_sum_total", "Sum of emitted positive reward values, by kind", ["kind"]
+)
+REWARD_NEGATIVE = Counter(
+    "recsys_reward_negative_sum_total",
+    "Sum of the magnitudes of emitted negative reward values, by kind",
+    ["kind"],
+)
 FEEDBACK_LATE = Counter(
     "recsys_feedback_late_total", "Feedback later than the attribution window plus lateness"
 )

@@ -156,19 +156,20 @@ class RewardSink:
                 )
                 k = kinds.get(rec.kind)
                 if k is None:
-                    k = kinds[rec.kind] = [0, 0.0]
+                    k = kinds[rec.kind] = [0, 0.0, 0.0]
                 k[0] += 1
                 if rec.reward > 0:
                     k[1] += rec.reward
+                elif rec.reward < 0:
+                    k[2] -= rec.reward
         self.events += len(records)
         for reason, n in rejected.items():
             metrics.EVENTS_REJECTED.labels(reason=reason).inc(n)
-        for kind, (count, gain) in kinds.items():
+        for kind, (count, gain, loss) in kinds.items():
             self.rewards += int(count)
             metrics.REWARDS_EMITTED.labels(kind=kind).inc(count)
-            # A Counter cannot go down: it sums the positive rewards only (skips and centred
-            # ratings are negative).
-            metrics.REWARD_SUM.labels(kind=kind).inc(gain)
+            metrics.REWARD_POSITIVE.labels(kind=kind).inc(gain)
+            metrics.REWARD_NEGATIVE.labels(kind=kind).inc(loss)
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
         """Wait for every record of the batch to be acked, then say what is safe to commit."""

@@ -210,7 +210,8 @@ def test_rejects_go_to_the_dlq_with_reason_and_are_counted() -> None:
 
 def test_negative_and_extreme_rewards_are_produced() -> None:
     sink, _ = _sink()
-    gain = _sample("recsys_reward_sum_total", {"kind": "organic"})
+    gain = _sample("recsys_reward_positive_sum_total", {"kind": "organic"})
+    loss = _sample("recsys_reward_negative_sum_total", {"kind": "organic"})
     events = [
         Event("s", "skip", "u", "a", 5),
         Event("r", "rating", "u", "b", 6, value=1e308),
@@ -222,7 +223,8 @@ def test_negative_and_extreme_rewards_are_produced() -> None:
     assert got[0] < -1e307
     assert got[1] == pytest.approx(-0.2)
     assert got[2] > 1e307
-    assert _sample("recsys_reward_sum_total", {"kind": "organic"}) > gain  # positive part only
+    assert _sample("recsys_reward_positive_sum_total", {"kind": "organic"}) > gain + 1e307
+    assert _sample("recsys_reward_negative_sum_total", {"kind": "organic"}) > loss + 1e307
 
 
 def test_lone_surrogates_in_ids_do_not_stop_the_worker() -> None:
