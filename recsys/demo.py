@@ -187,8 +187,9 @@ def run_demo(cfg: DemoConfig) -> Path:
             if warm:
                 print(f"warm start: backfilling {len(warm)} catalogue ratings ...", flush=True)
                 replay(warm, producer, topics.events, progress=False)
-            learner = _Scraper(ports["learner"])
-            _wait_for_model(workers, learner, topics.rewards, len(warm), timeout_s=900)
+            if warm:
+                learner = _Scraper(ports["learner"])
+                _wait_for_model(workers, learner, topics.rewards, len(warm), timeout_s=900)
             # The live phase's clock starts now: release times and the shift count from here.
             live_ms = int(time.time() * 1000)
             shift_ms = None

@@ -89,7 +89,7 @@ def test_readme_documents_every_setting():
     text = README.read_text()
     missing = [env for env, _, _ in settings_reference() if f"`{env}`" not in text]
     assert not missing, (
-        f"README.md lacks {missing}: paste the output of `recsys config --markdown` "
-        "between the settings markers"
+        f"README.md lacks {missing}: run `python scripts/sync-readme-settings.py` "
+        "(it pastes `recsys config --markdown` between the markers)"
     )
     assert settings_markdown() in text, "README settings table is stale: regenerate it"
