@@ -137,7 +137,11 @@ def run(rate: float, seconds: float, users: int, items: int) -> dict:
 
 
 def _session_events(
-    rng: np.random.Generator, visit: int, users: int, items: int, now_s: float,
+    rng: np.random.Generator,
+    visit: int,
+    users: int,
+    items: int,
+    now_s: float,
     click_all: bool = False,
 ) -> list[Event]:
     """One visit: 10 impressions of a random slate, and a click on one of them (30%)."""

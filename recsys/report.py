@@ -175,7 +175,9 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
         ax.plot(times, ctr, label=name, linewidth=2.2 if name == "recsys" else 1.4)
     for mark, signal in result.drift_marks:
         ax.axvline(mark, color="red", alpha=0.3, linestyle=":")
-        ax.annotate(signal, (mark, ax.get_ylim()[1]), fontsize=7, color="red", rotation=90, va="top")
+        ax.annotate(
+            signal, (mark, ax.get_ylim()[1]), fontsize=7, color="red", rotation=90, va="top"
+        )
     if result.shift_at_s is not None:
         ax.axvline(result.shift_at_s, color="black", linestyle="--", label="preference shift")
     ax.set_xlabel("seconds since start")
