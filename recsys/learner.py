@@ -8,10 +8,24 @@ Typical use (the learner worker wraps exactly this around a consumer)::
     learner.save_checkpoint(dir, offsets={"recsys.rewards:0": 1234})
 
 Each step minimises ``pg_weight·L_PG + α·L_contrast + behaviour_weight·L_β`` (see
-:mod:`recsys.objectives`): off-policy top-K REINFORCE with β from the logged propensity or the
-behaviour head, InfoNCE between state and next positive item plus NT-Xent between two augmented
-histories (or the cosine hinge), and the behaviour head's own cross-entropy. ``objective="ce"``
-swaps the policy gradient for plain cross-entropy on positive samples (the ablation).
+:mod:`recsys.objectives`):
+
+- ``L_PG``: off-policy top-K REINFORCE, ``−mean(w·R·log π(a|u))`` with
+  ``w = min(π/β, weight_cap)·K(1−π)^(K−1)`` (detached; divided by its batch mean when
+  ``normalize_weights``), β the logged propensity or, when unknown, the behaviour head's estimate.
+  Full softmax, or sampled softmax with log-Q correction above ``sampled_above`` items.
+- ``L_contrast`` (``contrastive="infonce"``): InfoNCE between user state and next positive item
+  with in-batch negatives (the batch's logged items, log-Q corrected), taken at the state after
+  the history and, with ``contrast_all_positions``, at every causal position inside it (the
+  history items are positives by definition), plus ``augment_weight`` × NT-Xent between two
+  CL4SRec augmentations (crop / mask / reorder) of ``augment_rows`` histories.
+  ``contrastive="hinge"`` uses the seed's cosine hinge instead of the InfoNCE term.
+- ``L_β``: the behaviour head's own cross-entropy on the logged items (exact softmax up to
+  ``behaviour_negatives`` items, sampled above), its gradient stopped into the state.
+
+``objective="ce"`` swaps the policy gradient for plain cross-entropy on positive samples (the
+ablation of the offline evaluation). Steps run under bf16 autocast on CUDA (``amp``); a
+non-finite loss or gradient skips the update and is counted.
 """
 
 from __future__ import annotations
@@ -56,9 +70,9 @@ class LearnerConfig:
     topk: int = 10
     weight_cap: float = 10.0
     behaviour_weight: float = 1.0
-    alpha: float = 0.1
+    alpha: float = 1.0
     contrastive: Literal["infonce", "hinge", "none"] = "infonce"
-    augment_weight: float = 1.0
+    augment_weight: float = 0.1
     augment_views: int = 2
     augment_rows: int = 64
     contrast_all_positions: bool = True
@@ -68,6 +82,8 @@ class LearnerConfig:
     softmax: Literal["auto", "full", "sampled"] = "auto"
     sampled_above: int = 50_000
     num_negatives: int = 2048
+    behaviour_negatives: int = 2048
+    contrast_negatives: int = 256
     buffer_capacity: int = 100_000
     recent_capacity: int | None = None
     recent_fraction: float = 0.5
@@ -94,6 +110,8 @@ class LearnerConfig:
 
         for n in (
             "augment_rows",
+            "behaviour_negatives",
+            "contrast_negatives",
             "batch_size",
             "topk",
             "sampled_above",
@@ -271,38 +289,43 @@ class Learner:
         cfg, model = self.cfg, self.model
         actions, rewards = batch.item, batch.reward
         positive = (rewards > 0).float()
+        n_items = model.num_items
         sampled = self.use_sampled_softmax()
+        vecs = None if sampled else model.item_vectors()  # [I, d]
+        state, seq = model.user_states_all(batch.history, vecs)
+        neg_ids = neg_vecs = None
+        if sampled or n_items > cfg.behaviour_negatives:
+            # uniform negatives shared by the batch; log-Q term log(S·q) = log(S / I)
+            num = cfg.num_negatives if sampled else cfg.behaviour_negatives
+            neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
+            neg_lq = torch.full((num,), math.log(num / n_items), device=self.device)
+            zero_lq = torch.zeros_like(rewards)
         if sampled:
-            neg_ids, neg_lq = obj.sample_negatives(
-                model.num_items, cfg.num_negatives, self.generator, device=self.device
-            )
-            pos_lq = torch.full_like(rewards, -math.log(model.num_items))
-            cand_ids = torch.cat([actions, neg_ids])
-            cand = model.item_vectors(cand_ids)
+            assert neg_ids is not None
+            cand = model.item_vectors(torch.cat([actions, neg_ids]))
             pos_vecs, neg_vecs = cand[: len(actions)], cand[len(actions) :]
-            vecs = None
-            state, seq = model.user_states_all(batch.history)
             logits = obj.sampled_softmax_logits(
-                state, pos_vecs, neg_vecs, actions, neg_ids, pos_lq, neg_lq, model.cfg.temperature
-            )
-            # behaviour head over the same candidates, gradient stopped into state and items
-            h = model.beta_proj(state.detach())
-            bias = model.beta_bias[cand_ids].to(h.dtype)
-            beta_logits = obj.sampled_softmax_logits(
-                h, pos_vecs.detach(), neg_vecs.detach(), actions, neg_ids, pos_lq, neg_lq
-            ) + torch.cat(
-                [bias[: len(actions)].unsqueeze(1), bias[len(actions) :].expand(len(actions), -1)],
-                1,
+                state, pos_vecs, neg_vecs, actions, neg_ids, zero_lq, neg_lq, model.cfg.temperature
             )
             targets = torch.zeros_like(actions)
         else:
-            vecs = model.item_vectors()
-            state, seq = model.user_states_all(batch.history, vecs)
+            assert vecs is not None
             pos_vecs = vecs[actions]
             logits = model.logits(state, vecs)
-            beta_logits = model.behaviour_logits(state, vecs)
             targets = actions
-        beta = obj.behaviour_probability(batch.propensity, beta_logits, targets)
+        # behaviour head β: exact softmax for small catalogues, else the sampled estimate
+        if neg_ids is None:
+            assert vecs is not None
+            beta_logits = model.behaviour_logits(state, vecs)
+            beta_targets = actions
+        else:
+            if neg_vecs is None:
+                neg_vecs = vecs[neg_ids] if vecs is not None else model.item_vectors(neg_ids)
+            beta_logits = model.behaviour_sampled_logits(
+                state, pos_vecs, neg_vecs, actions, neg_ids, zero_lq, neg_lq
+            )
+            beta_targets = torch.zeros_like(actions)
+        beta = obj.behaviour_probability(batch.propensity, beta_logits, beta_targets)
         if cfg.objective == "reinforce":
             pg, w = obj.off_policy_topk_loss(
                 logits, targets, rewards, beta, cfg.topk, cfg.weight_cap, cfg.normalize_weights
@@ -312,7 +335,7 @@ class Learner:
             ce = F.cross_entropy(logits.float(), targets, reduction="none")
             pg = (ce * positive).sum() / positive.sum().clamp(min=1.0)
             w_mean = torch.ones((), device=self.device)
-        behaviour = obj.behaviour_loss(beta_logits, targets)
+        behaviour = obj.behaviour_loss(beta_logits, beta_targets)
         contrast = torch.zeros((), device=self.device)
         if cfg.contrastive != "none" and cfg.alpha > 0:
             if cfg.contrastive == "infonce":
@@ -369,14 +392,15 @@ class Learner:
                 [pos_vecs, vecs[ids] if vecs is not None else model.item_vectors(ids)]
             )
             weights = torch.cat([weights, (hist >= 0).float()])
+        m = cfg.contrast_negatives
         logits = obj.sampled_softmax_logits(
             q_states,
             q_vecs,
-            pos_vecs,
+            pos_vecs[:m],
             q_ids,
-            actions,
+            actions[:m],
             log_q[q_ids],
-            log_q[actions],
+            log_q[actions[:m]],
             model.cfg.temperature,
         )
         ce = F.cross_entropy(logits, torch.zeros_like(q_ids), reduction="none")

@@ -105,6 +105,9 @@ class ItemTower(nn.Module):
         self.cfg = cfg
         self.register_buffer("text_vectors", torch.zeros(cfg.item_capacity, cfg.text_dim))
         self.register_buffer("num_items", torch.zeros((), dtype=torch.long))
+        # Python mirror of num_items: reading a CUDA buffer would sync the device every step.
+        self.n_active = 0
+        self.register_load_state_dict_post_hook(_refresh_n_active)
         self.adaptor: nn.Module | None = None
         if cfg.use_text:
             self.adaptor = nn.Sequential(
@@ -123,7 +126,7 @@ class ItemTower(nn.Module):
         return int(self.text_vectors.shape[0])
 
     def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        n = int(self.num_items)
+        n = self.n_active
         out: torch.Tensor | None = None
         if self.adaptor is not None:
             text = self.text_vectors[:n] if idx is None else self.text_vectors[idx]
@@ -133,6 +136,10 @@ class ItemTower(nn.Module):
             out = ids if out is None else out + ids
         assert out is not None
         return self.norm(out)
+
+
+def _refresh_n_active(module: ItemTower, incompatible_keys: object) -> None:
+    module.n_active = int(module.num_items)
 
 
 class UserEncoder(nn.Module):
@@ -237,11 +244,16 @@ class PolicyNet(nn.Module):
         self.items = ItemTower(cfg)
         self.encoder = UserEncoder(cfg)
         self.beta_proj = nn.Linear(cfg.dim, cfg.dim)
+        # β starts equal to π (W = I/T, no bias), so early importance ratios π/β are ~1 rather
+        # than noise from an untrained head; its own cross-entropy then tracks the logging policy.
+        with torch.no_grad():
+            self.beta_proj.weight.copy_(torch.eye(cfg.dim) / cfg.temperature)
+            self.beta_proj.bias.zero_()
         self.beta_bias = nn.Parameter(torch.zeros(cfg.item_capacity))
 
     @property
     def num_items(self) -> int:
-        return int(self.items.num_items)
+        return self.items.n_active
 
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.items(idx)
@@ -270,6 +282,34 @@ class PolicyNet(nn.Module):
         h = self.beta_proj(state.detach())
         return h @ item_vecs.detach().T + self.beta_bias[:n].to(h.dtype)
 
+    def behaviour_sampled_logits(
+        self,
+        state: torch.Tensor,
+        pos_vecs: torch.Tensor,
+        neg_vecs: torch.Tensor,
+        pos_ids: torch.Tensor,
+        neg_ids: torch.Tensor,
+        pos_log_q: torch.Tensor,
+        neg_log_q: torch.Tensor,
+    ) -> torch.Tensor:
+        """Behaviour logits ``[B, 1+S]`` over each row's logged item (column 0) and shared
+        negatives, log-Q corrected (see :func:`recsys.objectives.sampled_softmax_logits`);
+        gradient stopped into state and items."""
+        from recsys.objectives import sampled_softmax_logits
+
+        h = self.beta_proj(state.detach())
+        logits = sampled_softmax_logits(
+            h, pos_vecs.detach(), neg_vecs.detach(), pos_ids, neg_ids, pos_log_q, neg_log_q
+        )
+        bias = torch.cat(
+            [
+                self.beta_bias[pos_ids].unsqueeze(1),
+                self.beta_bias[neg_ids].expand(len(pos_ids), -1),
+            ],
+            dim=1,
+        )
+        return logits + bias.to(logits.dtype)
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         vecs = self.item_vectors()
         return self.logits(self.user_state(items, vecs), vecs)
@@ -286,12 +326,13 @@ class PolicyNet(nn.Module):
             )
         with torch.no_grad():
             self.items.text_vectors[start:end].copy_(vectors)
-            self.items.num_items.fill_(max(int(self.items.num_items), end))
+            self.set_num_items(max(self.items.n_active, end))
 
     def set_num_items(self, n: int) -> None:
         if n > self.items.capacity:
             raise ConfigError(f"num_items {n} exceeds item_capacity {self.items.capacity}")
         self.items.num_items.fill_(n)
+        self.items.n_active = n
 
     def item_parameters(self) -> list[torch.Tensor]:
         """Parameters whose first dimension is the item capacity (grown together)."""

@@ -183,7 +183,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     logits = logits.masked_fill(
         torch.eye(2 * bsz, dtype=torch.bool, device=z.device), float("-inf")
     )
-    target = torch.cat([torch.arange(bsz, 2 * bsz), torch.arange(bsz)]).to(z.device)
+    target = torch.arange(2 * bsz, device=z.device).roll(bsz)
     return F.cross_entropy(logits, target)
 
 

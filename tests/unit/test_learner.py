@@ -186,3 +186,30 @@ def test_new_items_grow_model_and_optimizer() -> None:
     assert lr.optimizer.state[emb]["exp_avg"].shape == (16, 16)
     assert any(p is emb for p in lr.optimizer.param_groups[0]["params"])
     assert lr.scores([[0, 1]]).shape == (1, 16)
+
+
+def test_sampled_behaviour_estimate_matches_exact_softmax() -> None:
+    """Above ``behaviour_negatives`` items β comes from a log-Q corrected sampled softmax."""
+    torch.manual_seed(0)
+    model = ModelConfig(text_dim=8, dim=16, max_history=4, item_capacity=3000, dropout=0.0)
+    lr = Learner(model, LearnerConfig(device="cpu", behaviour_negatives=1500, batch_size=16))
+    lr.catalog.put_vectors([f"i{k}" for k in range(3000)], torch.randn(3000, 8).numpy())
+    lr.sync_items()
+    with torch.no_grad():  # a moderately peaked behaviour distribution
+        lr.model.beta_bias.normal_(0.0, 1.0)
+        lr.model.beta_proj.weight.mul_(0.25)
+    net = lr.model.eval()
+    items = torch.randint(0, 3000, (16, 4))
+    actions = torch.randint(0, 3000, (16,))
+    with torch.no_grad():
+        vecs = net.item_vectors()
+        state = net.user_state(items, vecs)
+        exact = torch.softmax(net.behaviour_logits(state, vecs), -1)
+        exact_a = exact.gather(1, actions.unsqueeze(1)).squeeze(1)
+        neg = torch.randint(0, 3000, (1500,))
+        zero = torch.zeros(16)
+        lq = torch.full((1500,), math.log(1500 / 3000))
+        est = net.behaviour_sampled_logits(state, vecs[actions], vecs[neg], actions, neg, zero, lq)
+        est_a = torch.softmax(est, -1)[:, 0]
+    ratio = est_a / exact_a
+    assert (ratio - 1).abs().mean() < 0.15
