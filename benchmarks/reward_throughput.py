@@ -45,7 +45,7 @@ from recsys.config import Settings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
 from recsys.rewards import RewardRules, offline_join
-from workers.reward import build
+from recsys.rewards.sink import build
 
 
 def bare_rate(settings: Settings, topic: str, total: int, max_records: int) -> float:

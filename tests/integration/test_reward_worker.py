@@ -31,7 +31,7 @@ from recsys.config import RewardSettings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics
 from recsys.rewards import RewardRules, offline_join
-from workers.reward import build
+from recsys.rewards.sink import build
 
 PARTITIONS = 6
 

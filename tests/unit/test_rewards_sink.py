@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from recsys.config import load_settings
 from recsys.events import Event, Reason, RewardRecord
 from recsys.rewards import RewardRules, offline_join
-from workers.reward import RewardSink
+from recsys.rewards.sink import RewardSink
 
 SRC = "ev"
 
