@@ -115,7 +115,7 @@ def test_learner_worker_survives_sigkills_and_resumes_at_its_offsets(
     steps_seen = []
     for _ in range(3):
         worker = WorkerProcess("learner", env, tmp_path / "learner.log").start()
-        assert wait_for(lambda: ckpt.find_latest(root) is not None, 90, 0.2), worker.tail()
+        assert wait_for(lambda: ckpt.find_latest(root) is not None, 180, 0.2), worker.tail()
         time.sleep(rng.uniform(0.2, 1.5))
         worker.kill()
         found = ckpt.find_latest(root)
@@ -145,7 +145,7 @@ def test_learner_worker_survives_sigkills_and_resumes_at_its_offsets(
     try:
         assert wait_for(
             lambda: (f := ckpt.find_latest(root)) is not None and consumed(f[1]) == len(records),
-            120,
+            300,
             0.3,
         ), worker.tail()
     finally:
