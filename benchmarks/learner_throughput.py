@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="alternating measurements; best kept")
+    p.add_argument(
+        "--augment-views",
+        type=int,
+        default=LearnerConfig.augment_views,
+        help="1: NT-Xent between the state and one augmented view; 2: two augmented views",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write figures here")
     args = p.parse_args(argv)
 
@@ -132,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         adaptor_hidden=128, dropout=0.1,
     )  # fmt: skip
     learner_cfg = LearnerConfig(
-        batch_size=batch, buffer_capacity=args.buffer, device=str(device), softmax="full"
+        batch_size=batch,
+        buffer_capacity=args.buffer,
+        device=str(device),
+        softmax="full",
+        augment_views=args.augment_views,
     )
     learner = Learner(model_cfg, learner_cfg)
     rng = np.random.default_rng(0)
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("device", f"{name}{' (bf16 autocast)' if cuda else ''}"),
         ("items / batch / history / d", f"{items} / {batch} / {args.history} / {args.dim}"),
+        ("augmented views (NT-Xent)", f"{args.augment_views} x {learner_cfg.augment_rows} rows"),
         ("full Learner.step samples/s", f"{full_sps:,.0f}"),
         ("bare fwd+bwd+step samples/s", f"{bare_sps:,.0f}"),
         ("ratio (target >= 0.8)", f"{ratio:.3f}"),
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": batch,
         "history": args.history,
         "dim": args.dim,
+        "augment_views": args.augment_views,
+        "augment_rows": learner_cfg.augment_rows,
         "full_samples_per_s": full_sps,
         "bare_samples_per_s": bare_sps,
         "full_runs": full,

@@ -73,8 +73,8 @@ class LearnerConfig:
     alpha: float = 1.0
     contrastive: Literal["infonce", "hinge", "none"] = "infonce"
     augment_weight: float = 0.1
-    augment_views: int = 2
-    augment_rows: int = 64
+    augment_views: int = 1
+    augment_rows: int = 32
     contrast_all_positions: bool = True
     normalize_weights: bool = True
     contrast_temperature: float = 0.1

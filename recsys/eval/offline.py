@@ -213,9 +213,7 @@ def default_configs(
         adaptor_hidden=64,
         num_layers=2,
         num_heads=2,
-        # under two passes over the data there is nothing to regularise, and CPU dropout
-        # masks cost ~15% of a step
-        dropout=0.0,
+        dropout=0.1,
     )
     learner_cfg = LearnerConfig(
         batch_size=256,
@@ -227,6 +225,7 @@ def default_configs(
         alpha=1.0,
         augment_weight=0.1,
         augment_rows=32,
+        augment_views=2,
         device=device,
     )
     steps = 60 if quick else 500
