@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,13 @@ def validate(
     return Logged(reward, action, position, pscore, action_dist, estimated_rewards)
 
 
-class _Estimator:
+class _Estimator(ABC):
     name = "base"
     needs_model = False
 
+    @abstractmethod
     def _rounds(self, d: Logged) -> tuple[np.ndarray, np.ndarray]:
         """Per-round numerator and denominator: estimate = sum(num) / sum(den)."""
-        raise NotImplementedError
 
     def estimate_policy_value(self, **kwargs: Any) -> float:
         num, den = self._rounds(self._data(kwargs))
