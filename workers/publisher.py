@@ -12,7 +12,8 @@ import logging
 
 from recsys.config import Settings
 from recsys.events import EventParser
-from recsys.kafka import make_producer
+from recsys.kafka import ConsumerLoop, make_consumer, make_producer
+from recsys.metrics_server import serve_metrics
 from recsys.publisher import (
     ModelWatcher,
     Publisher,
@@ -22,13 +23,16 @@ from recsys.publisher import (
 )
 from recsys.rewards.rules import RewardRules
 from recsys.store import Store
-from workers.common import configure_logging, run_consumer
 
 log = logging.getLogger(__name__)
 
 
 def run(settings: Settings) -> int:
-    configure_logging(settings)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     ps = settings.publisher
     cfg = PublisherConfig(
         k=ps.k,
@@ -63,19 +67,24 @@ def run(settings: Settings) -> int:
         store,
         EventParser(settings.events.max_bytes, settings.events.max_clock_skew_ms),
     )
+    loop = ConsumerLoop(
+        make_consumer(settings.kafka, ps.group_id),
+        [settings.topics.events],
+        sink,
+        worker="publisher",
+        poll_timeout_ms=50,
+        tick_interval_s=max(0.01, min(0.5, cfg.batch_interval_s / 2)),
+    )
+    loop.install_signal_handlers()
+    server = serve_metrics(
+        settings.metrics.host, settings.metrics.port, health=lambda: watcher.alive
+    )
     watcher.start()
     try:
-        return run_consumer(
-            settings,
-            "publisher",
-            ps.group_id,
-            [settings.topics.events],
-            sink,
-            health=lambda: watcher.alive,
-            poll_timeout_ms=50,
-            tick_interval_s=max(0.01, min(0.5, cfg.batch_interval_s / 2)),
-        )
+        loop.run()
     finally:
         watcher.stop()
+        server.close()
         producer.close()
         store.close()
+    return 0
