@@ -6,14 +6,18 @@ real MovieLens positive ratings (≥ 4 stars, time order, last 50; users beyond 
 data reuse a random real user's sequence cut at a random point). Measured in the same run, on
 the same user-state and item tensors, repetitions interleaved (median reported):
 
-* ``bare``:     ``states @ items.T`` + ``topk(k)`` (best of chunked and unchunked)
-* ``ranking``:  the publisher's ranking path given the states: consumed-item masking,
-                exploration sampling, exact propensities, and building the Slate objects
-* ``refresh``:  ``Publisher.compute()`` for all users after a version change: histories ->
-                user states (the model's transformer encoder) -> ranking -> slates
+* ``bare``:            ``states @ items.T`` + ``topk(k)`` (best of chunked and unchunked)
+* ``rank <mode>``:     the publisher's ranking kernel given the states, for each exploration
+                       mode: consumed-item masking, sampling, exact propensities
+* ``slates <mode>``:   the same plus the per-user slate objects the publisher builds
+* ``refresh``:         ``Publisher.compute()`` for all users after a version change (the
+                       configured mode): histories -> user states (the model's transformer
+                       encoder) -> ranking -> slates
+* ``serialise``:       ``Slate.to_bytes()`` of every slate of a refresh (what goes to Kafka)
 
-``ratio`` = ranking users/s over bare users/s (target ≥ 0.8); ``ratio_refresh`` = refresh over
-bare (dominated by the user encoder, which the bare reference does not run).
+``ratio <mode>`` = ``rank <mode>`` users/s over bare users/s (target ≥ 0.8); ``ratio_slates``
+and ``ratio_refresh`` likewise (the refresh is dominated by the user encoder, which the bare
+reference does not run).
 
     .venv/bin/python benchmarks/publisher_throughput.py --json publisher_throughput.json
 """
@@ -28,7 +32,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recsys.events import Slate, SlateItem  # noqa: E402
 from recsys.history import pad_histories  # noqa: E402
 from recsys.learner import Learner, LearnerConfig  # noqa: E402
 from recsys.model import ModelConfig  # noqa: E402
+from recsys.policy import Policy  # noqa: E402
 from recsys.publisher import Publisher, PublisherConfig, load_serving_model  # noqa: E402
 
 
@@ -66,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     items, seqs = load_movielens(args.data)
@@ -124,24 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         sync()
 
     users = [f"user-{n}" for n in range(args.users)]
+    modes = ("greedy", "epsilon", "boltzmann")
+    policies = {
+        m: Policy(item_matrix, **{**pcfg.policy_kwargs(), "exploration": m, "device": dev})
+        for m in modes
+    }
 
-    def ranking() -> None:
-        r = model.policy.rank(states_d, args.k, exclude=hist_d)
-        for u, row in zip(users, r.rows(), strict=True):
-            Slate(
-                "r",
-                u,
-                model.version,
-                0,
-                tuple(SlateItem(model.item_ids[i], s, p, pos) for pos, (i, s, p) in enumerate(row)),
-            )
-        sync()
+    def rank_fn(mode: str, slates: bool) -> Callable[[], None]:
+        def run() -> None:
+            r = policies[mode].rank(states_d, args.k, exclude=hist_d)
+            if slates:
+                for u, row in zip(users, r.rows(), strict=True):
+                    Publisher._slate(u, model.version, 0, row, model.item_ids, "model")
+            sync()
+
+        return run
 
     pub = Publisher(pcfg, lambda: model)
     pub.restore(((u, []) for u in ()), {}, users)
     for u, h in zip(users, histories, strict=True):
         for j, item in enumerate(h):
             pub._add_positive(u, j, item, f"{u}-{j}")
+    last: list[Any] = []
 
     def refresh() -> None:
         pub._serving = None
@@ -149,9 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         batch = pub.compute()
         assert batch is not None
         assert len(batch.slates) == args.users
+        last[:] = batch.slates
         sync()
 
-    fns = {"bare": bare, "bare_chunked": bare_chunked, "ranking": ranking, "refresh": refresh}
+    def serialise() -> None:
+        for w in last:
+            w.slate.to_bytes()
+
+    fns: dict[str, Callable[[], None]] = {"bare": bare, "bare_chunked": bare_chunked}
+    for m in modes:
+        fns[f"rank {m}"] = rank_fn(m, slates=False)
+        fns[f"slates {m}"] = rank_fn(m, slates=True)
+    fns["refresh"] = refresh
+    fns["serialise"] = serialise
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm-up
@@ -163,37 +188,34 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ups = {k: args.users / v for k, v in med.items()}
     bare_ups = max(ups["bare"], ups["bare_chunked"])
+    ratios = {k: v / bare_ups for k, v in ups.items()}
     result = {
         "users": args.users,
         "items": len(items),
         "dim": args.dim,
         "k": args.k,
-        "exploration": args.exploration,
+        "refresh_exploration": args.exploration,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "bare_users_per_s": bare_ups,
-        "bare_unchunked_users_per_s": ups["bare"],
-        "bare_chunked_users_per_s": ups["bare_chunked"],
-        "ranking_users_per_s": ups["ranking"],
-        "refresh_users_per_s": ups["refresh"],
-        "ratio": ups["ranking"] / bare_ups,
-        "ratio_refresh": ups["refresh"] / bare_ups,
+        "users_per_s": ups,
+        "ratio": {m: ratios[f"rank {m}"] for m in modes},
+        "ratio_slates": {m: ratios[f"slates {m}"] for m in modes},
+        "ratio_refresh": ratios["refresh"],
         "seconds": times,
     }
     print(
         f"publisher throughput: {args.users} users x {len(items)} items, d={args.dim}, "
-        f"k={args.k}, {args.exploration}, {dev}, {torch.get_num_threads()} threads"
+        f"k={args.k}, refresh in {args.exploration} mode, {dev}, "
+        f"{torch.get_num_threads()} threads"
     )
-    print(f"{'path':34s} {'users/s':>12s} {'median s':>10s}")
-    for name, label in (
-        ("bare", "bare matmul+topk (one batch)"),
-        ("bare_chunked", "bare matmul+topk (chunked)"),
-        ("ranking", "publisher ranking + slates"),
-        ("refresh", "full refresh (state+rank+slates)"),
-    ):
-        print(f"{label:34s} {ups[name]:12,.0f} {med[name]:10.3f}")
-    print(f"ratio (ranking / bare) = {result['ratio']:.3f}   target >= 0.8")
-    print(f"ratio_refresh (full refresh / bare) = {result['ratio_refresh']:.3f}")
+    print(f"{'path':34s} {'users/s':>12s} {'median s':>10s} {'/ bare':>8s}")
+    for name in fns:
+        print(f"{name:34s} {ups[name]:12,.0f} {med[name]:10.3f} {ratios[name]:8.3f}")
+    print(
+        "ratio (rank / bare, target >= 0.8): "
+        + ", ".join(f"{m} {ratios[f'rank {m}']:.3f}" for m in modes)
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

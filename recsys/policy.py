@@ -81,6 +81,8 @@ class Ranking:
         items = self.items.cpu().tolist()
         scores = self.scores.float().cpu().tolist()
         props = self.propensities.cpu().tolist()
+        if bool(self.valid.all()):  # the usual case: no per-slot filtering to do
+            return [list(zip(*row, strict=True)) for row in zip(items, scores, props, strict=True)]
         valid = self.valid.cpu().tolist()
         return [
             [(i, s, p) for i, s, p, v in zip(ri, rs, rp, rv, strict=True) if v]
@@ -127,7 +129,7 @@ def rank(
 
     ``exclude [B, M]`` (long, ``-1`` padding) lists item indices each user must not get.
     ``generator`` (on the tensors' device) makes sampling reproducible. ``candidates``: how
-    many best-scoring items get explicit Gumbel noise in Boltzmann mode (default ``4 k``); it
+    many best-scoring items get explicit Gumbel noise in Boltzmann mode (default ``6 k``); it
     changes the cost, never the distribution.
     """
     _check_args(exploration, temperature, epsilon)
@@ -153,9 +155,25 @@ def rank(
         ones = torch.ones(top.shape, dtype=torch.float64, device=top.device)
         return _pad(Ranking(idx, top, ones, ones.clone(), valid), k)
     if exploration == "boltzmann":
-        m = candidates if candidates is not None else 4 * k_eff
+        m = candidates if candidates is not None else 6 * k_eff
         return _pad(_boltzmann(raw, k_eff, temperature, generator, m), k)
-    return _pad(_epsilon_greedy(raw, k_eff, epsilon, generator), k)
+    allowed = n_items - _excluded_counts(exclude, raw.shape[0], n_items, raw.device)
+    return _pad(_epsilon_greedy(raw, k_eff, epsilon, generator, allowed), k)
+
+
+def _excluded_counts(
+    exclude: torch.Tensor | None, rows: int, n_items: int, device: torch.device
+) -> torch.Tensor:
+    """Distinct in-range item indices per row of ``exclude [B, M]`` (counting on the small
+    exclusion lists is much cheaper than a pass over the ``[B, I]`` scores)."""
+    if exclude is None or exclude.numel() == 0:
+        return torch.zeros(rows, dtype=torch.long, device=device)
+    ex = exclude.to(device)
+    ex = torch.where((ex >= 0) & (ex < n_items), ex, torch.full_like(ex, -1))
+    ex = ex.sort(dim=1).values
+    new = torch.ones_like(ex, dtype=torch.bool)
+    new[:, 1:] = ex[:, 1:] != ex[:, :-1]
+    return (new & (ex >= 0)).sum(1)
 
 
 def _gumbel(
@@ -176,10 +194,9 @@ def _boltzmann(
 
     The ``m`` best-scoring items (the pool) get explicit Gumbel keys. For the other items R the
     Gumbel-max property gives the law of their largest key exactly: ``Gumbel(logsumexp_R z)``.
-    When that key is below the pool's k-th key (most users, for a peaked policy) the slate is
-    the pool's top-k and R needs no noise at all. Otherwise R's keys are drawn *conditioned on
-    that maximum* (Kool et al. 2019, "Stochastic Beams", the shifted-Gumbel construction) and
-    merged. Either way the result has exactly the law of ``top-k(z + Gumbel)`` over all items.
+    When that key is below the pool's k-th key the slate is the pool's top-k and R needs no
+    more noise. Otherwise R's best keys are drawn top-down (:func:`_rest_keys`) and merged.
+    Either way the result has exactly the law of ``top-k(z + Gumbel)`` over all items.
     """
     bsz, n_items = raw.shape
     dev = raw.device
@@ -188,52 +205,42 @@ def _boltzmann(
     cand_z, cand_idx = torch.topk(z, m, dim=1)  # [B, m]
     shift = cand_z[:, :1].clone()  # row max; -inf when every item is excluded
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    p = z.sub_(shift).exp_()  # [B, I] unnormalised probabilities, 0 for excluded items
-    log_total = p.sum(1).double().log() + shift.squeeze(1).double()  # [B]
-    p.scatter_(1, cand_idx, 0.0)  # from here on p holds R only
-    rest = p.sum(1).double()  # mass of R, summed directly (no cancellation)
     shift64 = shift.squeeze(1).double()
-
+    p = z.sub_(shift).exp_()  # [B, I] unnormalised probabilities, 0 for excluded items
+    p.scatter_(1, cand_idx, 0.0)  # from here on p holds R only
+    # Summed directly, never as total − pool: R can be many orders of magnitude
+    # below the pool, and the difference would be rounding noise.
+    rest = p.sum(1).double()  # [B] mass of R
     pool_z = cand_z.double()
+    log_total = torch.logaddexp(torch.log(rest) + shift64, torch.logsumexp(pool_z, dim=1))
+
     pool_key = pool_z + _gumbel((bsz, m), p, generator)
     rest_max = torch.log(rest) + shift64 + _gumbel((bsz,), p, generator)  # -inf if R is empty
     kth = torch.topk(pool_key, k, dim=1).values[:, -1]
     active = torch.nonzero(rest_max > kth).squeeze(1)
     all_idx, all_z, all_key = cand_idx, pool_z, pool_key
     if active.numel():
-        pa = p[active]  # [A, I]
-        # Unconditional keys in the exponential-race form p / E (same order as z + Gumbel).
-        u = torch.rand(pa.shape, generator=generator, device=dev).clamp_(min=1e-38)
-        race = pa / u.log_().neg_()
-        _, r_idx = torch.topk(race, k, dim=1)  # R's k largest keys, [A, k]
-        r_p = pa.gather(1, r_idx).double()
-        r_key = torch.log(race.gather(1, r_idx).double()) + shift64[active].unsqueeze(1)
-        r_z = torch.log(r_p) + shift64[active].unsqueeze(1)
-        top = r_key[:, :1]
-        # Condition on R's maximum being the rest_max already drawn (monotone shift).
-        target = rest_max[active].unsqueeze(1)
-        v = target - r_key + torch.log1p(-torch.exp(r_key - top))
-        r_key = target - torch.relu(v) - torch.log1p(torch.exp(-v.abs()))
-        r_key = torch.where(r_p > 0, r_key, torch.full_like(r_key, -math.inf))
+        r_idx, r_p, r_key = _rest_keys(
+            p[active], rest[active], rest_max[active], shift64[active], kth[active], k, generator
+        )
         ext_idx = torch.zeros((bsz, k), dtype=torch.long, device=dev)
-        ext_z = torch.full((bsz, k), -math.inf, dtype=torch.float64, device=dev)
+        ext_p = torch.zeros((bsz, k), dtype=torch.float64, device=dev)
         ext_key = torch.full((bsz, k), -math.inf, dtype=torch.float64, device=dev)
-        ext_idx[active], ext_z[active], ext_key[active] = r_idx, r_z, r_key
+        ext_idx[active], ext_p[active], ext_key[active] = r_idx, r_p, r_key
         all_idx = torch.cat([cand_idx, ext_idx], 1)
+        ext_z = torch.log(ext_p) + shift64.unsqueeze(1)  # -inf where p is 0 (unused slots)
         all_z = torch.cat([pool_z, ext_z], 1)
         all_key = torch.cat([pool_key, ext_key], 1)
     order = torch.topk(all_key, k, dim=1).indices
     idx = all_idx.gather(1, order)
     zs = all_z.gather(1, order)
     valid = torch.isfinite(zs)
-    # Mass of everything not in the slate, without subtracting: R minus the R items taken
-    # (re-summed for those rows) plus the pool items left out.
-    if active.numel():
-        keep = (order[active] < m).to(p.dtype)  # 0 where the slate item came from R
-        pa = p[active]
-        pa.scatter_reduce_(1, idx[active], keep, reduce="prod")
-        rest[active] = pa.sum(1).double()
     in_slate = torch.zeros_like(all_z, dtype=torch.bool).scatter_(1, order, True)
+    if active.numel():
+        # R's slate items leave the unselected mass; they are p-values already in float64.
+        taken = (ext_p * in_slate[:, m:]).sum(1)
+        rest = (rest - taken).clamp_(min=0.0)
+    # Mass of everything not in the slate: what is left of R plus the pool items left out.
     pool_rest = torch.logsumexp(all_z[:, :m].masked_fill(in_slate[:, :m], -math.inf), dim=1)
     log_unselected = torch.logaddexp(torch.log(rest) + shift64, pool_rest)
     zs_valid = zs.masked_fill(~valid, -math.inf)
@@ -248,12 +255,103 @@ def _boltzmann(
     return Ranking(idx, scores, cond, first, valid)
 
 
+def _rest_keys(
+    p: torch.Tensor,
+    mass: torch.Tensor,
+    top_key: torch.Tensor,
+    shift: torch.Tensor,
+    floor: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` largest Gumbel keys of the items R, given that the largest is ``top_key``.
+
+    ``p [A, I]`` holds R's unnormalised probabilities (0 elsewhere), ``mass [A]`` their sum
+    (float64), ``shift [A]`` the log-scale they were taken at, ``floor [A]`` a key below which
+    nothing can enter the slate. Top-down construction of the Gumbel process (Maddison et al.,
+    "A* sampling", 2014): the order of R's keys is a Plackett–Luce draw, independent of their
+    values, and each next value is a Gumbel at the log-mass left, truncated below the previous
+    key. The Plackett–Luce order is the order of first appearance in i.i.d. draws ∝ p: ``3k``
+    draws per row (:func:`_categorical_draws`) instead of a key for every item. Rows
+    whose draws repeat too much to fill a needed slot draw it from an explicit mask.
+    Returns ``(index, p, key)``, each ``[A, k]``; unused slots have key ``-inf`` and p 0.
+    """
+    a = p.shape[0]
+    dev = p.device
+    n = 3 * k
+    draws = _categorical_draws(p, n, generator)  # [A, n]
+    ok = p.gather(1, draws) > 0  # False only for a rounding overshoot at the very end
+    seen_before = (draws.unsqueeze(2) == draws.unsqueeze(1)).tril_(-1).any(2)  # [A, n]
+    first = ok & ~seen_before
+    steps = torch.arange(n, device=dev).expand(a, n)
+    order = torch.where(first, steps, steps + n).argsort(1)[:, :k]
+    idx = draws.gather(1, order)  # [A, k] distinct items in Plackett–Luce order
+    have = first.sum(1)  # slots filled by the draws
+    pk = torch.zeros((a, k), dtype=torch.float64, device=dev)
+    key = torch.full((a, k), -math.inf, dtype=torch.float64, device=dev)
+    prev_key = top_key.clone()
+    left = mass.clone()
+    for j in range(k):
+        live = (left > 0) & (prev_key > floor)
+        if not bool(live.any()):
+            break
+        if j:
+            # A Gumbel at log(left) truncated below the previous key, in closed form.
+            g = torch.log(left) + shift + _gumbel((a,), p, generator)
+            prev_key = torch.where(live, -torch.logaddexp(-prev_key, -g), prev_key)
+        need = torch.nonzero(live & (have <= j)).squeeze(1)
+        if need.numel():
+            weights = p[need].double()
+            weights.scatter_(1, idx[need, :j], 0.0)
+            # ``left`` is a float64 difference; a row may have nothing left that it can see.
+            empty = weights.sum(1) <= 0
+            weights[empty, 0] = 1.0
+            idx[need, j] = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+            live[need[empty]] = False
+        key[:, j] = torch.where(live, prev_key, key[:, j])
+        taken = p.gather(1, idx[:, j : j + 1]).squeeze(1).double()
+        pk[:, j] = torch.where(live, taken, pk[:, j])
+        left = (left - pk[:, j]).clamp_(min=0.0)
+    return idx, pk, key
+
+
+# Items per block in :func:`_categorical_draws`: small enough that a draw's within-block
+# cumulative sum is cheap, large enough that the per-block sums stay short.
+_BLOCK = 32
+
+
+def _categorical_draws(p: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` i.i.d. draws per row of ``p [A, I]`` (unnormalised, >= 0), as ``[A, n]`` indices.
+
+    Two-level inverse CDF: a block of ``_BLOCK`` items ∝ its mass, then an item in it ∝ p.
+    Exact, and it avoids a cumulative sum over every item (slow on CPU, and in float64 slower
+    still). A row with no mass yields index 0; callers check ``p`` at the drawn index.
+    """
+    a, n_items = p.shape
+    pad = (-n_items) % _BLOCK
+    padded = torch.nn.functional.pad(p, (0, pad)) if pad else p
+    blocks = padded.view(a, -1, _BLOCK)  # [A, nb, B]
+    block_cum = blocks.sum(2).cumsum(1, dtype=torch.float64)  # [A, nb]
+    u = torch.rand((a, n), generator=generator, device=p.device, dtype=torch.float64)
+    target = u * block_cum[:, -1:]
+    b = torch.searchsorted(block_cum, target, right=True).clamp_(max=blocks.shape[1] - 1)
+    below = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b.unsqueeze(2).expand(a, n, _BLOCK))  # [A, n, B]
+    inner_cum = inner.cumsum(2, dtype=torch.float64)
+    j = torch.searchsorted(inner_cum, (target - below).unsqueeze(2), right=True).squeeze(2)
+    return (b * _BLOCK + j.clamp_(max=_BLOCK - 1)).clamp_(max=n_items - 1)
+
+
 def _epsilon_greedy(
-    raw: torch.Tensor, k: int, epsilon: float, generator: torch.Generator | None
+    raw: torch.Tensor,
+    k: int,
+    epsilon: float,
+    generator: torch.Generator | None,
+    allowed_n: torch.Tensor,
 ) -> Ranking:
+    """``allowed_n [B]``: how many items each user may get (not excluded)."""
     bsz, n_items = raw.shape
     dev = raw.device
-    allowed_n = torch.isfinite(raw).sum(1)  # [B]
     top, greedy = torch.topk(raw, k, dim=1)  # best-first candidates
     explore = torch.rand((bsz, k), generator=generator, device=dev) < epsilon
     picked = torch.zeros((bsz, k), dtype=torch.long, device=dev)
@@ -334,7 +432,7 @@ class Policy:
     device:
         Where to rank; default CUDA when available, else CPU.
     candidates:
-        Boltzmann only: best-scoring items given explicit Gumbel noise (default ``4 k``); a cost
+        Boltzmann only: best-scoring items given explicit Gumbel noise (default ``6 k``); a cost
         knob, the sampled distribution is exact for any value.
     """
 

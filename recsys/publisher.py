@@ -538,9 +538,7 @@ class Publisher:
         universe: Sequence[str],
         policy: str,
     ) -> SlateWrite:
-        items = tuple(
-            SlateItem(universe[i], float(s), float(p), pos) for pos, (i, s, p) in enumerate(row)
-        )
+        items = tuple(SlateItem(universe[i], s, p, pos) for pos, (i, s, p) in enumerate(row))
         slate = Slate(uuid.uuid4().hex, user, version, now_ms, items)
         return SlateWrite(slate, policy)
 
