@@ -45,7 +45,7 @@ from recsys import checkpoint as ckpt
 from recsys import metrics
 from recsys.errors import CheckpointError
 from recsys.events import Event, EventParser, Rejection, Slate, SlateItem
-from recsys.history import UserHistories, pad_histories
+from recsys.history import PAD, UserHistories, pad_histories
 from recsys.policy import Policy, Ranking, default_device
 from recsys.rewards.rules import RewardRules
 from recsys.store import HistoryEntry, SlateWrite, Store
@@ -79,8 +79,27 @@ class ServingModel:
     _item_vecs: torch.Tensor
 
     @torch.inference_mode()
-    def user_states(self, items: torch.Tensor) -> torch.Tensor:
-        return self._net.user_state(items.to(self._item_vecs.device), self._item_vecs)
+    def user_states(self, items: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """States for left-padded histories ``items [B, N]``, in chunks of similar length.
+
+        Users are sorted by history length and each chunk is cut to its longest history, so
+        the encoder does not attend over padding (most users' histories are far shorter than
+        N). The state does not depend on how much left padding a row has.
+        """
+        items = items.to(self._item_vecs.device)
+        lengths = (items != PAD).sum(1)
+        order = torch.argsort(lengths)
+        out: torch.Tensor | None = None
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            width = max(int(lengths[rows].max()), 1)
+            states = self._net.user_state(items[rows][:, -width:], self._item_vecs)
+            if out is None:
+                out = states.new_empty((len(order), states.shape[1]))
+            out[rows] = states
+        if out is None:  # no users
+            return self._net.user_state(items, self._item_vecs)
+        return out
 
 
 def load_serving_model(path: str | Path, policy_kwargs: Mapping[str, Any]) -> ServingModel:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from recsys.events import Event
+from recsys.history import pad_histories
 from recsys.learner import Learner, LearnerConfig, load_policy, policy_scores
 from recsys.model import ModelConfig
 from recsys.publisher import (
@@ -135,6 +136,23 @@ def test_model_slates_exclude_history_and_score_with_the_model(tmp_path):
         assert item.score == pytest.approx(logits[ids.index(item.item_id)].item(), abs=1e-4)
         assert item.propensity == 1.0
     assert w.event_ts == 1_700_000_000_001
+
+
+def test_user_states_in_length_buckets_equal_one_padded_batch(tmp_path):
+    # The serving path sorts users by history length and trims each chunk's padding; every
+    # user must get exactly the state the learner's own scoring computes from the full width.
+    model = load_serving_model(make_checkpoint(tmp_path, 3), {"device": "cpu"})
+    gen = torch.Generator().manual_seed(0)
+    histories = [
+        torch.randint(0, len(ITEMS), (int(n),), generator=gen).tolist()
+        for n in torch.randint(0, 11, (23,), generator=gen)
+    ]
+    items, _ = pad_histories(histories, model.max_history)
+    bucketed = model.user_states(items, chunk=4)
+    with torch.inference_mode():
+        one_batch = model._net.user_state(items, model._item_vecs)
+    assert torch.allclose(bucketed, one_batch, atol=1e-5)
+    assert not torch.allclose(bucketed[0], bucketed[1])  # users really differ
 
 
 def test_new_version_refreshes_every_known_user_in_chunks(tmp_path):
