@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^v(\d{12})(?:-(\d+))?$")
+# Where :func:`prune` moves checkpoints that fail verification (its name never matches _NAME).
+INVALID_DIR = "invalid"
 
 
 def sha256_file(path: Path) -> str:
@@ -150,10 +152,32 @@ def find_latest(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def prune(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns what was removed."""
+    """Keep the newest ``keep`` checkpoints that verify; returns what left ``root``.
+
+    Older checkpoints are deleted. One that does not verify (corrupt, tampered, half-copied by
+    hand) does not count towards ``keep``: it is moved to ``root/invalid/`` with a warning, so it
+    can be inspected but no longer shadows good versions (a tampered "future" step would
+    otherwise stay newest forever and be skipped, with a warning, on every load).
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    removed = list_checkpoints(root)[keep:]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+    root = Path(root)
+    kept = 0
+    removed = []
+    for path in list_checkpoints(root):
+        if kept == keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            continue
+        try:
+            read_manifest(path)
+        except CheckpointError as exc:
+            quarantine = root / INVALID_DIR
+            quarantine.mkdir(exist_ok=True)
+            target = quarantine / f"{path.name}-{time.time_ns()}"
+            log.warning("moving invalid checkpoint to %s: %s", target, exc)
+            path.rename(target)
+            removed.append(path)
+            continue
+        kept += 1
     return removed

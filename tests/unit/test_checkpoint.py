@@ -247,3 +247,24 @@ def test_kill_during_training_and_checkpoint_writes(tmp_path: Path) -> None:
         assert manifest is not None
         assert offsets["t:0"] == manifest[1]["extra"]["seen"] == lr.step_count * 20
         assert torch.isfinite(lr.scores([[0, 1]])).all()
+
+
+def test_pruning_keeps_valid_versions_and_sets_invalid_ones_aside(tmp_path: Path) -> None:
+    lr = _trained(steps=1, keep_checkpoints=2)
+    good = [lr.save_checkpoint(tmp_path, {"t:0": n}) for n in range(2)]
+    # A tampered checkpoint with a "future" step: newest by name, fails verification.
+    future = tmp_path / "v000000000099"
+    future.mkdir()
+    for f in good[-1].iterdir():
+        (future / f.name).write_bytes(f.read_bytes())
+    (future / "model.safetensors").write_bytes(b"tampered")
+    lr.step()
+    newest = lr.save_checkpoint(tmp_path, {"t:0": 2})
+    # Both kept versions verify; the tampered one is out of the way but not destroyed.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [newest.name, good[-1].name]
+    (aside,) = (tmp_path / ckpt.INVALID_DIR).iterdir()
+    assert aside.name.startswith("v000000000099-")
+    assert (aside / "model.safetensors").read_bytes() == b"tampered"
+    found = ckpt.find_latest(tmp_path)
+    assert found is not None
+    assert found[0] == newest
