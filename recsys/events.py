@@ -185,6 +185,8 @@ class EventParser:
                 return Rejection(Reason.BAD_TYPE, f"field {name!r} must be a string")
             if v == "":
                 return Rejection(Reason.BAD_VALUE, f"field {name!r} must not be empty")
+            if v is not None and not _is_unicode(v):
+                return Rejection(Reason.BAD_VALUE, f"field {name!r} holds a lone surrogate")
         ts = obj["ts"]
         if not _is_int(ts):
             return Rejection(Reason.BAD_TYPE, "field 'ts' must be an integer (ms since epoch)")
@@ -226,6 +228,16 @@ class EventParser:
         )
 
 
+def _is_unicode(s: str) -> bool:
+    """False for a string with a lone UTF-16 surrogate: JSON's ``"\\ud800"`` escape decodes to
+    one, and it cannot be encoded as UTF-8 (a Kafka key, a SQL value, a log line)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_item(raw: bytes | None) -> ItemRecord | Rejection:
     """Parse a catalogue record from the items topic."""
     if raw is None:
@@ -246,6 +258,8 @@ def parse_item(raw: bytes | None) -> ItemRecord | Rejection:
             return Rejection(Reason.MISSING_FIELD, f"missing required field {name!r}")
     if not isinstance(obj["item_id"], str) or not isinstance(obj["title"], str):
         return Rejection(Reason.BAD_TYPE, "item_id and title must be strings")
+    if not (_is_unicode(obj["item_id"]) and _is_unicode(obj["title"])):
+        return Rejection(Reason.BAD_VALUE, "item_id or title holds a lone surrogate")
     if not _is_int(obj["ts"]):
         return Rejection(Reason.BAD_TYPE, "field 'ts' must be an integer")
     description = obj.get("description")

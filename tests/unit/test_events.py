@@ -79,6 +79,14 @@ INVALID = [
     (with_(user_id=""), Reason.BAD_VALUE),
     (with_(position=-1), Reason.BAD_VALUE),
     (with_(ts=-5), Reason.BAD_VALUE),
+    (
+        b'{"event_id":"e\\ud800","type":"click","user_id":"u","item_id":"i","ts":1}',
+        Reason.BAD_VALUE,
+    ),
+    (
+        b'{"event_id":"e1","type":"click","user_id":"u\\udfff","item_id":"i","ts":1}',
+        Reason.BAD_VALUE,
+    ),
 ]
 
 

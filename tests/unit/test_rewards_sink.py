@@ -227,13 +227,22 @@ def test_negative_and_extreme_rewards_are_produced() -> None:
     assert _sample("recsys_reward_negative_sum_total", {"kind": "organic"}) > loss + 1e307
 
 
-def test_lone_surrogates_in_ids_do_not_stop_the_worker() -> None:
+def test_lone_surrogates_in_ids_go_to_the_dlq_and_the_worker_goes_on() -> None:
     sink, _ = _sink()
     raw = b'{"event_id":"e\\ud800","type":"click","user_id":"u\\udfff","item_id":"a","ts":5}'
-    sink.write([SimpleNamespace(topic=SRC, partition=0, offset=0, key=b"u", value=raw)])
+    good = Event("g", "click", "u", "a", 5).to_bytes()
+    sink.write(
+        [
+            SimpleNamespace(topic=SRC, partition=0, offset=0, key=b"u", value=raw),
+            SimpleNamespace(topic=SRC, partition=0, offset=1, key=b"u", value=good),
+        ]
+    )
     sink.flush()
+    dlq = [x for x in sink.producer.sent if x[0] == "dlq"]
+    assert [dict(h)["recsys.reason"] for *_, h in dlq] == [b"bad_value"]
+    assert [dict(h)["recsys.source_offset"] for *_, h in dlq] == [b"0"]
     (rec,) = _produced(sink.producer).values()
-    assert rec.user_id == "u\udfff"
+    assert rec.user_id == "u"
 
 
 def test_failed_send_raises_in_flush_so_nothing_is_committed() -> None:
