@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from kafka.structs import TopicPartition
 
 from recsys.config import KafkaSettings
 from recsys.events import Event, Slate
 from recsys.kafka import make_consumer
-from recsys.learner import Learner, LearnerConfig
-from recsys.model import ModelConfig
 
 ITEMS = [f"movie-{i}" for i in range(60)]
-
-
-def make_checkpoint(root: Path, step: int, seed: int = 0, items: list[str] = ITEMS) -> Path:
-    """A real learner checkpoint (tiny model) at ``root/v<step>``."""
-    cfg = ModelConfig(
-        text_dim=8,
-        dim=16,
-        max_history=10,
-        item_capacity=64,
-        adaptor_hidden=16,
-        num_layers=1,
-        num_heads=2,
-        use_text=False,
-    )
-    learner = Learner(cfg, LearnerConfig(device="cpu", seed=seed, keep_checkpoints=10))
-    for i in items:
-        learner.catalog.index_of(i)
-    learner.step_count = step
-    return learner.save_checkpoint(root, offsets={})
 
 
 def click(n: int, user: str, item: str, ts_ms: int | None = None) -> Event:

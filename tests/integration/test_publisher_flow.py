@@ -19,10 +19,10 @@ from recsys.publisher import (
     load_serving_model,
 )
 from recsys.store import Store
+from tests.checkpoints import make_checkpoint
 from tests.integration.publisher_helpers import (
     ITEMS,
     click,
-    make_checkpoint,
     read_topic,
     slates_by_partition,
 )
@@ -45,7 +45,7 @@ def test_hot_swap_while_events_flow(kafka_settings, topic_prefix, tmp_path, stor
     events_topic, recs_topic = f"{topic_prefix}.events", f"{topic_prefix}.recs"
     create_topics(kafka_settings, [events_topic, recs_topic], partitions=3)
     ckpt_dir = tmp_path / "ckpt"
-    make_checkpoint(ckpt_dir, 1)
+    make_checkpoint(ckpt_dir, 1, ITEMS)
     cfg = PublisherConfig(k=5, history_len=10, batch_interval_s=0.1, device="cpu", seed=0)
     watcher = ModelWatcher(
         ckpt_dir,
@@ -80,7 +80,7 @@ def test_hot_swap_while_events_flow(kafka_settings, topic_prefix, tmp_path, stor
             if n == 300:
                 while sink.batches < 3 and time.monotonic() < deadline + 30:
                     time.sleep(0.05)  # v1 is being served ...
-                make_checkpoint(ckpt_dir, 2, seed=1)  # ... and a new version lands mid-stream
+                make_checkpoint(ckpt_dir, 2, ITEMS, seed=1)  # ... and a new version lands
             e = click(n, users[n % len(users)], ITEMS[(n * 7) % len(ITEMS)])
             events_out.send(events_topic, key=e.key, value=e.to_bytes())
             sent.append(e)

@@ -13,10 +13,10 @@ import pytest
 
 from recsys.kafka import create_topics, make_producer
 from recsys.store import Store
+from tests.checkpoints import make_checkpoint
 from tests.integration.publisher_helpers import (
     ITEMS,
     click,
-    make_checkpoint,
     read_topic,
     slates_by_partition,
 )
@@ -43,7 +43,7 @@ def test_sigkill_mid_batch_loses_nothing(kafka_settings, topic_prefix, tmp_path)
     events_topic, recs_topic = f"{topic_prefix}.events", f"{topic_prefix}.recs"
     create_topics(kafka_settings, [events_topic, recs_topic], partitions=2)
     ckpt_dir = tmp_path / "ckpt"
-    make_checkpoint(ckpt_dir, 1)
+    make_checkpoint(ckpt_dir, 1, ITEMS)
     db = tmp_path / "store.db"
     env = {
         **os.environ,

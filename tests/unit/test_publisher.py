@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from recsys.events import Event
 from recsys.history import pad_histories
-from recsys.learner import Learner, LearnerConfig, load_policy, policy_scores
-from recsys.model import ModelConfig
+from recsys.learner import load_policy, policy_scores
 from recsys.publisher import (
     NO_MODEL_VERSION,
     ModelWatcher,
@@ -23,26 +21,9 @@ from recsys.publisher import (
     PublisherConfig,
     load_serving_model,
 )
+from tests.checkpoints import make_checkpoint
 
 ITEMS = [f"m{i}" for i in range(40)]
-
-
-def make_checkpoint(root: Path, step: int, items: list[str] = ITEMS, seed: int = 0) -> Path:
-    cfg = ModelConfig(
-        text_dim=8,
-        dim=16,
-        max_history=10,
-        item_capacity=64,
-        adaptor_hidden=16,
-        num_layers=1,
-        num_heads=2,
-        use_text=False,
-    )
-    learner = Learner(cfg, LearnerConfig(device="cpu", seed=seed, keep_checkpoints=10))
-    for i in items:
-        learner.catalog.index_of(i)
-    learner.step_count = step
-    return learner.save_checkpoint(root, offsets={})
 
 
 class Clock:
@@ -116,7 +97,7 @@ def test_unknown_users_get_cold_start_slates_of_popular_items():
 
 
 def test_model_slates_exclude_history_and_score_with_the_model(tmp_path):
-    path = make_checkpoint(tmp_path, 7)
+    path = make_checkpoint(tmp_path, 7, ITEMS)
     cfg = PublisherConfig(k=5, history_len=10, exploration="greedy", device="cpu")
     model = load_serving_model(path, cfg.policy_kwargs())
     pub = Publisher(cfg, lambda: model)
@@ -141,7 +122,7 @@ def test_model_slates_exclude_history_and_score_with_the_model(tmp_path):
 def test_user_states_in_length_buckets_equal_one_padded_batch(tmp_path):
     # The serving path sorts users by history length and trims each chunk's padding; every
     # user must get exactly the state the learner's own scoring computes from the full width.
-    model = load_serving_model(make_checkpoint(tmp_path, 3), {"device": "cpu"})
+    model = load_serving_model(make_checkpoint(tmp_path, 3, ITEMS), {"device": "cpu"})
     gen = torch.Generator().manual_seed(0)
     histories = [
         torch.randint(0, len(ITEMS), (int(n),), generator=gen).tolist()
@@ -156,7 +137,7 @@ def test_user_states_in_length_buckets_equal_one_padded_batch(tmp_path):
 
 
 def test_new_version_refreshes_every_known_user_in_chunks(tmp_path):
-    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 1, ITEMS)
     watcher = ModelWatcher(tmp_path, lambda p: load_serving_model(p, {"device": "cpu"}))
     assert watcher.poll()
     pub, clock = make_publisher(lambda: watcher.current, refresh_batch_users=4)
@@ -169,7 +150,7 @@ def test_new_version_refreshes_every_known_user_in_chunks(tmp_path):
     pub.committed(first)
     assert not pub.due()
 
-    make_checkpoint(tmp_path, 2, seed=1)
+    make_checkpoint(tmp_path, 2, ITEMS, seed=1)
     assert watcher.poll()
     assert pub.due()
     seen: set[str] = set()
@@ -185,9 +166,9 @@ def test_new_version_refreshes_every_known_user_in_chunks(tmp_path):
 
 
 def test_watcher_skips_tampered_and_partial_checkpoints(tmp_path):
-    make_checkpoint(tmp_path, 1)
-    good = make_checkpoint(tmp_path, 2)
-    bad = make_checkpoint(tmp_path, 3)
+    make_checkpoint(tmp_path, 1, ITEMS)
+    good = make_checkpoint(tmp_path, 2, ITEMS)
+    bad = make_checkpoint(tmp_path, 3, ITEMS)
     (bad / "model.safetensors").write_bytes(b"tampered")
     partial = tmp_path / "v000000000004"
     shutil.copytree(good, partial)
@@ -200,14 +181,14 @@ def test_watcher_skips_tampered_and_partial_checkpoints(tmp_path):
 
 
 def test_watcher_swaps_in_the_background(tmp_path):
-    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 1, ITEMS)
     watcher = ModelWatcher(
         tmp_path, lambda p: load_serving_model(p, {"device": "cpu"}), interval_s=0.05
     )
     watcher.poll()
     watcher.start()
     try:
-        make_checkpoint(tmp_path, 5)
+        make_checkpoint(tmp_path, 5, ITEMS)
         import time
 
         deadline = time.monotonic() + 20
