@@ -205,7 +205,9 @@ def run_demo(cfg: DemoConfig) -> Path:
             for world in worlds.values():
                 for user_id, items in watched.items():
                     world.mark_consumed(user_id, items)  # nobody re-watches their history
+            ceilings = worlds["oracle"].ceilings(cfg.k, live_ms)
             result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports)
+            result.extra["ceilings_at_start"] = ceilings
         except KeyboardInterrupt:
             print("\ninterrupted: stopping workers and writing the report", flush=True)
         finally:

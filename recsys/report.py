@@ -137,6 +137,16 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "| ratio (last third) | value |", "|---|---|"]
     for name, value in summary["ratios_last_third"].items():
         lines.append(f"| {name} | {_fmt(value, 3)} |")
+    ceilings = summary.get("ceilings_at_start")
+    if ceilings:
+        fixed = ceilings["best_fixed_slate"] / ceilings["oracle"]
+        lines += [
+            "",
+            "What is reachable (the simulator's truth at the start, no fatigue): the oracle's CTR "
+            f"{_fmt(ceilings['oracle'])}; the best single slate shown to everyone "
+            f"{_fmt(ceilings['best_fixed_slate'])} ({_fmt(fixed, 2)}× the oracle), the most any "
+            f"non-personalised policy can get; random {_fmt(ceilings['random'])}.",
+        ]
     fresh = summary["freshness_s"]
     lines += [
         "",

@@ -319,6 +319,36 @@ class UserSimulator:
         )
         return Slate(request_id or f"oracle:{user_id}:{now_ms}", user_id, "oracle", now_ms, items)
 
+    def ceilings(self, k: int, now_ms: int) -> dict[str, float]:
+        """Noise-free CTR per impression that reference policies would get at ``now_ms``.
+
+        Averaged over arriving users (by arrival probability), with what each user has watched
+        discounted and no fatigue yet: ``oracle`` (each user's own best ``k`` released items),
+        ``best_fixed_slate`` (the one slate of ``k`` items that is best on average, shown to
+        everyone: the most any non-personalised policy can get) and ``random``. They say what a
+        learner can reach without per-user knowledge.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        avail = self.available(now_ms)
+        if len(avail) < k:
+            raise ValueError(f"only {len(avail)} items released, k = {k}")
+        raw = self._raw_affinity(self._factors(now_ms))[:, avail]  # [U, A]
+        attr = _sigmoid(self.config.sharpness * (raw - self._mean) / self._std + self.offset)
+        column = {int(i): j for j, i in enumerate(avail.tolist())}
+        for u, watched in self._consumed.items():
+            cols = [column[i] for i in watched if i in column]
+            attr[u, cols] *= self.config.consumed_factor
+        exam = self.examination(np.arange(k))
+        w = self._arrival
+        own_best = -np.sort(-attr, axis=1)[:, :k]
+        fixed = np.argsort(-(w @ attr), kind="stable")[:k]
+        return {
+            "oracle": float(w @ (own_best @ exam)) / k,
+            "best_fixed_slate": float(w @ (attr[:, fixed] @ exam)) / k,
+            "random": float(w @ attr.mean(1)) * float(exam.sum()) / k,
+        }
+
     def expected_clicks(self, slate: Slate, now_ms: int | None = None) -> float:
         """Expected clicks of a slate under the true model (before its impressions count)."""
         ids = [s.item_id for s in slate.items]

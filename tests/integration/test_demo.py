@@ -24,10 +24,13 @@ def test_short_demo_writes_a_complete_report(data_dir, tmp_path):
     # The oracle knows the true click probabilities: nothing may beat it in its own world.
     ctr = summary["ctr_expected_overall"]
     assert all(ctr["oracle"] >= v for v in ctr.values())
+    ceilings = summary["ceilings_at_start"]
+    assert ceilings["oracle"] > ceilings["best_fixed_slate"] > ceilings["random"] > 0
     assert summary["slates_received"] > 0, "the publisher pushed slates into the loop"
     assert summary["freshness_s"]["n"] > 0
     report = (out / "report.md").read_text()
     assert "| recsys |" in report
+    assert "best single slate shown to everyone" in report
     for plot in ("ctr.png", "freshness.png"):
         assert (out / plot).stat().st_size > 1000
     for worker in ("encoder", "reward", "learner", "publisher"):

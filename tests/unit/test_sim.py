@@ -225,3 +225,26 @@ def test_watched_items_lose_their_appeal_for_that_user_only(ml: MovieLens) -> No
     appeal = sim.click_probabilities(user, released)
     best = {released[j] for j in np.argsort(-appeal, kind="stable")[:10]}
     assert {s.item_id for s in sim.oracle_slate(user, 10, CFG.start_ms).items} == best
+
+
+def test_ceilings_match_the_slates_they_describe(ml: MovieLens) -> None:
+    sim = UserSimulator(ml, CFG)
+    now, k = CFG.start_ms, 5
+    sim.mark_consumed(sim.user_ids[0], sim.item_ids[:50])
+    c = sim.ceilings(k, now)
+    assert c["oracle"] > c["best_fixed_slate"] > c["random"]
+    # The oracle ceiling is the arrival-weighted expected CTR of the oracle's own slates.
+    w = sim._arrival
+    per_user = [sim.expected_clicks(sim.oracle_slate(u, k, now)) / k for u in sim.user_ids]
+    assert c["oracle"] == pytest.approx(float(w @ np.array(per_user)), rel=1e-9)
+    # No single slate shown to everybody beats the best fixed one: try each user's oracle slate.
+    for u in sim.user_ids[:20]:
+        ids = [s.item_id for s in sim.oracle_slate(u, k, now).items]
+        everyone = [
+            sim.expected_clicks(Slate("r", v, "m", now, tuple(SlateItem(i, 0.0, 1.0, p)
+                                for p, i in enumerate(ids)))) / k
+            for v in sim.user_ids
+        ]  # fmt: skip
+        assert float(w @ np.array(everyone)) <= c["best_fixed_slate"] + 1e-12
+    with pytest.raises(ValueError, match="k must be"):
+        sim.ceilings(0, now)
