@@ -149,6 +149,25 @@ def rank_of(scores: np.ndarray, target: int, exclude: list[int], rng: np.random.
     return above + int(rng.integers(0, max(ties, 0) + 1))
 
 
+def chunk_histories(
+    users: list[str], items: list[int], seen: dict[str, list[int]], max_len: int
+) -> list[list[int]]:
+    """Each event's history (last ``max_len`` items) just before it, chunk events included.
+
+    ``seen`` holds the histories as of the chunk's start and is not changed. Only the model is
+    as of the chunk's start; a user's earlier events in the same chunk are already in the
+    history, as the publisher would see them. (Histories frozen at the chunk's start would
+    hand the model inputs up to a chunk stale while the baselines learn from every event.)
+    """
+    out: list[list[int]] = []
+    live: dict[str, list[int]] = {}
+    for user, item in zip(users, items, strict=True):
+        h = live.setdefault(user, list(seen.get(user, [])[-max_len:]))
+        out.append(h[-max_len:])
+        h.append(item)
+    return out
+
+
 def _kafka_events(data: MovieLens) -> Iterator[Event]:
     """The stream through the embedded broker: replayed, consumed back, validated."""
     from kafka.structs import TopicPartition
@@ -245,7 +264,7 @@ def run_prequential(
     def flush(batch: list[Event]) -> None:
         nonlocal position
         idx = [catalog.index[e.item_id] for e in batch]
-        hists = [seen.get(e.user_id, [])[-model_cfg.max_history :] for e in batch]
+        hists = chunk_histories([e.user_id for e in batch], idx, seen, model_cfg.max_history)
         # Test the whole chunk with the model as it is now, histories exact per event.
         learner.sync_items()
         scores = policy_scores(learner.model, hists).numpy()

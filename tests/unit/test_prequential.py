@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.eval.prequential import ISGD, RecentPopularity, Tally, rank_of
+from recsys.eval.prequential import ISGD, RecentPopularity, Tally, chunk_histories, rank_of
 
 
 def test_rank_excludes_seen_items_and_breaks_ties_fairly():
@@ -46,3 +46,11 @@ def test_tally_per_window():
     assert s["per_window"]["HR@10"] == [0.5, 1.0]
     assert s["HR@10"] == 0.75
     assert s["NDCG@10"] == pytest.approx((1 + 1 / np.log2(5) + 1 / np.log2(11)) / 4)
+
+
+def test_chunk_histories_are_exact_per_event():
+    seen = {"a": [1, 2], "b": [7]}
+    hists = chunk_histories(["a", "b", "a", "c", "a"], [3, 8, 4, 9, 5], seen, max_len=3)
+    # a user's earlier events of the chunk are in its later histories; nothing from itself on
+    assert hists == [[1, 2], [7], [1, 2, 3], [], [2, 3, 4]]
+    assert seen == {"a": [1, 2], "b": [7]}, "the chunk-start histories are left alone"
