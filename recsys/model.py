@@ -184,7 +184,41 @@ class UserEncoder(nn.Module):
 
     def forward(self, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``[B, N, d]``, ``[B, N]`` -> state ``[B, d]`` after the whole history."""
-        return self.forward_all(item_vecs, items)[0]
+        if self.training or self.transformer is None:
+            return self.forward_all(item_vecs, items)[0]
+        # Serving needs the last position only: the last layer computes just that row (its
+        # keys and values still come from every position), about a third less work at 2 layers.
+        x, mask = self._layout(item_vecs, items)
+        *body, last = self.transformer.layers
+        for layer in body:
+            x = layer(x, src_mask=mask)
+        h = last.norm1(x)
+        q_mask = mask[:, -1:]  # [B*H, 1, N+1]
+        y = x[:, -1:] + last.self_attn(h[:, -1:], h, h, attn_mask=q_mask, need_weights=False)[0]
+        y = y + last._ff_block(last.norm2(y))
+        return self.out_norm(y[:, 0])
+
+    def _layout(
+        self, item_vecs: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer input ``[B, N+1, d]`` laid out ``[pad.., begin, items..]``, and its
+        attention mask ``[B*H, N+1, N+1]`` (True = blocked)."""
+        bsz, n, d = item_vecs.shape
+        lengths = (items != PAD).sum(1)  # [B]
+        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
+        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
+        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
+        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]: begin sits right before the items
+        # Column j < begin_at takes a pad, j == begin_at the begin token, after that the items
+        # (already in place).
+        src = torch.where(cols < begin_at, cols + 1, torch.where(cols == begin_at, 0, cols))
+        x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))
+        x = self.drop(x + self.pos[-(n + 1) :].to(x.dtype))
+        pad = cols < begin_at  # [B, N+1]
+        # Causal, no attention to padding; a pad query may see itself so no row is empty.
+        blocked = self.causal[-(n + 1) :, -(n + 1) :].unsqueeze(0) | pad.unsqueeze(1)
+        blocked = blocked & ~torch.eye(n + 1, dtype=torch.bool, device=items.device)
+        return x, blocked.repeat_interleave(self.cfg.num_heads, dim=0)
 
     def forward_all(
         self, item_vecs: torch.Tensor, items: torch.Tensor
@@ -194,28 +228,18 @@ class UserEncoder(nn.Module):
         ``seq[:, j]`` is the state from the items before history column ``j`` (what predicts
         column ``j``, causally); it is meaningful where column ``j`` holds a real item.
         """
-        bsz, n, d = item_vecs.shape
-        real = items != PAD
-        lengths = real.sum(1)  # [B]
-        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
-        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
-        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
-        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]: begin sits right before the items
         if self.transformer is not None:
-            # Layout [pad.., begin, items..]: column j < begin_at takes a pad, j == begin_at the
-            # begin token, after that the items (already in place).
-            src = torch.where(cols < begin_at, cols + 1, torch.where(cols == begin_at, 0, cols))
-            x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))
-            x = self.drop(x + self.pos[-(n + 1) :].to(x.dtype))
-            pad = cols < begin_at  # [B, N+1]
-            # Causal, no attention to padding; a pad query may see itself so no row is empty.
-            blocked = self.causal[-(n + 1) :, -(n + 1) :].unsqueeze(0) | pad.unsqueeze(1)
-            blocked = blocked & ~torch.eye(n + 1, dtype=torch.bool, device=items.device)
-            mask = blocked.repeat_interleave(self.cfg.num_heads, dim=0)  # [B*H, N+1, N+1]
+            x, mask = self._layout(item_vecs, items)
             h = self.out_norm(self.transformer(x, mask=mask))
             # layout column c predicts layout column c + 1, which holds history column c
             return h[:, -1], h[:, :-1]
         assert self.gru is not None
+        bsz, n, d = item_vecs.shape
+        lengths = (items != PAD).sum(1)  # [B]
+        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
+        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
+        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
+        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]
         # Right-aligned layout [begin, items.., pad..] for the GRU; read the state at the end.
         src = torch.where(cols == 0, 0, (cols + begin_at).clamp(max=n))
         x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))

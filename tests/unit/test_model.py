@@ -149,3 +149,15 @@ def test_config_validation_names_the_field() -> None:
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_dict({"bogus": 1})
     assert PAD == -1
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_serving_state_equals_the_training_path(layers: int) -> None:
+    # In eval mode the last layer computes the last position only; it must be the same state.
+    net = _net(num_layers=layers)
+    items, _ = pad_histories([[], [2], [1, 2, 3], [4, MASK, 6, 7, 8, 9], [5, 5, 5, 5]], 6)
+    served = net.user_state(items)
+    last, _ = net.user_states_all(items)
+    torch.testing.assert_close(served, last, atol=1e-5, rtol=1e-5)
+    net.train()  # dropout is 0: the training path must agree too
+    torch.testing.assert_close(net.user_state(items), served, atol=1e-5, rtol=1e-5)
