@@ -33,7 +33,7 @@ from recsys.data.movielens import MovieLens, load_movielens
 from recsys.eval.offline import _default_cache_dir, _subset_quick, default_configs
 from recsys.events import Event, EventParser, RewardRecord
 from recsys.items import ItemCatalog, TextEncoder
-from recsys.learner import Learner, policy_scores
+from recsys.learner import Learner, LearnerConfig, policy_scores
 from recsys.online_learner import OnlineConfig, OnlineLearner
 
 K = 10
@@ -149,6 +149,13 @@ def rank_of(scores: np.ndarray, target: int, exclude: list[int], rng: np.random.
     return above + int(rng.integers(0, max(ties, 0) + 1))
 
 
+def _prefix(data: MovieLens, n: int) -> MovieLens:
+    """The first ``n`` ratings of the time-ordered stream (movies kept whole)."""
+    return replace(
+        data, user=data.user[:n], item=data.item[:n], rating=data.rating[:n], ts_ms=data.ts_ms[:n]
+    )
+
+
 def chunk_histories(
     users: list[str], items: list[int], seen: dict[str, list[int]], max_len: int
 ) -> list[list[int]]:
@@ -216,7 +223,8 @@ def run_prequential(
     dim: int = 32,
     layers: int = 1,
     history: int = 20,
-    replay_ratio: float = 2.0,
+    replay_ratio: float = 8.0,
+    limit: int | None = None,
     out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the comparison; prints a table and returns (and optionally writes) the figures."""
@@ -224,10 +232,14 @@ def run_prequential(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     t_start = time.time()
     data = load_movielens(path)
     if quick:
         data = _subset_quick(data)
+    if limit is not None:
+        data = _prefix(data, limit)
     encoder = TextEncoder(device=device)
     catalog = ItemCatalog(encoder, Path(cache_dir) if cache_dir else _default_cache_dir())
     catalog.upsert(data.movies)
@@ -237,17 +249,35 @@ def run_prequential(
     n_items = len(catalog)
     out(
         f"MovieLens {path}: {len(data)} ratings, {len(users)} users, {n_items} items"
-        f"{' (quick subset)' if quick else ''}{' via the embedded broker' if via_kafka else ''}"
+        f"{' (quick subset)' if quick else ''}{f' (first {limit} events)' if limit else ''}"
+        f"{' via the embedded broker' if via_kafka else ''}"
     )
 
     torch.manual_seed(seed)
     model_cfg, learner_cfg, _ = default_configs(n_items, catalog.dim, quick, device)
     # Test-then-learn pays for every step in wall time: a lighter network than offline's.
     model_cfg = replace(model_cfg, dim=dim, num_layers=layers, max_history=history)
-    learner = Learner(model_cfg, replace(learner_cfg, seed=seed), catalog)
+    # The learner worker's replay buffer (LearnerConfig's defaults: a recent ring of a quarter
+    # of the capacity, half of every batch drawn from it), not the offline evaluation's
+    # uniform reservoir: on this drifting stream, replay uniform over all the past keeps the
+    # model on old tastes.
+    worker = LearnerConfig()
+    learner_cfg = replace(
+        learner_cfg,
+        seed=seed,
+        buffer_capacity=worker.buffer_capacity,
+        recent_capacity=worker.recent_capacity,
+        recent_fraction=worker.recent_fraction,
+    )
+    learner = Learner(model_cfg, learner_cfg, catalog)
     ckpt_dir = tempfile.mkdtemp(prefix="prequential-")
+    # The budget is replay_ratio samples per event: the per-batch step cap (which bounds a
+    # worker's catch-up after a stall) is set so that it does not bind on a chunk.
+    steps_per_chunk = math.ceil(chunk * replay_ratio / learner_cfg.batch_size)
     online = OnlineLearner(
-        learner, ckpt_dir, OnlineConfig(replay_ratio=replay_ratio, max_steps_per_batch=16)
+        learner,
+        ckpt_dir,
+        OnlineConfig(replay_ratio=replay_ratio, max_steps_per_batch=max(16, steps_per_chunk)),
     )
     baselines: dict[str, RecentPopularity | ISGD] = {
         "recent popularity": RecentPopularity(n_items),
@@ -313,6 +343,7 @@ def run_prequential(
         "chunk": chunk,
         "windows": windows,
         "steps": learner.step_count,
+        "limit": limit,
         "model": {"dim": dim, "layers": layers, "history": history, "replay_ratio": replay_ratio},
         "reward": "clip(1 + 0.5*(rating - running user mean), 0.1, 2)",
         "seconds": round(time.time() - t_start, 1),
@@ -370,7 +401,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=32, help="model width")
     p.add_argument("--layers", type=int, default=1, help="user-state transformer layers")
     p.add_argument("--history", type=int, default=20, help="history length N")
-    p.add_argument("--replay-ratio", type=float, default=2.0, help="training samples per event")
+    p.add_argument("--replay-ratio", type=float, default=8.0, help="training samples per event")
+    p.add_argument("--limit", type=int, default=None, help="only the first N events (iteration)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -389,5 +421,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         layers=args.layers,
         history=args.history,
         replay_ratio=args.replay_ratio,
+        limit=args.limit,
     )
     return 0

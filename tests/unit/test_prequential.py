@@ -54,3 +54,26 @@ def test_chunk_histories_are_exact_per_event():
     # a user's earlier events of the chunk are in its later histories; nothing from itself on
     assert hists == [[1, 2], [7], [1, 2, 3], [], [2, 3, 4]]
     assert seen == {"a": [1, 2], "b": [7]}, "the chunk-start histories are left alone"
+
+
+def test_prefix_keeps_the_first_events_in_order():
+    from pathlib import Path
+
+    from recsys.data.movielens import MovieLens
+    from recsys.data.report import LoadReport
+    from recsys.eval.prequential import _prefix
+
+    data = MovieLens(
+        path=Path("."),
+        layout="ml-latest",
+        user=np.array([1, 2, 1]),
+        item=np.array([10, 11, 12]),
+        rating=np.array([4.0, 3.0, 5.0]),
+        ts_ms=np.array([1, 2, 3]),
+        movies=(),
+        report=LoadReport(),
+    )
+    head = _prefix(data, 2)
+    assert head.item.tolist() == [10, 11]
+    assert head.ts_ms.tolist() == [1, 2]
+    assert len(head) == 2
