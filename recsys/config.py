@@ -316,7 +316,12 @@ class PublisherSettings(_Section):
     refresh_batch_users: int = Field(
         2048, ge=1, description="Users per batch when refreshing everyone for a new version"
     )
-    chunk_size: int = Field(1024, ge=1, description="Users per matrix product when ranking")
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Users per matrix product when ranking (unset: 1024 on CPU, ~256 MiB of "
+        "scores per product on CUDA)",
+    )
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     seed: int | None = Field(None, description="Seed of the slate sampler (unset: random)")
     refresh_on_impression: bool = Field(

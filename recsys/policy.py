@@ -52,6 +52,13 @@ import torch
 Exploration = Literal["greedy", "boltzmann", "epsilon"]
 EXPLORATIONS: tuple[str, ...] = ("greedy", "boltzmann", "epsilon")
 
+# Rejection rounds per epsilon-greedy slot before the explicit-mask fallback (a round fails
+# only when it hits an excluded or already chosen item).
+_EPSILON_ROUNDS = 4
+
+# Score-buffer elements per chunk on CUDA (float32: 256 MiB); see Policy's ``chunk_size``.
+_CUDA_SCORE_BUFFER = 1 << 26
+
 # Smallest propensity ever logged: the event contract requires (0, 1], and float32 softmax of an
 # item far below the top can underflow to 0 even though its true probability is positive.
 MIN_PROPENSITY = 1e-30
@@ -366,15 +373,15 @@ def _epsilon_greedy(
         g_item = greedy[rows, g_pos]
         choice = g_item.clone()
         # Uniform draw among the remaining allowed items by rejection from a uniform proposal
-        # (exact); rows still unresolved after a few rounds draw from an explicit mask.
-        todo = torch.nonzero(explore[:, j] & (allowed_n > j)).squeeze(1)
-        for _ in range(16):
-            if todo.numel() == 0:
-                break
-            cand = torch.randint(0, n_items, (len(todo),), generator=generator, device=dev)
-            ok = torch.isfinite(raw[todo, cand]) & (prev[todo] != cand.unsqueeze(1)).all(1)
-            choice[todo[ok]] = cand[ok]
-            todo = todo[~ok]
+        # (exact). A fixed number of rounds over all rows keeps the device free of host syncs;
+        # rows still unresolved after them draw from an explicit mask.
+        pending = explore[:, j] & (allowed_n > j)
+        for _ in range(_EPSILON_ROUNDS):
+            cand = torch.randint(0, n_items, (bsz,), generator=generator, device=dev)
+            ok = pending & torch.isfinite(raw[rows, cand]) & (prev != cand.unsqueeze(1)).all(1)
+            choice = torch.where(ok, cand, choice)
+            pending = pending & ~ok
+        todo = torch.nonzero(pending).squeeze(1)
         if todo.numel():
             weights = torch.isfinite(raw[todo]).double()
             weights.scatter_(1, prev[todo], 0.0)
@@ -426,7 +433,8 @@ class Policy:
     epsilon:
         Epsilon-greedy exploration rate in [0, 1].
     chunk_size:
-        Users per matrix product; bounds the ``[chunk, I]`` score buffer.
+        Users per matrix product; bounds the ``[chunk, I]`` score buffer. Default (None): 1024
+        on CPU; on CUDA, enough users for a buffer of about 256 MiB (fewer, larger launches).
     seed:
         Seeds the sampling generator (None: nondeterministic).
     device:
@@ -443,7 +451,7 @@ class Policy:
         exploration: Exploration = "boltzmann",
         temperature: float = 1.0,
         epsilon: float = 0.1,
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
         seed: int | None = None,
         device: torch.device | str | None = None,
         candidates: int | None = None,
@@ -452,11 +460,14 @@ class Policy:
         if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
             raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
         self.candidates = candidates
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         if item_matrix.dim() != 2 or item_matrix.shape[0] == 0:
             raise ValueError("item_matrix must be a non-empty [I, d] tensor")
         self.device = torch.device(device) if device is not None else default_device()
+        if chunk_size is None:
+            big = self.device.type == "cuda"
+            chunk_size = max(1024, _CUDA_SCORE_BUFFER // item_matrix.shape[0]) if big else 1024
         self.item_matrix = item_matrix.detach().to(self.device, torch.float32).contiguous()
         self.exploration: Exploration = exploration
         self.temperature = float(temperature)

@@ -220,7 +220,7 @@ class PublisherConfig:
     cold_start_temperature: float = 1.0
     batch_interval_s: float = 0.2
     refresh_batch_users: int = 2048
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # None: the Policy's default for the device
     device: str | None = None
     seed: int | None = None
     refresh_on_impression: bool = True
@@ -228,6 +228,8 @@ class PublisherConfig:
     def __post_init__(self) -> None:
         for name in ("k", "history_len", "refresh_batch_users", "chunk_size"):
             v = getattr(self, name)
+            if v is None and name == "chunk_size":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         for name in ("temperature", "cold_start_temperature"):
