@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 EVENT_TYPES = frozenset(
     {"impression", "click", "dwell", "add_to_cart", "purchase", "rating", "skip"}
@@ -331,8 +331,10 @@ class RewardRecord:
             raise ValueError(f"bad reward record: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class SlateItem:
+class SlateItem(NamedTuple):
+    """One ranked item of a slate. A named tuple: the publisher builds ~10 per user on every
+    refresh, and it constructs several times faster than a frozen dataclass."""
+
     item_id: str
     score: float
     propensity: float
