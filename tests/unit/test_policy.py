@@ -199,11 +199,18 @@ def test_cuda_matches_cpu_greedy():
     assert torch.all(sampled.propensities > 0)
 
 
-def test_boltzmann_position_marginals_with_most_items_outside_the_pool():
-    # 20 items, a pool of 3: positions 0 and 1 must follow the exact Plackett–Luce marginals.
-    states, items = _case(12, b=1, i=20, d=4)
-    n, temp = 60_000, 2.0
-    g = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize(
+    ("n_items", "temp", "seed"),
+    [
+        (20, 2.0, 5),  # one block of the two-level draw
+        (70, 4.0, 6),  # several blocks, a flat policy: most slate items come from the rest
+    ],
+)
+def test_boltzmann_position_marginals_with_most_items_outside_the_pool(n_items, temp, seed):
+    # A pool of 3: positions 0 and 1 must follow the exact Plackett–Luce marginals.
+    states, items = _case(seed + 7, b=1, i=n_items, d=4)
+    n = 60_000
+    g = torch.Generator().manual_seed(seed)
     r = rank(
         states.expand(n, 4),
         items,
@@ -214,11 +221,18 @@ def test_boltzmann_position_marginals_with_most_items_outside_the_pool():
         candidates=3,
     )
     p = torch.softmax((states @ items.T)[0].double() / temp, 0)
-    second = torch.stack([(p * p[a] / (1 - p)).sum() - p[a] * p[a] / (1 - p[a]) for a in range(20)])
+    second = torch.stack(
+        [(p * p[a] / (1 - p)).sum() - p[a] * p[a] / (1 - p[a]) for a in range(n_items)]
+    )
     for pos, expected in ((0, p), (1, second)):
-        freq = torch.bincount(r.items[:, pos], minlength=20).double() / n
+        freq = torch.bincount(r.items[:, pos], minlength=n_items).double() / n
         se = torch.sqrt(expected * (1 - expected) / n)
         assert torch.all((freq - expected).abs() < 5 * se + 1e-4), (pos, freq, expected)
+    # Every logged propensity is the exact Plackett–Luce conditional of its slate.
+    z = ((states @ items.T)[0] / temp).tolist()
+    for b in range(0, n, 6_000):
+        slate = r.items[b].tolist()
+        assert r.propensities[b].tolist() == pytest.approx(_pl_conditional(z, slate), rel=1e-4)
 
 
 def test_categorical_draws_follow_p_across_blocks():
@@ -233,33 +247,6 @@ def test_categorical_draws_follow_p_across_blocks():
     se = torch.sqrt(expected * (1 - expected) / n)
     assert torch.all(freq[expected == 0] == 0)
     assert torch.all((freq - expected).abs() < 5 * se + 1e-5), (freq - expected).abs().max()
-
-
-def test_boltzmann_position_marginals_in_a_catalogue_of_several_blocks():
-    # 70 items, a pool of 3, a flat policy: most slate items come from the top-down rest path.
-    states, items = _case(13, b=1, i=70, d=4)
-    n, temp = 60_000, 4.0
-    g = torch.Generator().manual_seed(6)
-    r = rank(
-        states.expand(n, 4),
-        items,
-        3,
-        exploration="boltzmann",
-        temperature=temp,
-        generator=g,
-        candidates=3,
-    )
-    p = torch.softmax((states @ items.T)[0].double() / temp, 0)
-    second = torch.stack([(p * p[a] / (1 - p)).sum() - p[a] * p[a] / (1 - p[a]) for a in range(70)])
-    for pos, expected in ((0, p), (1, second)):
-        freq = torch.bincount(r.items[:, pos], minlength=70).double() / n
-        se = torch.sqrt(expected * (1 - expected) / n)
-        assert torch.all((freq - expected).abs() < 5 * se + 1e-4), (pos, freq, expected)
-    # Every logged propensity is the exact Plackett–Luce conditional of its slate.
-    z = ((states @ items.T)[0] / temp).tolist()
-    for b in range(0, n, 6_000):
-        slate = r.items[b].tolist()
-        assert r.propensities[b].tolist() == pytest.approx(_pl_conditional(z, slate), rel=1e-4)
 
 
 def test_epsilon_allowed_count_ignores_padding_duplicates_and_out_of_range():
