@@ -29,6 +29,7 @@ from kafka import KafkaProducer
 from kafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsys import checkpoint as ckpt
 from recsys.baselines import EpsilonGreedyPolicy, MostPopularPolicy, RandomPolicy
 from recsys.broker import EmbeddedBroker, free_port
 from recsys.config import KafkaSettings, TopicSettings
@@ -189,7 +190,14 @@ def run_demo(cfg: DemoConfig) -> Path:
                 replay(warm, producer, topics.events, progress=False)
             if warm:
                 learner = _Scraper(ports["learner"])
-                _wait_for_model(workers, learner, topics.rewards, len(warm), timeout_s=900)
+                _wait_for_model(
+                    workers,
+                    learner,
+                    out / "checkpoints",
+                    topics.rewards,
+                    len(warm),
+                    timeout_s=900,
+                )
             # The live phase's clock starts now: release times and the shift count from here.
             live_ms = int(time.time() * 1000)
             shift_ms = None
@@ -222,31 +230,36 @@ def run_demo(cfg: DemoConfig) -> Path:
 def _wait_for_model(
     workers: list[WorkerProcess],
     learner: _Scraper,
+    checkpoint_dir: Path,
     rewards_topic: str,
     backfill: int,
     timeout_s: float,
 ) -> None:
-    """Until the learner has learned from the backfill and written a checkpoint after it."""
+    """Until the newest checkpoint holds the model learned from every backfill reward.
+
+    The checkpoint's own offsets say what it has learned from (the rewards topic is new, so its
+    offsets count rewards); waiting for "one more checkpoint" instead hangs when the learner's
+    last checkpoint already covered everything and it has nothing left to save.
+    """
     deadline = time.monotonic() + timeout_s
-    consumed_at: float | None = None
     last = -1.0
     while time.monotonic() < deadline:
         for w in workers:
             if not w.alive:
                 raise RecsysError(f"{w.name} worker exited ({w.returncode}):\n{w.tail()}")
-        consumed = checkpoints = 0.0
+        consumed = 0.0
         for name, labels, value in learner.samples():
             if name == "recsys_events_consumed_total" and labels.get("topic") == rewards_topic:
                 consumed = value
-            elif name == "recsys_checkpoints_written_total":
-                checkpoints = value
         if consumed != last:
             print(f"  warm-up: learner has {int(consumed)}/{backfill} backfill rewards", flush=True)
             last = consumed
-        if consumed_at is None and consumed >= backfill and checkpoints >= 1:
-            consumed_at = checkpoints
-        elif consumed_at is not None and checkpoints > consumed_at:
-            return
+        latest = ckpt.find_latest(checkpoint_dir)
+        if latest is not None:
+            offsets = latest[1].get("offsets", {})
+            learned = sum(v for k, v in offsets.items() if k.rpartition(":")[0] == rewards_topic)
+            if learned >= backfill:
+                return
         time.sleep(1.0)
     # A slow machine should still get its demo: go live with whatever the learner has so far.
     print("  warm-up: time is up; going live with the model as it is", flush=True)
