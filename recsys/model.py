@@ -198,17 +198,27 @@ class UserEncoder(nn.Module):
         y = y + last._ff_block(last.norm2(y))
         return self.out_norm(y[:, 0])
 
+    def _with_begin(
+        self, item_vecs: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What both encoders start from: ``[begin, items..]`` ``[B, N+1, d]`` with the mask
+        vector at masked positions, column numbers ``[1, N+1]``, where the begin token belongs
+        in the left-padded layout ``[B, 1]``, and history lengths ``[B]``."""
+        bsz, n, d = item_vecs.shape
+        lengths = (items != PAD).sum(1)
+        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
+        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)
+        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)
+        begin_at = (n - lengths).unsqueeze(1)  # begin sits right before the items
+        return x, cols, begin_at, lengths
+
     def _layout(
         self, item_vecs: torch.Tensor, items: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer input ``[B, N+1, d]`` laid out ``[pad.., begin, items..]``, and its
         attention mask ``[B*H, N+1, N+1]`` (True = blocked)."""
         bsz, n, d = item_vecs.shape
-        lengths = (items != PAD).sum(1)  # [B]
-        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
-        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
-        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
-        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]: begin sits right before the items
+        x, cols, begin_at, _ = self._with_begin(item_vecs, items)
         # Column j < begin_at takes a pad, j == begin_at the begin token, after that the items
         # (already in place).
         src = torch.where(cols < begin_at, cols + 1, torch.where(cols == begin_at, 0, cols))
@@ -235,11 +245,7 @@ class UserEncoder(nn.Module):
             return h[:, -1], h[:, :-1]
         assert self.gru is not None
         bsz, n, d = item_vecs.shape
-        lengths = (items != PAD).sum(1)  # [B]
-        x = torch.where((items == MASK).unsqueeze(-1), self.mask_vec.to(item_vecs.dtype), item_vecs)
-        x = torch.cat([self.begin.to(x.dtype).expand(bsz, 1, d), x], dim=1)  # [B, N+1, d]
-        cols = torch.arange(n + 1, device=items.device).unsqueeze(0)  # [1, N+1]
-        begin_at = (n - lengths).unsqueeze(1)  # [B, 1]
+        x, cols, begin_at, lengths = self._with_begin(item_vecs, items)
         # Right-aligned layout [begin, items.., pad..] for the GRU; read the state at the end.
         src = torch.where(cols == 0, 0, (cols + begin_at).clamp(max=n))
         x = torch.gather(x, 1, src.unsqueeze(-1).expand(bsz, n + 1, d))

@@ -218,11 +218,12 @@ def _boltzmann(
     # Summed directly, never as total − pool: R can be many orders of magnitude
     # below the pool, and the difference would be rounding noise.
     rest = p.sum(1).double()  # [B] mass of R
+    log_rest = torch.log(rest) + shift64  # -inf if R is empty
     pool_z = cand_z.double()
-    log_total = torch.logaddexp(torch.log(rest) + shift64, torch.logsumexp(pool_z, dim=1))
+    log_total = torch.logaddexp(log_rest, torch.logsumexp(pool_z, dim=1))
 
     pool_key = pool_z + _gumbel((bsz, m), p, generator)
-    rest_max = torch.log(rest) + shift64 + _gumbel((bsz,), p, generator)  # -inf if R is empty
+    rest_max = log_rest + _gumbel((bsz,), p, generator)
     kth = torch.topk(pool_key, k, dim=1).values[:, -1]
     active = torch.nonzero(rest_max > kth).squeeze(1)
     all_idx, all_z, all_key = cand_idx, pool_z, pool_key

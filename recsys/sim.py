@@ -262,14 +262,17 @@ class UserSimulator:
     def _attractiveness(self, u: int, items: np.ndarray, now_ms: int | None) -> np.ndarray:
         P = self._factors(now_ms)
         raw = P[u] @ self._Q[items].T + self._bias[items]
-        z = (raw - self._mean) / self._std
-        appeal = _sigmoid(self.config.sharpness * z + self.offset) * self._fatigue(u, items, now_ms)
+        appeal = self._appeal(raw) * self._fatigue(u, items, now_ms)
         watched = self._consumed.get(u)
         if watched:
             appeal = np.where(
                 np.isin(items, list(watched)), appeal * self.config.consumed_factor, appeal
             )
         return appeal
+
+    def _appeal(self, raw: np.ndarray) -> np.ndarray:
+        """P(click | examined) from raw affinity, before fatigue and the watched discount."""
+        return _sigmoid(self.config.sharpness * (raw - self._mean) / self._std + self.offset)
 
     def _purchase_probability(self, z: float) -> float:
         rate = self.config.purchase_rate
@@ -333,8 +336,7 @@ class UserSimulator:
         avail = self.available(now_ms)
         if len(avail) < k:
             raise ValueError(f"only {len(avail)} items released, k = {k}")
-        raw = self._raw_affinity(self._factors(now_ms))[:, avail]  # [U, A]
-        attr = _sigmoid(self.config.sharpness * (raw - self._mean) / self._std + self.offset)
+        attr = self._appeal(self._raw_affinity(self._factors(now_ms))[:, avail])  # [U, A]
         column = {int(i): j for j, i in enumerate(avail.tolist())}
         for u, watched in self._consumed.items():
             cols = [column[i] for i in watched if i in column]
