@@ -40,9 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recsys import datasets  # noqa: E402
 from recsys.drift import DriftMonitor  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "obd" / "random" / "all" / "all.csv"
+DEFAULT_DATA = datasets.path("obd") / "all.csv"
 
 
 @dataclass(frozen=True)

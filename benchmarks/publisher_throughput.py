@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recsys import datasets  # noqa: E402
 from recsys.history import pad_histories  # noqa: E402
 from recsys.learner import Learner, LearnerConfig  # noqa: E402
 from recsys.model import ModelConfig  # noqa: E402
@@ -62,7 +63,7 @@ def load_movielens(path: Path) -> tuple[list[str], dict[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/ml-latest-small")
+    ap.add_argument("--data", type=Path, default=datasets.path("ml-latest-small"))
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--dim", type=int, default=64)

@@ -8,7 +8,7 @@ client: building events, serialising, pacing and progress. A second reference wi
 kafka-python's default settings is printed for context. Runs alternate and the best of
 ``--repeats`` is kept, since the machine is shared.
 
-    python benchmarks/replay_throughput.py --path ../shared/data/ml-latest-small --json out.json
+    python benchmarks/replay_throughput.py --json out.json
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any
 
 from kafka import KafkaProducer
 
+from recsys import datasets
 from recsys.broker import EmbeddedBroker
 from recsys.config import load_settings
 from recsys.data.movielens import load_movielens
 from recsys.data.replay import REPLAY_PRODUCER_OVERRIDES, replay
 from recsys.kafka import create_topics, make_producer
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-latest-small"
+DEFAULT_PATH = datasets.path("ml-latest-small")
 
 
 def _bare(producer: KafkaProducer, topic: str, messages: list[tuple[bytes, bytes]]) -> float:

@@ -24,11 +24,12 @@ from pathlib import Path
 from kafka.partitioner.default import murmur2
 from kafka.structs import TopicPartition
 
+from recsys import datasets
 from recsys.config import KafkaSettings, RewardSettings
 from recsys.events import Event, EventParser, Reason, Rejection
 from recsys.kafka import make_consumer, make_producer
 
-OBD_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "obd" / "random" / "all"
+OBD_PATH = datasets.path("obd")
 BIG_PAYLOAD_BYTES = 10 * 1024 * 1024
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from recsys import datasets
 from recsys.config import Settings, load_settings
 from recsys.errors import RecsysError
 
@@ -129,7 +130,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _add_replay(sub: Any) -> None:
     p = sub.add_parser("replay", help="replay a real data set to the events and items topics")
     p.add_argument("dataset", choices=("movielens", "obd"))
-    p.add_argument("--path", type=existing_path, required=True, help="data set folder")
+    p.add_argument(
+        "--path",
+        type=existing_path,
+        default=None,
+        help="data set folder (default: the packaged ml-latest-small or OBD sample)",
+    )
     p.add_argument("--max-rate", type=float, help="events per second at most (default: no cap)")
     p.add_argument("--limit", type=int, help="stop after this many events")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,9 +146,11 @@ def _add_replay(sub: Any) -> None:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from recsys.data.replay import run_replay
 
+    # The default depends on the data set, so it is resolved here, not in the flag.
+    path = args.path or datasets.path("ml-latest-small" if args.dataset == "movielens" else "obd")
     summary = run_replay(
         args.dataset,
-        args.path,
+        path,
         _settings(args),
         max_rate=args.max_rate,
         limit=args.limit,
@@ -233,8 +241,10 @@ def _add_demo(sub: Any) -> None:
     p.add_argument(
         "--data",
         type=Path,
-        default=Path("../shared/data"),
-        help="MovieLens folder (or its parent) for the simulated users",
+        # The packaged copy; DemoConfig accepts the dataset folder itself or its parent.
+        default=datasets.path("ml-latest-small"),
+        help="MovieLens folder (or its parent) for the simulated users "
+        "(default: the packaged ml-latest-small)",
     )
     p.add_argument("--visits-per-s", type=float, default=15.0, help="simulated visits per second")
     p.add_argument(

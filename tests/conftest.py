@@ -1,4 +1,4 @@
-"""Shared fixtures: the real embedded broker, real databases, and the shared data sets."""
+"""Shared fixtures: the real embedded broker, real databases, and the packaged data sets."""
 
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from recsys import datasets
 from recsys.broker import EmbeddedBroker
 from recsys.config import KafkaSettings
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.fail(f"shared data not found at {DATA}")
-    return DATA
+    """The folder holding the packaged data sets, laid out as ``ml-latest-small/`` and
+    ``obd/random/all/`` (the upstream layout), so tests join those names onto it."""
+    return datasets.path("ml-latest-small").parent
 
 
 @pytest.fixture(scope="session")

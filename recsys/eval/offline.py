@@ -412,7 +412,13 @@ def format_table(summary: dict[str, Any], part: str = "test") -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--path", required=True, help="MovieLens folder (ml-latest, ml-1m or ml-100k)")
+    from recsys import datasets
+
+    p.add_argument(
+        "--path",
+        default=datasets.path("ml-latest-small"),
+        help="MovieLens folder (ml-latest, ml-1m or ml-100k; default: the packaged latest-small)",
+    )
     p.add_argument("--quick", action="store_true", help="a small user subset, few steps (tests)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per network (>= 1)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")

@@ -341,7 +341,13 @@ def render(result: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `recsys eval ope`."""
-    p.add_argument("--path", required=True, help="Open Bandit Dataset folder (CSV layout)")
+    from recsys import datasets
+
+    p.add_argument(
+        "--path",
+        default=datasets.path("obd"),
+        help="Open Bandit Dataset folder (CSV layout; default: the packaged 10,000-row sample)",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
     p.add_argument("--train-fraction", type=float, default=0.7, help="time-ordered training part")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")

@@ -388,7 +388,13 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `recsys eval prequential`."""
-    p.add_argument("--path", required=True, help="MovieLens folder (ml-latest, ml-1m or ml-100k)")
+    from recsys import datasets
+
+    p.add_argument(
+        "--path",
+        default=datasets.path("ml-latest-small"),
+        help="MovieLens folder (ml-latest, ml-1m or ml-100k; default: the packaged latest-small)",
+    )
     p.add_argument("--chunk", type=int, default=512, help="events tested together, then learned")
     p.add_argument("--windows", type=int, default=10, help="windows for the per-window figures")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")

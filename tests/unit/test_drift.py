@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from recsys import datasets
 from recsys.config import load_settings
 from recsys.drift import (
     DetectorKind,
@@ -23,7 +24,7 @@ from recsys.drift import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-OBD = ROOT.parent / "shared" / "data" / "obd" / "random" / "all" / "all.csv"
+OBD = datasets.path("obd") / "all.csv"
 
 
 def _bench():

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys import datasets
 from recsys.data.movielens import detect_layout, load_movielens
 from recsys.errors import DataError
 from recsys.events import EventParser
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = datasets.path("ml-latest-small").parent  # packaged: ml-latest-small/, obd/random/all/
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> None:

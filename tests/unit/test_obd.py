@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys import datasets
 from recsys.data.obd import load_obd, obd_items
 from recsys.errors import DataError
 from recsys.events import EventParser
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = datasets.path("ml-latest-small").parent  # packaged: ml-latest-small/, obd/random/all/
 OBD = DATA / "obd" / "random" / "all"
 
 _HEADER = (

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys import datasets
 from recsys.eval.ope import DM, DR, IPS, SNIPS, run_ope, softmax_policy
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = datasets.path("ml-latest-small").parent  # packaged: ml-latest-small/, obd/random/all/
 
 
 def _bandit(n: int = 20_000, seed: int = 0) -> dict[str, np.ndarray]:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from recsys import datasets
 from recsys.baselines import EpsilonGreedyPolicy, MostPopularPolicy, RandomPolicy
 from recsys.data.movielens import MovieLens, load_movielens
 from recsys.events import Event, EventParser, Slate, SlateItem
 from recsys.sim import SimConfig, UserSimulator
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = datasets.path("ml-latest-small").parent  # packaged: ml-latest-small/, obd/random/all/
 CFG = SimConfig(seed=3, n_items=300, als_iterations=4, shift_at_ms=1_700_000_100_000)
 
 
