@@ -26,10 +26,36 @@ from torch import nn
 from recsys.errors import ConfigError
 from recsys.history import MASK, PAD
 
+# Upper bounds on ModelConfig's sizes. A config may come from a checkpoint someone else wrote,
+# and these sizes are allocated when the model is built, so an absurd one (a crafted
+# item_capacity of 10^12) must fail validation, naming the field, instead of taking the learner
+# or publisher down with an out-of-memory. Each bound is far above real use (defaults in
+# brackets); the two products bound what the fields allocate together.
+MODEL_SIZE_BOUNDS: dict[str, int] = {
+    "text_dim": 8192,  # [384] the widest common text encoders are 4096
+    "dim": 4096,  # [64]
+    "max_history": 4096,  # [50] attention cost grows with its square
+    "item_capacity": 1 << 24,  # [1024] 16.7M items; the catalogue grows by doubling up to it
+    "adaptor_hidden": 16384,  # [256]
+    "ffn_mult": 16,  # [2]
+    "num_layers": 64,  # [2]
+    "num_heads": 256,  # [2]
+}
+# item_capacity * (text_dim + dim): the text vectors plus the id embedding, 32 GiB of float32
+# (2^24 items at the default widths is 7.5e9 elements, below it).
+MAX_ITEM_TABLE_ELEMENTS = 1 << 33
+# num_layers * dim^2 * (4 + 2 * ffn_mult): the transformer's weights, 8 GiB of float32.
+MAX_ENCODER_ELEMENTS = 1 << 31
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of :class:`PolicyNet`; validated at construction."""
+    """Hyper-parameters of :class:`PolicyNet`; validated at construction.
+
+    Every size is an int from 1 to its bound in :data:`MODEL_SIZE_BOUNDS`, and the item tables
+    and the transformer stay within :data:`MAX_ITEM_TABLE_ELEMENTS` and
+    :data:`MAX_ENCODER_ELEMENTS` elements; a violation raises ConfigError naming the field.
+    """
 
     text_dim: int = 384
     dim: int = 64
@@ -46,30 +72,39 @@ class ModelConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in (
-            "text_dim",
-            "dim",
-            "max_history",
-            "item_capacity",
-            "adaptor_hidden",
-            "ffn_mult",
-        ):
+        for name, bound in MODEL_SIZE_BOUNDS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"ModelConfig.{name} must be an int >= 1, got {v!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= bound:
+                raise ConfigError(f"ModelConfig.{name} must be an int in [1, {bound}], got {v!r}")
+        if self.dim % self.num_heads:
             raise ConfigError(
-                f"ModelConfig.num_layers must be an int >= 1, got {self.num_layers!r}"
+                f"ModelConfig.num_heads must divide dim={self.dim}, got {self.num_heads!r}"
             )
-        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.dim % self.num_heads:
+        table = self.item_capacity * (self.text_dim + self.dim)
+        if table > MAX_ITEM_TABLE_ELEMENTS:
             raise ConfigError(
-                f"ModelConfig.num_heads must be >= 1 and divide dim={self.dim}, "
-                f"got {self.num_heads!r}"
+                f"ModelConfig.item_capacity={self.item_capacity} with text_dim={self.text_dim} "
+                f"and dim={self.dim} needs {table} item-table elements, more than "
+                f"{MAX_ITEM_TABLE_ELEMENTS}"
+            )
+        encoder = self.num_layers * self.dim**2 * (4 + 2 * self.ffn_mult)
+        if encoder > MAX_ENCODER_ELEMENTS:
+            raise ConfigError(
+                f"ModelConfig.num_layers={self.num_layers} with dim={self.dim} and "
+                f"ffn_mult={self.ffn_mult} needs {encoder} encoder weights, more than "
+                f"{MAX_ENCODER_ELEMENTS}"
             )
         if self.encoder not in ("transformer", "gru"):
             raise ConfigError(
                 f"ModelConfig.encoder must be 'transformer' or 'gru', got {self.encoder!r}"
             )
+        for name in ("use_text", "use_id_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("dropout", "temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise ConfigError(f"ModelConfig.{name} must be a number, got {v!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
