@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.broker import EmbeddedBroker, free_port
 from recsys.config import KafkaSettings, TopicSettings
-from recsys.data.replay import replay_items
-from recsys.demo import WORKER_NAMES, worker_env
+from recsys.data.backfill import replay_items
+from recsys.demo.run import WORKER_NAMES, worker_env
+from recsys.demo.supervisor import WorkerProcess, wait_for
 from recsys.events import Event, ItemRecord, Slate
 from recsys.kafka import create_topics, make_consumer, make_producer
-from recsys.supervisor import WorkerProcess, wait_for
 
 TARGET_P99_S = 2.0
 

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsys.items import resolve_device
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
-from recsys.replay import Transitions
+from recsys.replay_buffer import Transitions
+from recsys.serving.device import resolve_device
 
 
 def _sync(device: torch.device) -> None:

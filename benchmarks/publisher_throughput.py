@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from recsys import datasets  # noqa: E402
 from recsys.history import pad_histories  # noqa: E402
-from recsys.learner import Learner, LearnerConfig  # noqa: E402
+from recsys.learner.trainer import Learner, LearnerConfig  # noqa: E402
 from recsys.model import ModelConfig  # noqa: E402
 from recsys.policy import Policy  # noqa: E402
-from recsys.publisher import Publisher, PublisherConfig, load_serving_model  # noqa: E402
+from recsys.publisher.core import Publisher, PublisherConfig, load_serving_model  # noqa: E402
 
 
 def load_movielens(path: Path) -> tuple[list[str], dict[str, list[str]]]:

@@ -144,7 +144,7 @@ def _add_replay(sub: Any) -> None:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from recsys.data.replay import run_replay
+    from recsys.data.backfill import run_replay
 
     # The default depends on the data set, so it is resolved here, not in the flag.
     path = args.path or datasets.path("ml-latest-small" if args.dataset == "movielens" else "obd")
@@ -263,7 +263,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from recsys.demo import DemoConfig, run_demo
+    from recsys.demo.run import DemoConfig, run_demo
 
     cfg = DemoConfig(
         minutes=args.minutes,

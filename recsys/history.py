@@ -5,8 +5,8 @@ A user's history is the items the user gave a **positive** reward to, in **event
 *as of* the impression's time, strictly before it (``ts' < ts``), so nothing from the
 impression itself or later leaks into its own state.
 
-Item indices are the dense indices of :class:`recsys.items.ItemCatalog`. Padded tensors use
-:data:`PAD` (``-1``) on the **left**, so the newest item always sits in the last column; the
+Item indices are the dense indices of :class:`recsys.encoder.catalog.ItemCatalog`. Padded tensors
+use :data:`PAD` (``-1``) on the **left**, so the newest item always sits in the last column; the
 augmentations in :mod:`recsys.objectives` use :data:`MASK` (``-2``) for masked positions.
 """
 

@@ -49,6 +49,8 @@ from typing import Literal
 
 import torch
 
+from recsys.serving.device import resolve_device
+
 Exploration = Literal["greedy", "boltzmann", "epsilon"]
 EXPLORATIONS: tuple[str, ...] = ("greedy", "boltzmann", "epsilon")
 
@@ -62,11 +64,6 @@ _CUDA_SCORE_BUFFER = 1 << 26
 # Smallest propensity ever logged: the event contract requires (0, 1], and float32 softmax of an
 # item far below the top can underflow to 0 even though its true probability is positive.
 MIN_PROPENSITY = 1e-30
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)
@@ -465,7 +462,7 @@ class Policy:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         if item_matrix.dim() != 2 or item_matrix.shape[0] == 0:
             raise ValueError("item_matrix must be a non-empty [I, d] tensor")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         if chunk_size is None:
             big = self.device.type == "cuda"
             chunk_size = max(1024, _CUDA_SCORE_BUFFER // item_matrix.shape[0]) if big else 1024

@@ -11,9 +11,10 @@ from kafka.structs import TopicPartition
 
 from recsys import metrics
 from recsys.config import Settings
+from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, ItemVector, Rejection, item_text, parse_item
-from recsys.items import ItemCatalog, TextEncoder, text_key
 from recsys.kafka import DeadLetterWriter, make_producer
 from workers.common import run_consumer
 

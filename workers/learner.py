@@ -15,11 +15,12 @@ from kafka.structs import TopicPartition
 from recsys import metrics
 from recsys.config import Settings
 from recsys.drift import DriftMonitor, DriftReaction
+from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
-from recsys.items import ItemCatalog
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.online import OnlineConfig, OnlineLearner
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
-from recsys.online_learner import OnlineConfig, OnlineLearner
 from workers.common import run_consumer
 
 log = logging.getLogger(__name__)

@@ -14,14 +14,11 @@ from recsys.config import Settings
 from recsys.events import EventParser
 from recsys.kafka import ConsumerLoop, make_consumer, make_producer
 from recsys.metrics_server import serve_metrics
-from recsys.publisher import (
-    ModelWatcher,
-    Publisher,
-    PublisherConfig,
-    PublisherSink,
-    load_serving_model,
-)
+from recsys.publisher.core import Publisher, PublisherConfig
+from recsys.publisher.sink import PublisherSink
 from recsys.rewards.rules import RewardRules
+from recsys.serving.model import load_serving_model
+from recsys.serving.watcher import ModelWatcher
 from recsys.store import Store
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Loaders for real data sets (MovieLens, Open Bandit Dataset) as event streams, and replay."""
 
+from recsys.data.backfill import ReplaySummary, read_topic, replay, replay_items, run_replay
+from recsys.data.load_report import LoadReport, SkippedRow
 from recsys.data.movielens import MovieLens, detect_layout, load_movielens
 from recsys.data.obd import OBDLog, load_obd, obd_items
-from recsys.data.replay import ReplaySummary, read_topic, replay, replay_items, run_replay
-from recsys.data.report import LoadReport, SkippedRow
 
 __all__ = [
     "LoadReport",

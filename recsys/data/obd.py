@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.data.report import LoadReport
+from recsys.data.load_report import LoadReport
 from recsys.errors import DataError
 from recsys.events import Event, ItemRecord
 

@@ -42,10 +42,12 @@ import numpy as np
 import torch
 
 from recsys.data.movielens import MovieLens, load_movielens
+from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.text import TextEncoder
 from recsys.events import RewardRecord
 from recsys.history import pad_histories
-from recsys.items import ItemCatalog, TextEncoder
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
 log = logging.getLogger(__name__)

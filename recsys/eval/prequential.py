@@ -3,7 +3,7 @@
 Every rating, in timestamp order, is first a test: rank every item for that user (their rated
 items excluded) with the model as it is now, and record whether the rated item is in the top 10
 (HR@10, NDCG@10). Then it is training data. Our model learns through exactly the path the
-learner worker uses (:class:`~recsys.online_learner.OnlineLearner`: dedupe, replay buffer,
+learner worker uses (:class:`~recsys.learner.online.OnlineLearner`: dedupe, replay buffer,
 the step budget per new reward), in chunks of events: all events of a chunk are tested with
 the model as of the chunk's start (histories are exact per event), then learned from.
 
@@ -30,11 +30,14 @@ import numpy as np
 import torch
 
 from recsys.data.movielens import MovieLens, load_movielens
+from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.text import TextEncoder
 from recsys.eval.offline import _default_cache_dir, _subset_quick, default_configs
 from recsys.events import Event, EventParser, RewardRecord
-from recsys.items import ItemCatalog, TextEncoder
-from recsys.learner import Learner, LearnerConfig, policy_scores
-from recsys.online_learner import OnlineConfig, OnlineLearner
+from recsys.learner.config import LearnerConfig
+from recsys.learner.online import OnlineConfig, OnlineLearner
+from recsys.learner.trainer import Learner
+from recsys.serving.model import policy_scores
 
 K = 10
 
@@ -181,7 +184,7 @@ def _kafka_events(data: MovieLens) -> Iterator[Event]:
 
     from recsys.broker import EmbeddedBroker
     from recsys.config import KafkaSettings
-    from recsys.data.replay import replay
+    from recsys.data.backfill import replay
     from recsys.kafka import create_topics, make_consumer, make_producer
 
     parser = EventParser(max_clock_skew_ms=0)

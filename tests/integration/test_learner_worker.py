@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from recsys import checkpoint as ckpt
-from recsys.data.replay import read_topic
+from recsys.data.backfill import read_topic
+from recsys.demo.supervisor import WorkerProcess, wait_for
 from recsys.events import ItemRecord, ItemVector, RewardRecord
 from recsys.kafka import create_topics, make_producer
-from recsys.supervisor import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 

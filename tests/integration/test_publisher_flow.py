@@ -11,13 +11,10 @@ import pytest
 from recsys import metrics
 from recsys.cli import main as cli_main
 from recsys.kafka import ConsumerLoop, create_topics, make_consumer, make_producer
-from recsys.publisher import (
-    ModelWatcher,
-    Publisher,
-    PublisherConfig,
-    PublisherSink,
-    load_serving_model,
-)
+from recsys.publisher.core import Publisher, PublisherConfig
+from recsys.publisher.sink import PublisherSink
+from recsys.serving.model import load_serving_model
+from recsys.serving.watcher import ModelWatcher
 from recsys.store import Store
 from tests.checkpoints import make_checkpoint
 from tests.integration.publisher_helpers import (

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from recsys.config import KafkaSettings, load_settings
-from recsys.data.replay import read_topic, run_replay
+from recsys.data.backfill import read_topic, run_replay
 from recsys.events import EventParser, parse_item
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from recsys.demo import _wait_for_model
-from recsys.learner import Learner, LearnerConfig
+from recsys.demo.run import _wait_for_model
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from recsys import metrics
+from recsys.encoder.cache import VectorCache
+from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.text import TextEncoder, default_model_path, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, item_text
-from recsys.items import ItemCatalog, TextEncoder, VectorCache, default_model_path, text_key
 from tests.unit.tiny_bert import make_tiny_bert
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from recsys import metrics
+from recsys.encoder.catalog import ItemCatalog
 from recsys.errors import CheckpointError, ConfigError
 from recsys.events import RewardRecord
 from recsys.history import PAD
-from recsys.items import ItemCatalog
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
 

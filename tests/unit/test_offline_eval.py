@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.data.load_report import LoadReport
 from recsys.data.movielens import MovieLens
-from recsys.data.report import LoadReport
+from recsys.encoder.catalog import ItemCatalog
 from recsys.eval import offline
-from recsys.items import ItemCatalog
 from tests.unit.tiny_bert import make_tiny_bert
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from recsys import checkpoint as ckpt
+from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
-from recsys.items import ItemCatalog
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.online import OnlineConfig, OnlineLearner, RecentIds
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
-from recsys.online_learner import OnlineConfig, OnlineLearner, RecentIds
 
 
 class Clock:

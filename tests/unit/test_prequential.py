@@ -59,8 +59,8 @@ def test_chunk_histories_are_exact_per_event():
 def test_prefix_keeps_the_first_events_in_order():
     from pathlib import Path
 
+    from recsys.data.load_report import LoadReport
     from recsys.data.movielens import MovieLens
-    from recsys.data.report import LoadReport
     from recsys.eval.prequential import _prefix
 
     data = MovieLens(

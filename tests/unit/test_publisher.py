@@ -13,14 +13,9 @@ import torch
 
 from recsys.events import Event
 from recsys.history import pad_histories
-from recsys.learner import load_policy, policy_scores
-from recsys.publisher import (
-    NO_MODEL_VERSION,
-    ModelWatcher,
-    Publisher,
-    PublisherConfig,
-    load_serving_model,
-)
+from recsys.publisher.core import NO_MODEL_VERSION, Publisher, PublisherConfig
+from recsys.serving.model import load_policy, load_serving_model, policy_scores
+from recsys.serving.watcher import ModelWatcher
 from tests.checkpoints import make_checkpoint
 
 ITEMS = [f"m{i}" for i in range(40)]

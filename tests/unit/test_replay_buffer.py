@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.replay import ReplayBuffer, Transitions, _last_writer, reservoir_slots
+from recsys.replay_buffer import ReplayBuffer, Transitions, _last_writer, reservoir_slots
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from recsys import datasets
-from recsys.baselines import EpsilonGreedyPolicy, MostPopularPolicy, RandomPolicy
 from recsys.data.movielens import MovieLens, load_movielens
+from recsys.demo.arms import EpsilonGreedyArm, MostPopularArm, RandomArm
+from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.events import Event, EventParser, Slate, SlateItem
-from recsys.sim import SimConfig, UserSimulator
 
 DATA = datasets.path("ml-latest-small").parent  # packaged: ml-latest-small/, obd/random/all/
 CFG = SimConfig(seed=3, n_items=300, als_iterations=4, shift_at_ms=1_700_000_100_000)
@@ -146,9 +146,9 @@ def test_oracle_beats_baselines_and_determinism(ml: MovieLens) -> None:
         now = CFG.start_ms
         items = [sim.item_ids[j] for j in sim.available(now)]
         policies = {
-            "random": RandomPolicy(items, 5, seed=seed),
-            "popular": MostPopularPolicy(items, 5, seed=seed),
-            "egreedy": EpsilonGreedyPolicy(items, 5, epsilon=0.2, seed=seed),
+            "random": RandomArm(items, 5, seed=seed),
+            "popular": MostPopularArm(items, 5, seed=seed),
+            "egreedy": EpsilonGreedyArm(items, 5, epsilon=0.2, seed=seed),
         }
         out = []
         for n in range(1500):
@@ -178,14 +178,14 @@ def test_validation_names_the_parameter(ml: MovieLens) -> None:
     with pytest.raises(ValueError, match="shift_kind"):
         UserSimulator(ml, replace(CFG, shift_kind="flip"))
     with pytest.raises(ValueError, match="epsilon"):
-        EpsilonGreedyPolicy(["a"], 1, epsilon=1.5)
+        EpsilonGreedyArm(["a"], 1, epsilon=1.5)
     with pytest.raises(ValueError, match="k must"):
-        RandomPolicy(["a"], 0)
+        RandomArm(["a"], 0)
 
 
 def test_policy_propensities() -> None:
     items = [str(i) for i in range(20)]
-    eg = EpsilonGreedyPolicy(items, 4, epsilon=0.25, seed=0)
+    eg = EpsilonGreedyArm(items, 4, epsilon=0.25, seed=0)
     # Items 0-3 have the best CTR estimates: the greedy slate, shown with prob 1 - epsilon.
     eg.update([Event(f"c{i}", "click", "u", str(i), 0) for i in range(4)])
     counts = np.zeros(20)
@@ -198,11 +198,11 @@ def test_policy_propensities() -> None:
     # Empirical inclusion rates match the stated propensities.
     np.testing.assert_allclose(counts[:4] / n, 0.75 + 0.25 * 0.2, atol=0.03)
     np.testing.assert_allclose(counts[4:] / n, 0.25 * 0.2, atol=0.02)
-    popular = MostPopularPolicy(items, 3, seed=0)
+    popular = MostPopularArm(items, 3, seed=0)
     popular.update([Event(f"c{i}", "click", "u", "7", 0) for i in range(3)])
     popular.update([Event("d", "click", "u", "2", 0), Event("x", "click", "u", "zz", 0)])
     assert [i.item_id for i in popular.slate("u", 0, "p").items][:2] == ["7", "2"]
-    r = RandomPolicy(items, 4, seed=0).slate("u", 0, "x")
+    r = RandomArm(items, 4, seed=0).slate("u", 0, "x")
     assert all(i.propensity == pytest.approx(0.2) for i in r.items)
 
 

@@ -30,17 +30,17 @@ from kafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from recsys import checkpoint as ckpt
-from recsys.baselines import EpsilonGreedyPolicy, MostPopularPolicy, RandomPolicy
 from recsys.broker import EmbeddedBroker, free_port
 from recsys.config import KafkaSettings, TopicSettings
+from recsys.data.backfill import replay, replay_items
 from recsys.data.movielens import MovieLens, load_movielens
-from recsys.data.replay import replay, replay_items
+from recsys.demo.arms import EpsilonGreedyArm, MostPopularArm, RandomArm
+from recsys.demo.report import ArmSeries, DemoResult, write_report
+from recsys.demo.simulator import SimConfig, UserSimulator
+from recsys.demo.supervisor import WorkerProcess
 from recsys.errors import ConfigError, RecsysError
 from recsys.events import Event, Slate, SlateItem
 from recsys.kafka import create_topics, make_consumer, make_producer
-from recsys.report import ArmSeries, DemoResult, write_report
-from recsys.sim import SimConfig, UserSimulator
-from recsys.supervisor import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +278,13 @@ def _live(
     sim = worlds["recsys"]
     arms = {name: _Arm(world) for name, world in worlds.items()}
     live_items = [sim.item_ids[j] for j in sim.available(int(time.time() * 1000))]
-    popular = MostPopularPolicy(live_items, cfg.k, seed=cfg.seed)
+    popular = MostPopularArm(live_items, cfg.k, seed=cfg.seed)
     counts = Counter(e.item_id for e in warm if (e.value or 0) >= 4.0)
     popular.clicks = np.asarray([counts.get(i, 0) for i in popular.items], dtype=float)
-    baselines: dict[str, RandomPolicy | MostPopularPolicy | EpsilonGreedyPolicy] = {
-        "random": RandomPolicy(live_items, cfg.k, seed=cfg.seed),
+    baselines: dict[str, RandomArm | MostPopularArm | EpsilonGreedyArm] = {
+        "random": RandomArm(live_items, cfg.k, seed=cfg.seed),
         "most_popular": popular,
-        "epsilon_greedy": EpsilonGreedyPolicy(live_items, cfg.k, seed=cfg.seed),
+        "epsilon_greedy": EpsilonGreedyArm(live_items, cfg.k, seed=cfg.seed),
     }
     slates = _SlateFeed(kafka, topics.recommendations)
     learner, publisher = _Scraper(ports["learner"]), _Scraper(ports["publisher"])

@@ -22,7 +22,7 @@ from recsys import metrics
 from recsys.drift import DriftMonitor, DriftReaction
 from recsys.errors import CheckpointError
 from recsys.events import ItemVector, RewardRecord
-from recsys.learner import Learner
+from recsys.learner.trainer import Learner
 
 log = logging.getLogger(__name__)
 

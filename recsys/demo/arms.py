@@ -60,7 +60,7 @@ class _Base:
         return self.rng.choice(len(self.items), size=min(self.k, len(self.items)), replace=False)
 
 
-class RandomPolicy(_Base):
+class RandomArm(_Base):
     """k distinct items uniformly at random; propensity k/n for every item."""
 
     name = "random"
@@ -71,7 +71,7 @@ class RandomPolicy(_Base):
         return self._slate(user_id, now_ms, request_id, chosen, prop)
 
 
-class MostPopularPolicy(_Base):
+class MostPopularArm(_Base):
     """The k items with the most observed clicks (ties at random); deterministic, propensity 1."""
 
     name = "most_popular"
@@ -83,7 +83,7 @@ class MostPopularPolicy(_Base):
         return self._slate(user_id, now_ms, request_id, chosen, np.ones(len(chosen)))
 
 
-class EpsilonGreedyPolicy(_Base):
+class EpsilonGreedyArm(_Base):
     """With probability epsilon a uniformly random slate, else the top-k by estimated CTR.
 
     CTR estimates are Beta-smoothed: (clicks + prior_clicks) / (impressions + prior_impressions),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recsys.config import KafkaSettings, Settings
-from recsys.data.report import SkippedRow
+from recsys.data.load_report import SkippedRow
 from recsys.errors import RecsysError
 from recsys.events import Event, ItemRecord
 

@@ -25,8 +25,8 @@ from kafka import KafkaProducer
 from recsys import datasets
 from recsys.broker import EmbeddedBroker
 from recsys.config import load_settings
+from recsys.data.backfill import REPLAY_PRODUCER_OVERRIDES, replay
 from recsys.data.movielens import load_movielens
-from recsys.data.replay import REPLAY_PRODUCER_OVERRIDES, replay
 from recsys.kafka import create_topics, make_producer
 
 DEFAULT_PATH = datasets.path("ml-latest-small")

@@ -34,9 +34,8 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,119 +45,20 @@ from torch import nn
 from recsys import checkpoint as ckpt
 from recsys import metrics
 from recsys import objectives as obj
+from recsys.encoder.catalog import ItemCatalog
 from recsys.errors import CheckpointError, ConfigError
 from recsys.events import RewardRecord
 from recsys.history import UserHistories, pad_histories
-from recsys.items import ItemCatalog, resolve_device
+from recsys.learner.checkpoint_io import optimizer_from_flat, optimizer_to_flat, write_json
+from recsys.learner.config import LearnerConfig
 from recsys.model import ModelConfig, PolicyNet
-from recsys.replay import ReplayBuffer, Transitions
+from recsys.replay_buffer import ReplayBuffer, Transitions
+from recsys.serving.device import resolve_device
+from recsys.serving.model import policy_scores
 
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss", "pg", "contrast", "behaviour", "weight_mean")
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    """Learner hyper-parameters; validated at construction, errors name the parameter."""
-
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    objective: Literal["reinforce", "ce"] = "reinforce"
-    pg_weight: float = 1.0
-    topk: int = 10
-    weight_cap: float = 10.0
-    behaviour_weight: float = 1.0
-    alpha: float = 1.0
-    contrastive: Literal["infonce", "hinge", "none"] = "infonce"
-    augment_weight: float = 0.1
-    augment_views: int = 1
-    augment_rows: int = 32
-    contrast_all_positions: bool = True
-    normalize_weights: bool = True
-    contrast_temperature: float = 0.1
-    hinge_margin: float = 0.5
-    softmax: Literal["auto", "full", "sampled"] = "auto"
-    sampled_above: int = 50_000
-    num_negatives: int = 2048
-    behaviour_negatives: int = 2048
-    contrast_negatives: int = 256
-    buffer_capacity: int = 100_000
-    recent_capacity: int | None = None
-    recent_fraction: float = 0.5
-    min_buffer: int = 1
-    grad_clip: float = 5.0
-    amp: bool = True
-    device: str = "auto"
-    seed: int = 0
-    keep_checkpoints: int = 3
-    checkpoint_buffer: bool = False
-
-    def __post_init__(self) -> None:
-        def check(name: str, ok: bool, what: str) -> None:
-            if not ok:
-                raise ConfigError(
-                    f"LearnerConfig.{name} must be {what}, got {getattr(self, name)!r}"
-                )
-
-        def pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-        def nonneg(v: Any) -> bool:
-            return isinstance(v, int | float) and math.isfinite(v) and v >= 0
-
-        for n in (
-            "augment_rows",
-            "behaviour_negatives",
-            "contrast_negatives",
-            "batch_size",
-            "topk",
-            "sampled_above",
-            "num_negatives",
-            "buffer_capacity",
-            "min_buffer",
-            "keep_checkpoints",
-        ):
-            check(n, pos_int(getattr(self, n)), "an int >= 1")
-        for n in (
-            "weight_decay",
-            "pg_weight",
-            "behaviour_weight",
-            "alpha",
-            "augment_weight",
-            "hinge_margin",
-        ):
-            check(n, nonneg(getattr(self, n)), "a finite number >= 0")
-        for n in ("lr", "weight_cap", "contrast_temperature", "grad_clip"):
-            check(n, nonneg(getattr(self, n)) and getattr(self, n) > 0, "a finite number > 0")
-        check("objective", self.objective in ("reinforce", "ce"), "'reinforce' or 'ce'")
-        check(
-            "contrastive",
-            self.contrastive in ("infonce", "hinge", "none"),
-            "'infonce', 'hinge' or 'none'",
-        )
-        check("augment_views", self.augment_views in (1, 2), "1 or 2")
-        check("softmax", self.softmax in ("auto", "full", "sampled"), "'auto', 'full' or 'sampled'")
-        check("recent_fraction", 0.0 <= self.recent_fraction <= 1.0, "in [0, 1]")
-        rc = self.recent_capacity
-        check(
-            "recent_capacity",
-            rc is None or (isinstance(rc, int) and 0 <= rc <= self.buffer_capacity),
-            "None or an int in [0, buffer_capacity]",
-        )
-        check("device", isinstance(self.device, str) and bool(self.device), "a device string")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LearnerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"LearnerConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class Learner:
@@ -468,7 +368,7 @@ class Learner:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"refusing to save non-finite weights: {bad}")
-        opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer, self.model)
+        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer, self.model)
         users, hist = self.histories.to_arrays()
         hist_t = {k: torch.from_numpy(v) for k, v in hist.items()}
         cat_arrays, cat_meta = self.catalog.state()
@@ -476,13 +376,13 @@ class Learner:
         writers: dict[str, Any] = {
             "model.safetensors": lambda p: save_file(state, str(p)),
             "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
-            "optimizer.json": lambda p: _write_json(p, opt_meta),
-            "catalog.json": lambda p: _write_json(p, cat_meta),
+            "optimizer.json": lambda p: write_json(p, opt_meta),
+            "catalog.json": lambda p: write_json(p, cat_meta),
             "learner.safetensors": lambda p: save_file(
                 {"item_counts": self.item_counts.detach().cpu().contiguous()}, str(p)
             ),
             "histories.safetensors": lambda p: save_file(hist_t, str(p)),
-            "histories.json": lambda p: _write_json(
+            "histories.json": lambda p: write_json(
                 p,
                 {
                     "users": users,
@@ -494,7 +394,7 @@ class Learner:
         if self.cfg.checkpoint_buffer:
             rb_tensors, rb_meta = self.buffer.state_dict()
             writers["replay.safetensors"] = lambda p: save_file(rb_tensors, str(p))
-            writers["replay.json"] = lambda p: _write_json(p, rb_meta)
+            writers["replay.json"] = lambda p: write_json(p, rb_meta)
         manifest = {
             "offsets": {str(k): int(v) for k, v in offsets.items()},
             "config": {"model": self.model_cfg.to_dict(), "learner": self.cfg.to_dict()},
@@ -529,7 +429,7 @@ class Learner:
                 lcfg = {**lcfg, "device": device}
             learner = cls(model_cfg, LearnerConfig.from_dict(lcfg), catalog)
             learner.model.load_state_dict(load_file(str(path / "model.safetensors")))
-            _optimizer_from_flat(
+            optimizer_from_flat(
                 learner.optimizer,
                 learner.model,
                 load_file(str(path / "optimizer.safetensors")),
@@ -579,112 +479,3 @@ class Learner:
                 continue
             return learner, dict(manifest["offsets"])
         return None
-
-
-def policy_scores(
-    model: PolicyNet, user_histories: Sequence[Sequence[int]] | torch.Tensor
-) -> torch.Tensor:
-    """Policy logits ``[B, I]`` (float32, eval mode, no grad) for the given histories."""
-    dev = next(model.parameters()).device
-    if isinstance(user_histories, torch.Tensor):
-        items = user_histories.to(dev)
-    else:
-        items, _ = pad_histories(user_histories, model.cfg.max_history, dev)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(items).float()
-    model.train(was_training)
-    return out
-
-
-def load_policy(
-    path: str | Path, device: str | None = "cpu"
-) -> tuple[PolicyNet, list[str], dict[str, Any]]:
-    """Load a checkpoint's model for inference -> ``(model in eval mode, item ids, manifest)``.
-
-    ``item_ids[i]`` is the id of item index ``i``. ``path`` is a checkpoint directory, or a root
-    holding several (the newest valid is taken). Raises CheckpointError when nothing valid.
-    """
-    path = Path(path)
-    if not (path / ckpt.MANIFEST).exists():
-        found = ckpt.find_latest(path)
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint under {path}")
-        path = found[0]
-    manifest = ckpt.read_manifest(path)
-    try:
-        cfg = ModelConfig.from_dict(manifest["config"]["model"])
-        model = PolicyNet(cfg)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        item_ids = [str(x) for x in json.loads((path / "catalog.json").read_text())["ids"]]
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load policy: {exc}") from exc
-    if len(item_ids) != model.num_items:
-        raise CheckpointError(f"{path}: catalog has {len(item_ids)} ids, model {model.num_items}")
-    manifest["path"] = str(path)
-    manifest["model_version"] = path.name
-    return model.to(resolve_device(device)).eval(), item_ids, manifest
-
-
-# --- optimizer state as safetensors + JSON (no pickle) ---------------------------------------
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def _optimizer_to_flat(
-    opt: torch.optim.Optimizer, model: nn.Module
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    names = _param_names(model)
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for p, st in opt.state.items():
-        name = names[id(p)]
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(name, {})[k] = v
-    groups = []
-    for g in opt.param_groups:
-        g2 = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-        g2["params"] = [names[id(p)] for p in g["params"]]
-        groups.append(g2)
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _optimizer_from_flat(
-    opt: torch.optim.Optimizer,
-    model: nn.Module,
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-) -> None:
-    params = dict(model.named_parameters())
-    order = [n for g in meta["param_groups"] for n in g["params"]]
-    if set(order) != set(params):
-        raise CheckpointError("optimizer state does not match the model's parameters")
-    state: dict[int, dict[str, Any]] = {}
-    for i, name in enumerate(order):
-        st = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-        st.update(meta["scalars"].get(name, {}))
-        if st:
-            state[i] = st
-    groups = []
-    start = 0
-    for g in meta["param_groups"]:
-        g2 = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"}
-        g2["params"] = list(range(start, start + len(g["params"])))
-        start += len(g["params"])
-        groups.append(g2)
-    # our param order must match the saved one for load_state_dict's positional mapping
-    if len(opt.param_groups) != 1:
-        raise CheckpointError("only single-group optimizers can be restored")
-    opt.param_groups[0]["params"] = [params[n] for n in order]
-    opt.load_state_dict({"state": state, "param_groups": groups})

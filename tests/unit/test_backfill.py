@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsys.data.replay import ReplayError, event_bytes, replay
+from recsys.data.backfill import ReplayError, event_bytes, replay
 from recsys.events import Event
 
 _text = st.text(min_size=1, max_size=12)

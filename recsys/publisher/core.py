@@ -24,186 +24,30 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import datetime as dt
 import logging
 import math
 import os
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import TopicPartition
 
-from recsys import checkpoint as ckpt
-from recsys import metrics
-from recsys.errors import CheckpointError
-from recsys.events import Event, EventParser, Rejection, Slate, SlateItem
-from recsys.history import PAD, UserHistories, pad_histories
-from recsys.policy import Policy, Ranking, default_device
+from recsys.events import Event, Slate, SlateItem
+from recsys.history import UserHistories, pad_histories
+from recsys.policy import Policy, Ranking
 from recsys.rewards.rules import RewardRules
-from recsys.store import HistoryEntry, SlateWrite, Store
+from recsys.serving.model import ServingModel
+from recsys.store import HistoryEntry, SlateWrite
 
 log = logging.getLogger(__name__)
 
 NO_MODEL_VERSION = "cold-start"
 """``model_version`` of slates published before any model version exists."""
 WORKER = "publisher"
-
-
-# --- the model behind a small interface -------------------------------------------------------
-
-
-@dataclass
-class ServingModel:
-    """One loaded model version, ready to rank: what the publisher needs from the learner.
-
-    ``user_states(items [B, N])`` -> ``[B, d]`` from item-index histories (left-padded with -1);
-    ``policy`` ranks against the model's item matrix (scores are the model's policy logits).
-    """
-
-    version: str
-    path: str
-    item_ids: list[str]
-    index: dict[str, int]
-    max_history: int
-    policy: Policy
-    manifest: dict[str, Any]
-    _net: Any
-    _item_vecs: torch.Tensor
-
-    @torch.inference_mode()
-    def user_states(self, items: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """States for left-padded histories ``items [B, N]``, in chunks of similar length.
-
-        Users are sorted by history length and each chunk is cut to its longest history, so
-        the encoder does not attend over padding (most users' histories are far shorter than
-        N). The state does not depend on how much left padding a row has.
-        """
-        items = items.to(self._item_vecs.device)
-        lengths = (items != PAD).sum(1)
-        order = torch.argsort(lengths)
-        out: torch.Tensor | None = None
-        for start in range(0, len(order), chunk):
-            rows = order[start : start + chunk]
-            width = max(int(lengths[rows].max()), 1)
-            states = self._net.user_state(items[rows][:, -width:], self._item_vecs)
-            if out is None:
-                out = states.new_empty((len(order), states.shape[1]))
-            out[rows] = states
-        if out is None:  # no users
-            return self._net.user_state(items, self._item_vecs)
-        return out
-
-
-def load_serving_model(path: str | Path, policy_kwargs: Mapping[str, Any]) -> ServingModel:
-    """Load checkpoint ``path`` (verified) with the learner's loader and bind a :class:`Policy`.
-
-    Raises CheckpointError for a partial, corrupt or empty-catalogue checkpoint.
-    """
-    from recsys.learner import load_policy  # heavy; only where a model is actually loaded
-
-    wanted = policy_kwargs.get("device")
-    device = torch.device(wanted) if wanted else default_device()
-    net, item_ids, manifest = load_policy(path, device=str(device))
-    if not item_ids:
-        raise CheckpointError(f"{path}: model has no items yet")
-    with torch.inference_mode():
-        vecs = net.item_vectors().float()
-        # Policy scores are the model's logits: state · item / the model's temperature.
-        matrix = vecs / float(net.cfg.temperature)
-    return ServingModel(
-        version=str(manifest["model_version"]),
-        path=str(manifest["path"]),
-        item_ids=list(item_ids),
-        index={i: n for n, i in enumerate(item_ids)},
-        max_history=int(net.cfg.max_history),
-        policy=Policy(matrix, **{**policy_kwargs, "device": device}),
-        manifest=manifest,
-        _net=net,
-        _item_vecs=vecs,
-    )
-
-
-class ModelWatcher:
-    """Watches a checkpoint directory; loads a newer version in the background, swaps atomically.
-
-    ``current`` is one reference, replaced in a single assignment once the new model is fully
-    loaded, so a reader sees the old model or the new one, never a half-loaded one, and never
-    none after the first load. A checkpoint that fails verification is skipped (and remembered,
-    so it is not retried every tick).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        loader: Callable[[Path], ServingModel],
-        interval_s: float = 1.0,
-    ) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
-        self.root = Path(root)
-        self.loader = loader
-        self.interval_s = interval_s
-        self.current: ServingModel | None = None
-        self.on_swap: Callable[[ServingModel], None] | None = None
-        self._failed: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def poll(self) -> bool:
-        """Load the newest valid version if it is newer than the current one; True if swapped."""
-        current = self.current.version if self.current is not None else None
-        for path in ckpt.list_checkpoints(self.root):
-            if path.name == current:
-                return False
-            if path.name in self._failed:
-                continue
-            try:
-                model = self.loader(path)
-            except CheckpointError as exc:
-                log.warning("skipping model version %s: %s", path.name, exc)
-                self._failed.add(path.name)
-                continue
-            self.current = model  # the atomic swap
-            metrics.MODEL_SWAPS.inc()
-            step = model.manifest.get("step")
-            if isinstance(step, int):
-                metrics.MODEL_VERSION.labels(worker=WORKER).set(step)
-            log.info("serving model version %s (%d items)", model.version, len(model.item_ids))
-            if self.on_swap is not None:
-                self.on_swap(model)
-            return True
-        return False
-
-    @property
-    def alive(self) -> bool:
-        """True while the background watcher thread runs (for /healthz)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> ModelWatcher:
-        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # keep serving the current version whatever a load does
-                log.exception("model watcher: unexpected error")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
 
 # --- the publisher ------------------------------------------------------------------------------
 
@@ -563,108 +407,3 @@ class Publisher:
         # 128 random bits as hex, like uuid4().hex, without building a UUID object per slate.
         slate = Slate(os.urandom(16).hex(), user, version, now_ms, items)
         return SlateWrite(slate, policy)
-
-
-# --- the sink: Kafka + store, then offsets ------------------------------------------------------
-
-
-class PublisherSink:
-    """Consumer-loop sink: events -> :class:`Publisher` -> recommendations topic + store.
-
-    ``flush`` publishes a due batch: every slate is produced and acknowledged, then the batch is
-    upserted into the store in one transaction, then (by returning) its offsets may be committed.
-    A crash anywhere before that re-reads the events, and the re-computed slates (fresh
-    ``request_id``) replace the old ones: nothing is lost, nothing is half written. Invalid events
-    are skipped here: the reward worker owns their dead-lettering and counting.
-    """
-
-    def __init__(
-        self,
-        publisher: Publisher,
-        producer: Any,
-        topic: str,
-        store: Store,
-        parser: EventParser | None = None,
-        ack_timeout_s: float = 30.0,
-    ) -> None:
-        if not topic:
-            raise ValueError("topic must not be empty")
-        self.publisher = publisher
-        self.producer = producer
-        self.topic = topic
-        self.store = store
-        self.parser = parser or EventParser()
-        self.ack_timeout_s = ack_timeout_s
-        self._written: dict[TopicPartition, int] = {}
-        self._durable: dict[TopicPartition, int] = {}
-        self._recorded: set[str] = set()
-        self.batches = 0
-
-    def write(self, records: Sequence[ConsumerRecord]) -> None:
-        events = []
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            self._written[tp] = r.offset + 1
-            parsed = self.parser.parse(r.value)
-            if isinstance(parsed, Rejection):
-                log.debug("skipping invalid event at %s:%d: %s", r.topic, r.offset, parsed.detail)
-                continue
-            events.append(parsed)
-        self.publisher.observe(events)
-
-    def flush(self) -> Mapping[TopicPartition, int] | None:
-        while self.publisher.due():
-            batch = self.publisher.compute()
-            if batch is None:
-                break
-            self.publish(batch)
-            if not self.publisher.refreshing:
-                break  # a long refresh continues on the next flush, so the loop keeps polling
-        if self.publisher.pending:
-            return dict(self._durable)
-        self._durable = dict(self._written)
-        return None
-
-    def publish(self, batch: Batch) -> None:
-        """Produce and await every slate, then store the batch in one transaction."""
-        if batch.model is not None and batch.version not in self._recorded:
-            created = batch.model.manifest.get("created_at")
-            self.store.record_model_version(
-                batch.version,
-                batch.model.path,
-                created_at=dt.datetime.fromtimestamp(created, dt.UTC) if created else None,
-                metrics={
-                    "step": batch.model.manifest.get("step"),
-                    **batch.model.manifest.get("extra", {}),
-                },
-            )
-            self._recorded.add(batch.version)
-        futures = [
-            self.producer.send(self.topic, key=w.slate.user_id.encode(), value=w.slate.to_bytes())
-            for w in batch.slates
-        ]
-        self.producer.flush(timeout=self.ack_timeout_s)
-        for f in futures:
-            f.get(timeout=self.ack_timeout_s)  # raises if any slate was not acknowledged
-        self.store.save_batch(
-            batch.slates,
-            histories=batch.histories,
-            popularity=batch.popularity,
-            cold_start=batch.cold_start,
-        )
-        self.publisher.committed(batch)
-        now = time.time()
-        for ts in batch.trigger_ts.values():
-            metrics.FRESHNESS_SECONDS.observe(max(0.0, now - ts / 1000.0))
-        metrics.SLATES_PUBLISHED.inc(len(batch.slates))
-        tops = [
-            w.slate.items[0].score for w in batch.slates if w.slate.items and w.policy == "model"
-        ]
-        if tops:
-            metrics.TOP_SCORE.set(sum(tops) / len(tops))
-        self.batches += 1
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self._written.pop(tp, None)
-            self._durable.pop(tp, None)
