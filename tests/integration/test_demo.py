@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +39,24 @@ def test_short_demo_writes_a_complete_report(data_dir, tmp_path):
         assert (out / plot).stat().st_size > 1000
     for worker in ("encoder", "reward", "learner", "publisher"):
         assert "Traceback" not in (out / "logs" / f"{worker}.log").read_text()
+
+
+def test_demo_runs_from_an_empty_directory_on_the_packaged_data(tmp_path: Path) -> None:
+    """No --data, cwd a fresh temp dir with no ../shared beside it: the installed package alone
+    must be enough. A subprocess of the CLI, so the demo's module path does not matter."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = ["demo", "--minutes", "0.2", "--visits-per-s", "4", "--no-warm-start", "--out", "report"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The simulator's users came from the packaged MovieLens copy, loaded in full.
+    assert "recsys/datasets/ml-latest-small (ml-latest): 100836 ratings, 9742 movies" in proc.stderr
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["events_sent"] > 0
+    assert summary["slates_received"] > 0
