@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from recsys.learner import Learner, LearnerConfig
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
 
@@ -25,3 +29,11 @@ def make_checkpoint(root: Path, step: int, items: list[str], seed: int = 0) -> P
         learner.catalog.index_of(i)
     learner.step_count = step
     return learner.save_checkpoint(root, offsets={})
+
+
+def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite checkpoint ``path``'s manifest.json after ``edit(manifest)``, as a tamperer would."""
+    manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))

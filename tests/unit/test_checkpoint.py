@@ -17,10 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from recsys import checkpoint as ckpt
-from recsys.errors import CheckpointError
+from recsys.errors import CheckpointError, ConfigError
 from recsys.events import RewardRecord
-from recsys.learner import Learner, LearnerConfig, load_policy
+from recsys.learner.config import LearnerConfig
+from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
+from recsys.serving.model import load_policy
+from tests.checkpoints import edit_manifest, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ModelConfig(
@@ -206,7 +209,8 @@ _WRITER = textwrap.dedent(
     import sys, torch
     torch.set_num_threads(1)
     from recsys.events import RewardRecord
-    from recsys.learner import Learner, LearnerConfig
+    from recsys.learner.trainer import Learner
+    from recsys.learner.config import LearnerConfig
     from recsys.model import ModelConfig
     root = sys.argv[1]
     lr = Learner(ModelConfig(text_dim=8, dim=16, max_history=4, item_capacity=8,
@@ -268,3 +272,208 @@ def test_pruning_keeps_valid_versions_and_sets_invalid_ones_aside(tmp_path: Path
     found = ckpt.find_latest(tmp_path)
     assert found is not None
     assert found[0] == newest
+
+
+# --- tampering: the manifest must describe the directory exactly, and nothing is a symlink ------
+
+ITEMS = ["a", "b", "c"]
+
+
+@pytest.fixture
+def two_versions(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """``root`` with good versions v1 and v2 (the one each tamper test attacks)."""
+    root = tmp_path / "ckpts"
+    v1 = make_checkpoint(root, 1, ITEMS)
+    v2 = make_checkpoint(root, 2, ITEMS)
+    return root, v1, v2
+
+
+def _rejected(root: Path, bad: Path, match: str, previous: Path) -> None:
+    """``bad`` fails verification with ``match``, and readers fall back to ``previous``."""
+    with pytest.raises(CheckpointError, match=match):
+        ckpt.read_manifest(bad)
+    found = ckpt.find_latest(root)
+    assert found is not None
+    assert found[0] == previous
+    loaded = Learner.load_latest_checkpoint(root, device="cpu")
+    assert loaded is not None
+    assert loaded[0].step_count == int(previous.name[1:13])
+
+
+def test_empty_file_list_does_not_hide_tampered_weights(
+    two_versions: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    root, v1, v2 = two_versions
+    other = make_checkpoint(tmp_path / "other", 2, ITEMS, seed=7)  # real, different weights
+    (v2 / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    edit_manifest(v2, lambda m: m.update(files={}))
+    _rejected(root, v2, "not listed", v1)
+
+
+def test_extra_unlisted_file_is_rejected(two_versions: tuple[Path, Path, Path]) -> None:
+    root, v1, v2 = two_versions
+    (v2 / "replay.safetensors").write_bytes((v2 / "learner.safetensors").read_bytes())
+    _rejected(root, v2, r"not listed.*replay\.safetensors", v1)
+
+
+def test_missing_listed_file_is_rejected(two_versions: tuple[Path, Path, Path]) -> None:
+    root, v1, v2 = two_versions
+    (v2 / "catalog.json").unlink()
+    _rejected(root, v2, "missing file catalog.json", v1)
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute"])
+def test_names_outside_the_directory_are_rejected(
+    two_versions: tuple[Path, Path, Path], tmp_path: Path, where: str
+) -> None:
+    root, v1, v2 = two_versions
+    # A real file outside, with its true hash in the manifest: only its name is wrong.
+    outside = tmp_path / "ckpts" / "outside.json"
+    outside.write_text('{"ids": ["a"]}')
+    name = "../outside.json" if where == "dotdot" else str(outside)
+    edit_manifest(v2, lambda m: m["files"].update({name: ckpt.sha256_file(outside)}))
+    _rejected(root, v2, "bad file name", v1)
+
+
+def test_symlinked_checkpoint_directory_is_rejected(
+    two_versions: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    root, _v1, v2 = two_versions
+    # A perfectly valid checkpoint elsewhere, linked in as the newest version.
+    elsewhere = make_checkpoint(tmp_path / "elsewhere", 9, ITEMS, seed=3)
+    link = root / "v000000000009"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    assert link not in ckpt.list_checkpoints(root)
+    _rejected(root, link, "checkpoint directory is a symbolic link", v2)
+
+
+def test_symlinked_file_is_rejected(two_versions: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    root, v1, v2 = two_versions
+    # Same bytes, so the hash matches: only the link itself gives it away.
+    copy = tmp_path / "model-copy.safetensors"
+    copy.write_bytes((v2 / "model.safetensors").read_bytes())
+    (v2 / "model.safetensors").unlink()
+    (v2 / "model.safetensors").symlink_to(copy)
+    _rejected(root, v2, "model.safetensors is a symbolic link", v1)
+
+
+def test_directory_among_the_files_is_rejected(two_versions: tuple[Path, Path, Path]) -> None:
+    root, v1, v2 = two_versions
+    (v2 / "catalog.json").unlink()
+    (v2 / "catalog.json").mkdir()
+    _rejected(root, v2, "catalog.json is not a plain file", v1)
+
+
+def test_prune_ignores_a_symlinked_newest(
+    two_versions: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    root, v1, v2 = two_versions
+    elsewhere = make_checkpoint(tmp_path / "elsewhere", 9, ITEMS, seed=3)
+    link = root / "v000000000009"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    removed = ckpt.prune(root, keep=1)
+    # The link neither counted as the one kept nor was followed: v2 (the newest real) stays.
+    assert removed == [v1]
+    assert ckpt.list_checkpoints(root) == [v2]
+    ckpt.read_manifest(v2)
+    assert link.is_symlink()
+    ckpt.read_manifest(elsewhere)  # its target untouched
+    found = ckpt.find_latest(root)
+    assert found is not None
+    assert found[0] == v2
+
+
+def test_prune_keeps_the_newest_valid_and_the_one_just_written(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    old = [make_checkpoint(root, step, ITEMS) for step in (10, 11)]
+    # A restarted writer whose step count begins below the versions already on disk.
+    fresh = make_checkpoint(root, 1, ITEMS)
+    assert ckpt.prune(root, keep=2) == []  # by default the most recently written is spared
+    assert ckpt.list_checkpoints(root) == [*reversed(old), fresh]
+    # Spared explicitly too; and the newest valid (v11) is kept whatever ``keep`` is.
+    assert ckpt.prune(root, keep=1, protect=fresh) == [old[0]]
+    assert ckpt.list_checkpoints(root) == [old[1], fresh]
+    # A tampered newest is set aside, never counted: the newest valid one survives pruning.
+    (old[1] / "catalog.json").write_text('{"ids": []}')
+    removed = ckpt.prune(root, keep=1, protect=old[1])
+    assert removed == [old[1]]
+    assert ckpt.list_checkpoints(root) == [fresh]
+    ckpt.read_manifest(fresh)
+
+
+def test_crafted_huge_item_capacity_is_rejected_before_allocating(
+    two_versions: tuple[Path, Path, Path],
+) -> None:
+    root, v1, v2 = two_versions
+    # The manifest carries no hash of itself: a crafted config passes verification, so the
+    # model's own bounds must stop it before 2^40 rows are allocated.
+    edit_manifest(v2, lambda m: m["config"]["model"].update(item_capacity=1 << 40))
+    with pytest.raises(CheckpointError, match=r"ModelConfig\.item_capacity must be an int in"):
+        load_policy(v2)
+    with pytest.raises(CheckpointError, match=r"ModelConfig\.item_capacity"):
+        Learner.load_checkpoint(v2, device="cpu")
+    loaded = Learner.load_latest_checkpoint(root, device="cpu")
+    assert loaded is not None
+    assert loaded[0].step_count == 1  # the previous good version
+    assert load_policy(v1)[2]["model_version"] == v1.name
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"item_capacity": (1 << 24) + 1}, "item_capacity"),
+        ({"text_dim": 100_000}, "text_dim"),
+        ({"dim": 1 << 20, "num_heads": 1}, "dim"),
+        ({"max_history": 1 << 20}, "max_history"),
+        ({"num_layers": 10_000}, "num_layers"),
+        ({"adaptor_hidden": 1 << 30}, "adaptor_hidden"),
+        ({"ffn_mult": 1000}, "ffn_mult"),
+        ({"num_heads": 512, "dim": 1024}, "num_heads"),
+        ({"item_capacity": 1 << 24, "text_dim": 4096}, "item_capacity"),  # each in bounds
+        ({"num_layers": 64, "dim": 4096, "ffn_mult": 16}, "num_layers"),
+        ({"num_layers": True}, "num_layers"),
+        ({"dropout": "0.1"}, "dropout"),
+    ],
+)
+def test_model_config_sizes_are_bounded(fields: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{named}"):
+        ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_model_config_bounds_allow_real_sizes() -> None:
+    # A 16.7M-item catalogue at the default widths, and a large MiniLM/BERT-sized model.
+    ModelConfig(item_capacity=1 << 24)
+    ModelConfig(text_dim=4096, dim=1024, num_layers=24, num_heads=16, ffn_mult=4)
+
+
+def test_loaders_get_files_only_through_a_verified_manifest(
+    two_versions: tuple[Path, Path, Path],
+) -> None:
+    _root, v1, v2 = two_versions
+    manifest = ckpt.read_manifest(v2)
+    assert ckpt.checkpoint_file(v2, manifest, "model.safetensors") == v2 / "model.safetensors"
+    with pytest.raises(CheckpointError, match="not listed"):
+        ckpt.checkpoint_file(v2, manifest, "replay.safetensors")
+    with pytest.raises(CheckpointError, match="not listed"):
+        ckpt.checkpoint_file(v2, manifest, "../v000000000001/model.safetensors")
+    with pytest.raises(CheckpointError, match="not verified"):  # hashes never checked
+        ckpt.checkpoint_file(v2, ckpt.read_manifest(v2, verify=False), "model.safetensors")
+    with pytest.raises(CheckpointError, match="not verified"):  # verified for another dir
+        ckpt.checkpoint_file(v1, manifest, "model.safetensors")
+    with pytest.raises(CheckpointError, match="not verified"):  # a plain dict
+        ckpt.checkpoint_file(v2, dict(manifest), "model.safetensors")
+    # Swapped for a link after verification: still refused when the loader asks for it.
+    (v2 / "catalog.json").rename(v2 / "catalog.bak")
+    (v2 / "catalog.json").symlink_to(v2 / "catalog.bak")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        ckpt.checkpoint_file(v2, manifest, "catalog.json")
+
+
+@pytest.mark.parametrize("name", ["../x.bin", "/tmp/x.bin", "a/b.bin", ".hidden", "manifest.json"])
+def test_writer_refuses_names_readers_would_refuse(tmp_path: Path, name: str) -> None:
+    def write(p: Path) -> None:
+        p.write_bytes(b"x")
+
+    with pytest.raises(ValueError, match="bad checkpoint file name"):
+        ckpt.write_checkpoint(tmp_path, 1, {name: write}, {})
+    assert [p.name for p in tmp_path.iterdir()] == []
