@@ -7,11 +7,20 @@ A bad value raises :class:`~recsys.errors.ConfigError` naming the variable.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from recsys.errors import ConfigError
 
@@ -129,6 +138,12 @@ class StoreSettings(_Section):
         if not self.url.startswith(("sqlite", "postgresql")):
             raise ValueError("url must be a sqlite:// or postgresql:// SQLAlchemy URL")
         return self
+
+    @field_serializer("url", when_used="json")
+    def _hide_password(self, url: str) -> str:
+        # JSON is what `recsys config` prints: never the database password. (Python-mode dumps
+        # keep the real URL: the CLI merges its flags over them.)
+        return redact_urls(url)
 
 
 class MetricsSettings(_Section):
@@ -364,25 +379,83 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # e.g. a JSON-valued variable that is not JSON
+        raise ConfigError(redact_urls(f"invalid configuration: {exc}")) from None
+
+
+# Settings errors go to stderr and logs, so they never echo a secret. A field whose name matches
+# this holds one (or, for sasl_*, sits next to one: a mis-set SASL variable may hold the password).
+_SECRET_FIELD = re.compile(r"pass|secret|token|credential|sasl|private|key", re.IGNORECASE)
+# The user-info password of a URL: scheme://user:PASSWORD@host (e.g. the store's PostgreSQL URL).
+# (Greedy up to the last "@" before the host: an unencoded "@" in a password is hidden too.)
+_URL_PASSWORD = re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#\s]*@")
+HIDDEN = "<hidden>"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL hidden."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['keep']}{HIDDEN}@", text)
 
 
 def _describe(exc: ValidationError) -> str:
     lines = []
+    secrets: set[str] = set()
     for err in exc.errors():
         path = [str(p) for p in err["loc"]]
         env = (
             ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in path) if path else "settings"
         )
-        lines.append(f"{env}: {err['msg']} (got {_safe_input(path, err.get('input'))})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        value = err.get("input")
+        _collect_secrets(path, value, secrets)
+        if err["type"] == "extra_forbidden" or any(_SECRET_FIELD.search(p) for p in path):
+            # An unknown variable's value may be anything (a mistyped password variable, say).
+            shown = HIDDEN
+        else:
+            # A section- or settings-level error carries the whole section as its input.
+            shown = repr(_redact(value))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        lines.append(f"{env}: {err['msg']} (got {shown})")
+    text = redact_urls("invalid configuration:\n  " + "\n  ".join(lines))
+    # Last line of defence: a message (ours or pydantic's) that quoted a secret value.
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return text
 
 
-def _safe_input(path: list[str], value: Any) -> str:
-    # Never echo a secret back into logs.
-    if any("password" in p for p in path):
-        return "<hidden>"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: HIDDEN if _SECRET_FIELD.search(str(k)) else _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    if isinstance(value, SecretStr):
+        return str(value)  # '**********'
+    if isinstance(value, str):
+        return redact_urls(value)
+    return value
+
+
+def _collect_secrets(path: list[str], value: Any, out: set[str]) -> None:
+    """Add to ``out`` the secret strings inside ``value`` (found at settings path ``path``)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _collect_secrets([*path, str(k)], v, out)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _collect_secrets(path, v, out)
+    elif isinstance(value, SecretStr):
+        _add_secret(value.get_secret_value(), out)
+    elif isinstance(value, str):
+        if path and _SECRET_FIELD.search(path[-1]):
+            _add_secret(value, out)
+        for m in _URL_PASSWORD.finditer(value):
+            _add_secret(m.group(0)[len(m["keep"]) : -1], out)
+
+
+def _add_secret(value: str, out: set[str]) -> None:
+    # Replacing a very short string would mangle unrelated text (and "" would match everywhere);
+    # such values are still hidden where they stand, by field name and URL shape.
+    if len(value) >= 4:
+        out.add(value)
 
 
 def settings_reference() -> list[tuple[str, str, str]]:
