@@ -30,6 +30,7 @@ class _Entry:
     ts: int
     seq: int  # arrival order, breaks ties between equal timestamps stably
     item: int
+    key: object = None  # dedupe key (e.g. ``(request_id, item_id)``), None: never a duplicate
 
 
 class UserHistories:
@@ -54,6 +55,7 @@ class UserHistories:
         self.max_len = max_len
         self.retain = retain
         self._users: dict[str, list[_Entry]] = {}
+        self._keys: dict[str, set[object]] = {}  # dedupe keys of each user's retained entries
         self._seq = 0
 
     def __len__(self) -> int:
@@ -65,18 +67,36 @@ class UserHistories:
     def users(self) -> list[str]:
         return list(self._users)
 
-    def add(self, user_id: str, item_index: int, ts: int, reward: float) -> bool:
-        """Record one reward; only a positive reward enters the history. Returns whether it did."""
+    def add(
+        self, user_id: str, item_index: int, ts: int, reward: float, key: object = None
+    ) -> bool:
+        """Record one reward; only a positive reward enters the history. Returns whether it did.
+
+        ``key`` (hashable) makes one engaged impression one entry: a second positive reward
+        with a key already among the user's retained entries is not added. Callers pass
+        :func:`impression_key` (``request_id`` + item), so the click, dwell and purchase of
+        one impression are one history entry; ``None`` (organic feedback) is never a
+        duplicate.
+        """
         if not reward > 0:  # also rejects NaN
             return False
+        keys = self._keys.setdefault(user_id, set()) if key is not None else None
+        if keys is not None:
+            if key in keys:
+                return False
+            keys.add(key)
         entries = self._users.setdefault(user_id, [])
-        entry = _Entry(int(ts), self._seq, int(item_index))
+        entry = _Entry(int(ts), self._seq, int(item_index), key)
         self._seq += 1
         if not entries or entries[-1].ts <= entry.ts:
             entries.append(entry)  # the common, in-order case
         else:
             bisect.insort(entries, entry, key=lambda e: (e.ts, e.seq))
         if len(entries) > self.retain:
+            user_keys = self._keys.get(user_id)
+            for old in entries[: len(entries) - self.retain]:
+                if user_keys is not None and old.key is not None:
+                    user_keys.discard(old.key)
             del entries[: len(entries) - self.retain]
         return True
 
@@ -125,6 +145,65 @@ class UserHistories:
             out._users[user] = entries
             pos += n
         return out
+
+
+WATCHED_EVENT_TYPES = frozenset({"click", "dwell", "add_to_cart", "purchase", "rating", "skip"})
+"""Event types that make an item *watched* (consumed or dismissed) for a user: any feedback."""
+
+
+def is_watched_record(kind: str) -> bool:
+    """Whether a reward record of this ``kind`` marks its item watched (feedback, not default).
+
+    ``joined`` and ``organic`` records are made by a feedback event, ``default`` ones by an
+    impression without feedback: the learner's twin of :data:`WATCHED_EVENT_TYPES`.
+    """
+    return kind != "default"
+
+
+class WatchedItems:
+    """Per user, the items they gave any feedback to (watched, rated, skipped), newest kept.
+
+    The serving policy never shows a watched item again, and training masks the same set:
+    this is the "allowed set" every propensity is defined over. Broader than the history (which
+    keeps positives only, last N): a movie rated 2 stars is watched, not liked.
+
+    Parameters
+    ----------
+    max_len:
+        Most recent watched items kept per user (older ones become eligible again).
+    """
+
+    def __init__(self, max_len: int = 2000) -> None:
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+        self.max_len = max_len
+        self._users: dict[str, dict[int, None]] = {}  # insertion-ordered set
+
+    def add(self, user_id: str, item_index: int) -> bool:
+        """Mark an item watched; returns whether it was new for the user."""
+        items = self._users.setdefault(user_id, {})
+        item = int(item_index)
+        if item in items:
+            return False
+        items[item] = None
+        if len(items) > self.max_len:
+            del items[next(iter(items))]
+        return True
+
+    def get(self, user_id: str) -> list[int]:
+        """The user's watched items, oldest first."""
+        return list(self._users.get(user_id, ()))
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+
+def impression_key(request_id: str | None, item_id: str) -> tuple[str, str] | None:
+    """The history dedupe key of feedback on one impression: ``(request_id, item_id)``.
+
+    None when there is no ``request_id`` (organic feedback): such entries are never merged.
+    """
+    return None if request_id is None else (request_id, item_id)
 
 
 def pad_histories(

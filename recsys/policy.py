@@ -14,29 +14,29 @@ Exploration modes
   probability ``ε`` a uniformly random remaining item (vectorised over users; the loop runs over
   the K slots only).
 
-Which propensity is logged
---------------------------
-For a slate sampled without replacement an item has no single "probability of being shown"
-that is cheap and exact. We log the **Plackett–Luce conditional probability**: the probability
-that the policy picked this item *at this position, given the items above it*::
+Which propensity is logged (the one definition, end to end)
+-----------------------------------------------------------
+``propensity`` is the **single-draw probability over the allowed set**: the probability
+β(a | s) that *one* draw from the serving policy's item distribution picks ``a``, where the
+allowed set is every item the user may be shown (not watched; see
+:class:`recsys.history.WatchedItems`). It is the same number for an item whatever slot it
+landed in, and it is the probability that the policy's *first* draw (slot 0) is ``a``::
 
-    boltzmann:  p(a_j | a_<j) = exp(z_{a_j}) / Σ_{i ∉ {a_0..a_{j-1}}, i allowed} exp(z_i)
-    epsilon:    p(a_j | a_<j) = (1 - ε)·[a_j is the best remaining] + ε / (allowed - j)
+    boltzmann:  β(a|s) = exp(z_a / T) / Σ_{i allowed} exp(z_i / T)
+    epsilon:    β(a|s) = (1 - ε)·[a is the best allowed item] + ε / |allowed|
+    greedy:     1 (deterministic: the slate is certain; no off-policy weight can be formed)
 
-Why this one:
+This is what the learner's top-K correction (Chen et al., WSDM 2019) models: a slate as draws
+from β, ``w = π/β · K(1−π)^(K−1)`` with π a softmax over the same allowed set. It is also what
+first-slot IPS needs (:mod:`recsys.eval.ope`): ``P(slot 0 = a) = β(a|s)`` exactly.
 
-1. It is the exact probability of the random draw that produced the item, so the product over
-   positions is the exact probability of the whole slate (slate-level IPS/OPE needs that).
-2. At position 0 it *is* the single-draw softmax probability β(a|s) that the learner's
-   off-policy correction (Chen et al., WSDM 2019) models.
-3. It is defined and in (0, 1] for every mode: with epsilon-greedy a greedily chosen item at
-   position 3 gets ≈ 1 - ε, not the tiny ε/I a "first-draw" definition would give it, which
-   would blow up importance weights for items the policy shows almost surely.
-
-At positions > 0 it is larger than the first-draw probability (the remaining mass is
-renormalised), so importance weights computed against a single-draw π are smaller, i.e.
-conservative. :class:`Ranking` also carries ``first_draw`` (the single-draw probability of every
-slate item, ``softmax(z)`` / ``(1-ε)·[argmax] + ε/allowed``) for consumers that want that one.
+:class:`Ranking` carries a second number, ``conditional``: the Plackett–Luce conditional
+``p(a_j | a_<j)`` of the draw that produced the item at slot j (β renormalised over what was
+still left; ε-greedy: ``(1-ε)·[best remaining] + ε/(allowed - j)``). Its product over the slate
+is the exact probability of the whole slate (slate-level OPE); at slot 0 it equals β.
+ε-greedy fits the single-draw model only at slot 0 (its later greedy slots have β = ε/|allowed|
+although they are shown almost surely), so off-policy learning should use Boltzmann, the
+default.
 
 Scores are the raw inner products (before the temperature), so they mean the same in every mode.
 """
@@ -61,8 +61,9 @@ _EPSILON_ROUNDS = 4
 # Score-buffer elements per chunk on CUDA (float32: 256 MiB); see Policy's ``chunk_size``.
 _CUDA_SCORE_BUFFER = 1 << 26
 
-# Smallest propensity ever logged: the event contract requires (0, 1], and float32 softmax of an
-# item far below the top can underflow to 0 even though its true probability is positive.
+# Smallest propensity ever logged: the event contract's floor, ``recsys.events.MIN_PROPENSITY``
+# (a test keeps them equal). Float32 softmax of an item far below the top can underflow to 0
+# even though its true probability is positive.
 MIN_PROPENSITY = 1e-30
 
 
@@ -76,8 +77,8 @@ class Ranking:
 
     items: torch.Tensor  # long [B, K], indices into the item matrix
     scores: torch.Tensor  # float [B, K], raw state·item scores
-    propensities: torch.Tensor  # float64 [B, K], Plackett–Luce conditional (see module doc)
-    first_draw: torch.Tensor  # float64 [B, K], single-draw probability of the same items
+    propensities: torch.Tensor  # float64 [B, K], single-draw β(a|s) (the logged propensity)
+    conditional: torch.Tensor  # float64 [B, K], Plackett–Luce p(a_j | a_<j) (see module doc)
     valid: torch.Tensor  # bool [B, K]
 
     def rows(self) -> list[list[tuple[int, float, float]]]:
@@ -257,7 +258,7 @@ def _boltzmann(
     cond = torch.where(valid, cond.clamp(MIN_PROPENSITY, 1.0), one)
     first = torch.where(valid, first.clamp(MIN_PROPENSITY, 1.0), one)
     scores = (zs * temperature).to(raw.dtype)
-    return Ranking(idx, scores, cond, first, valid)
+    return Ranking(idx, scores, first, cond, valid)
 
 
 def _rest_keys(
@@ -394,7 +395,7 @@ def _epsilon_greedy(
     prop = torch.where(valid, prop, torch.ones_like(prop))
     first = torch.where(valid, first, torch.ones_like(first))
     del top
-    return Ranking(picked, raw.gather(1, picked), prop, first, valid)
+    return Ranking(picked, raw.gather(1, picked), first, prop, valid)
 
 
 def _pad(r: Ranking, k: int) -> Ranking:
@@ -412,7 +413,7 @@ def _pad(r: Ranking, k: int) -> Ranking:
         widen(r.items, 0),
         widen(r.scores, -math.inf),
         widen(r.propensities, 1.0),
-        widen(r.first_draw, 1.0),
+        widen(r.conditional, 1.0),
         widen(r.valid, False),
     )
 
@@ -509,6 +510,6 @@ class Policy:
             torch.cat([p.items for p in parts]),
             torch.cat([p.scores for p in parts]),
             torch.cat([p.propensities for p in parts]),
-            torch.cat([p.first_draw for p in parts]),
+            torch.cat([p.conditional for p in parts]),
             torch.cat([p.valid for p in parts]),
         )

@@ -48,7 +48,7 @@ from recsys import objectives as obj
 from recsys.encoder.catalog import ItemCatalog
 from recsys.errors import CheckpointError, ConfigError
 from recsys.events import RewardRecord
-from recsys.history import UserHistories, pad_histories
+from recsys.history import UserHistories, impression_key, pad_histories
 from recsys.learner.checkpoint_io import optimizer_from_flat, optimizer_to_flat, write_json
 from recsys.learner.config import LearnerConfig
 from recsys.model import ModelConfig, PolicyNet
@@ -58,7 +58,7 @@ from recsys.serving.model import policy_scores
 
 log = logging.getLogger(__name__)
 
-LOSS_NAMES = ("loss", "pg", "contrast", "behaviour", "weight_mean")
+LOSS_NAMES = ("loss", "sequence", "pg", "contrast", "behaviour", "weight_mean")
 
 
 class Learner:
@@ -121,7 +121,8 @@ class Learner:
                 continue
             i = self.catalog.index_of(r.item_id)
             hist.append(self.histories.as_of(r.user_id, r.ts))
-            self.histories.add(r.user_id, i, r.ts, r.reward)
+            key = impression_key(r.request_id, r.item_id)  # one entry per engaged impression
+            self.histories.add(r.user_id, i, r.ts, r.reward, key)
             items.append(i)
             rewards.append(r.reward)
             props.append(math.nan if r.propensity is None else r.propensity)
@@ -185,131 +186,138 @@ class Learner:
         return self.cfg.softmax == "sampled"
 
     def losses(self, batch: Transitions) -> dict[str, torch.Tensor]:
-        """All loss terms of one batch (differentiable ``loss``; the rest for reporting)."""
+        """All loss terms of one batch (differentiable ``loss``; the rest for reporting).
+
+        Rows of the softmax: every real position of every history (the causal state before it
+        predicts its item: the sequence term) and the state after each history (it predicts
+        the logged item: the policy-gradient term), all in one ``[R, I]`` product.
+        """
         cfg, model = self.cfg, self.model
-        actions, rewards = batch.item, batch.reward
+        hist = batch.history.long()
+        actions, rewards = batch.item.long(), batch.reward.float()
+        bsz, n = hist.shape
         positive = (rewards > 0).float()
         n_items = model.num_items
         sampled = self.use_sampled_softmax()
-        vecs = None if sampled else model.item_vectors()  # [I, d]
-        state, seq = model.user_states_all(batch.history, vecs)
-        neg_ids = neg_vecs = None
-        if sampled or n_items > cfg.behaviour_negatives:
+        emb = None if sampled else model.item_embeddings()  # [I, d]
+        state, seq = model.user_states_all(hist, emb)  # [B, d], [B, N, d]
+        seq_on = cfg.sequence_weight > 0
+        if seq_on:
+            b_idx, j_idx = (hist >= 0).nonzero(as_tuple=True)  # real history positions
+        else:
+            b_idx = j_idx = hist.new_zeros(0)
+        n_seq = int(b_idx.numel())
+        rows_b = torch.cat([b_idx, torch.arange(bsz, device=hist.device)])
+        queries = torch.cat([seq[b_idx, j_idx], state])  # [R, d], R = n_seq + B
+        targets = torch.cat([hist[b_idx, j_idx], actions])
+        if sampled:
             # uniform negatives shared by the batch; log-Q term log(S·q) = log(S / I)
-            num = cfg.num_negatives if sampled else cfg.behaviour_negatives
+            num = cfg.num_negatives
             neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
             neg_lq = torch.full((num,), math.log(num / n_items), device=self.device)
-            zero_lq = torch.zeros_like(rewards)
-        if sampled:
-            assert neg_ids is not None
-            cand = model.item_vectors(torch.cat([actions, neg_ids]))
-            pos_vecs, neg_vecs = cand[: len(actions)], cand[len(actions) :]
+            cand = model.item_embeddings(torch.cat([targets, neg_ids]))
+            pos_e, neg_e = cand[: len(targets)], cand[len(targets) :]
             logits = obj.sampled_softmax_logits(
-                state, pos_vecs, neg_vecs, actions, neg_ids, zero_lq, neg_lq, model.cfg.temperature
+                queries,
+                pos_e,
+                neg_e,
+                targets,
+                neg_ids,
+                torch.zeros_like(targets, dtype=torch.float32) - model.item_biases(targets),
+                neg_lq - model.item_biases(neg_ids),
+                model.cfg.temperature,
             )
-            targets = torch.zeros_like(actions)
+            ce = F.cross_entropy(logits.float(), torch.zeros_like(targets), reduction="none")
         else:
-            assert vecs is not None
-            pos_vecs = vecs[actions]
-            logits = model.logits(state, vecs)
-            targets = actions
-        # behaviour head β: exact softmax for small catalogues, else the sampled estimate
-        if neg_ids is None:
-            assert vecs is not None
-            beta_logits = model.behaviour_logits(state, vecs)
-            beta_targets = actions
-        else:
-            if neg_vecs is None:
-                neg_vecs = vecs[neg_ids] if vecs is not None else model.item_vectors(neg_ids)
-            beta_logits = model.behaviour_sampled_logits(
-                state, pos_vecs, neg_vecs, actions, neg_ids, zero_lq, neg_lq
-            )
-            beta_targets = torch.zeros_like(actions)
-        beta = obj.behaviour_probability(batch.propensity, beta_logits, beta_targets)
+            assert emb is not None
+            logits = model.policy_logits(queries, emb, model.item_biases()).float()
+            if cfg.mask_history:
+                upto = torch.cat([j_idx, torch.full((bsz,), n, device=hist.device)])
+                logits = obj.mask_seen(logits, hist[rows_b], upto, targets)
+            ce = F.cross_entropy(logits, targets, reduction="none")  # −log π, [R]
+        seq_loss = ce[:n_seq].mean() if n_seq else ce.new_zeros(())
+        log_pi_a = -ce[n_seq:]  # [B], log π(a|u) over the allowed set
         if cfg.objective == "reinforce":
-            pg, w = obj.off_policy_topk_loss(
-                logits, targets, rewards, beta, cfg.topk, cfg.weight_cap, cfg.normalize_weights
+            w = obj.correction_weights(
+                log_pi_a.detach().exp(),
+                batch.propensity,
+                cfg.topk,
+                cfg.weight_cap,
+                cfg.off_policy_correction,
             )
             w_mean = w.mean()
+            if cfg.normalize_weights:
+                w = w / w_mean.clamp(min=1e-12)
+            adv = obj.advantage(rewards, cfg.impression_baseline)
+            pg = -(w.detach() * adv * log_pi_a).mean()
         else:
-            ce = F.cross_entropy(logits.float(), targets, reduction="none")
-            pg = (ce * positive).sum() / positive.sum().clamp(min=1.0)
+            pg = -(log_pi_a * positive).sum() / positive.sum().clamp(min=1.0)
             w_mean = torch.ones((), device=self.device)
-        behaviour = obj.behaviour_loss(beta_logits, beta_targets)
+        behaviour = torch.zeros((), device=self.device)
+        if cfg.behaviour_weight > 0:
+            behaviour = self._behaviour_loss(state, actions, emb)
         contrast = torch.zeros((), device=self.device)
         if cfg.contrastive != "none" and cfg.alpha > 0:
             if cfg.contrastive == "infonce":
-                contrast = self._next_item_nce(batch, state, seq, pos_vecs, vecs)
+                contrast = self._view_nce(hist, actions, emb)
             else:
-                contrast = obj.cosine_hinge(state, pos_vecs, pos_vecs.roll(1, 0), cfg.hinge_margin)
-            if cfg.augment_weight > 0:
-                hist = batch.history[: cfg.augment_rows]
-                z1 = model.user_state(obj.augment(hist, self.generator), vecs)
-                z2 = (
-                    model.user_state(obj.augment(hist, self.generator), vecs)
-                    if cfg.augment_views == 2
-                    else state[: cfg.augment_rows]
-                )
-                contrast = contrast + cfg.augment_weight * obj.nt_xent(
-                    z1, z2, cfg.contrast_temperature
-                )
-        loss = cfg.pg_weight * pg + cfg.alpha * contrast + cfg.behaviour_weight * behaviour
+                pos_e = emb[actions] if emb is not None else model.item_embeddings(actions)
+                contrast = obj.cosine_hinge(state, pos_e, pos_e.roll(1, 0), cfg.hinge_margin)
+        loss = (
+            cfg.sequence_weight * seq_loss
+            + cfg.pg_weight * pg
+            + cfg.alpha * contrast
+            + cfg.behaviour_weight * behaviour
+        )
         return {
             "loss": loss,
+            "sequence": seq_loss,
             "pg": pg,
             "contrast": contrast,
             "behaviour": behaviour,
             "weight_mean": w_mean,
         }
 
-    def _next_item_nce(
-        self,
-        batch: Transitions,
-        state: torch.Tensor,
-        seq: torch.Tensor,
-        pos_vecs: torch.Tensor,
-        vecs: torch.Tensor | None,
+    def _behaviour_loss(
+        self, state: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor | None
     ) -> torch.Tensor:
-        """InfoNCE between states and their next positive item, in-batch negatives, log-Q.
+        """The behaviour head's own cross-entropy on the logged items (gradient stopped into
+        the state and items): exact up to ``behaviour_negatives`` items, sampled above."""
+        model, n_items = self.model, self.model.num_items
+        if emb is not None and n_items <= self.cfg.behaviour_negatives:
+            return obj.behaviour_loss(model.behaviour_logits(state, emb), actions)
+        num = self.cfg.behaviour_negatives
+        neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
+        neg_lq = torch.full((num,), math.log(num / n_items), device=self.device)
+        vecs = emb if emb is not None else None
+        pos_e = vecs[actions] if vecs is not None else model.item_embeddings(actions)
+        neg_e = vecs[neg_ids] if vecs is not None else model.item_embeddings(neg_ids)
+        zero_lq = torch.zeros(len(actions), device=self.device)
+        logits = model.behaviour_sampled_logits(
+            state, pos_e, neg_e, actions, neg_ids, zero_lq, neg_lq
+        )
+        return obj.behaviour_loss(logits, torch.zeros_like(actions))
 
-        Rows: the state after each history (its logged item, when rewarded positively) and, with
-        ``contrast_all_positions``, the causal state before every history position (that
-        position's item, a positive by definition of the history). Negatives: the batch's logged
-        items, with the log-Q correction for their frequency. Similarity is the policy's own
-        score ``s·v/T``, so this term trains the same scores the policy ranks with.
+    def _view_nce(
+        self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor | None
+    ) -> torch.Tensor:
+        """InfoNCE (cosine / ``contrast_temperature``) between two views of each history.
+
+        Views: two CL4SRec augmentations (crop / mask / reorder) of the first ``augment_rows``
+        histories with ``augment_views=2``; with 1, the history itself encoded twice (dropout
+        makes the views differ, DuoRec's unsupervised view). False negatives masked: rows with
+        the same next item or the same last history item (a user's neighbouring samples).
         """
         cfg, model = self.cfg, self.model
-        actions = batch.item
-        log_q = self._log_q()
-        q_states, q_ids, q_vecs = state, actions, pos_vecs
-        weights = (batch.reward > 0).float()
-        if cfg.contrast_all_positions:
-            hist = batch.history.reshape(-1)
-            ids = hist.clamp(min=0)
-            q_states = torch.cat([state, seq.reshape(-1, seq.shape[-1])])
-            q_ids = torch.cat([actions, ids])
-            q_vecs = torch.cat(
-                [pos_vecs, vecs[ids] if vecs is not None else model.item_vectors(ids)]
-            )
-            weights = torch.cat([weights, (hist >= 0).float()])
-        m = cfg.contrast_negatives
-        logits = obj.sampled_softmax_logits(
-            q_states,
-            q_vecs,
-            pos_vecs[:m],
-            q_ids,
-            actions[:m],
-            log_q[q_ids],
-            log_q[actions[:m]],
-            model.cfg.temperature,
-        )
-        ce = F.cross_entropy(logits, torch.zeros_like(q_ids), reduction="none")
-        return (ce * weights).sum() / weights.sum().clamp(min=1.0)
-
-    def _log_q(self) -> torch.Tensor:
-        """log of each item's share of logged actions (add-one smoothed), ``[C]``."""
-        counts = self.item_counts[: self.model.num_items]
-        return torch.log((counts + 1.0) / (counts.sum() + counts.shape[0]))
+        rows = hist[: cfg.augment_rows]
+        if cfg.augment_views == 2:
+            v1, v2 = obj.augment(rows, self.generator), obj.augment(rows, self.generator)
+        else:
+            v1 = v2 = rows
+        z1 = model.user_states_all(v1, emb)[0]
+        z2 = model.user_states_all(v2, emb)[0]
+        same = obj.false_negative_pairs(actions[: cfg.augment_rows], rows[:, -1])
+        return obj.nt_xent(z1, z2, cfg.contrast_temperature, same)
 
     def step(self) -> dict[str, float] | None:
         """One gradient step on a sampled batch; ``None`` while the buffer holds too little.

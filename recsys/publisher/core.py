@@ -36,8 +36,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from recsys.config import Settings
 from recsys.events import Event, Slate, SlateItem
-from recsys.history import UserHistories, pad_histories
+from recsys.history import (
+    WATCHED_EVENT_TYPES,
+    UserHistories,
+    WatchedItems,
+    impression_key,
+    pad_histories,
+)
 from recsys.policy import Policy, Ranking
 from recsys.rewards.rules import RewardRules
 from recsys.serving.model import ServingModel
@@ -68,9 +75,10 @@ class PublisherConfig:
     device: str | None = None
     seed: int | None = None
     refresh_on_impression: bool = True
+    watched_len: int = 2000  # most recent watched items per user that are never shown again
 
     def __post_init__(self) -> None:
-        for name in ("k", "history_len", "refresh_batch_users", "chunk_size"):
+        for name in ("k", "history_len", "refresh_batch_users", "chunk_size", "watched_len"):
             v = getattr(self, name)
             if v is None and name == "chunk_size":
                 continue
@@ -88,6 +96,26 @@ class PublisherConfig:
             )
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PublisherConfig:
+        """The publisher worker's configuration (``RECSYS_PUBLISHER__*``; history length
+        defaults to the learner's)."""
+        ps = settings.publisher
+        return cls(
+            k=ps.k,
+            history_len=ps.history_len or settings.learner.max_history,
+            exploration=ps.exploration,
+            temperature=ps.temperature,
+            epsilon=ps.epsilon,
+            cold_start_temperature=ps.cold_start_temperature,
+            batch_interval_s=ps.batch_interval_ms / 1000.0,
+            refresh_batch_users=ps.refresh_batch_users,
+            chunk_size=ps.chunk_size,
+            device=None if ps.device == "auto" else ps.device,
+            seed=ps.seed,
+            refresh_on_impression=ps.refresh_on_impression,
+        )
 
     def policy_kwargs(self) -> dict[str, Any]:
         """Arguments for a model's :class:`~recsys.policy.Policy`."""
@@ -136,6 +164,7 @@ class Publisher:
         self._clock = clock
         self._mono = time.monotonic
         self.histories = UserHistories(cfg.history_len)
+        self.watched = WatchedItems(cfg.watched_len)  # the items never shown to the user again
         self._entries: dict[str, list[HistoryEntry]] = {}  # persisted twin of histories
         self._event_ids: dict[str, set[str]] = {}
         self._ratings: dict[str, tuple[int, float]] = {}  # user-centred rating rule
@@ -177,6 +206,7 @@ class Publisher:
         for user, entries in histories:
             for ts, item_id, event_id in sorted(entries, key=lambda e: e[0]):
                 self._add_positive(user, ts, item_id, event_id)
+                self.watched.add(user, self._intern(item_id))
         self._hist_changed.clear()
         for item_id, n in popularity.items():
             self._popularity[self._intern(item_id)] = int(n)
@@ -184,11 +214,15 @@ class Publisher:
         self.known.update(u for u in self._entries)
         self._restored = bool(self.known)
 
-    def _add_positive(self, user: str, ts: int, item_id: str, event_id: str) -> bool:
+    def _add_positive(
+        self, user: str, ts: int, item_id: str, event_id: str, request_id: str | None = None
+    ) -> bool:
         ids = self._event_ids.setdefault(user, set())
         if event_id in ids:
             return False  # re-read after a restart: already in the history
-        self.histories.add(user, self._intern(item_id), ts, 1.0)
+        key = impression_key(request_id, item_id)  # click + dwell + purchase: one entry
+        if not self.histories.add(user, self._intern(item_id), ts, 1.0, key):
+            return False
         entries = self._entries.setdefault(user, [])
         bisect.insort(entries, (ts, item_id, event_id), key=lambda e: e[0])
         ids.add(event_id)
@@ -220,7 +254,11 @@ class Publisher:
             self.known.add(e.user_id)
             changed = False
             r = self.reward(e)
-            if r > 0 and self._add_positive(e.user_id, e.ts, e.item_id, e.event_id):
+            if e.type in WATCHED_EVENT_TYPES and self.watched.add(
+                e.user_id, self._item_index[e.item_id]
+            ):
+                changed = True  # a watched item leaves the user's allowed set
+            if r > 0 and self._add_positive(e.user_id, e.ts, e.item_id, e.event_id, e.request_id):
                 self._popularity[self._item_index[e.item_id]] += 1
                 self._pop_delta[e.item_id] += 1
                 self._cold_dirty = True
@@ -332,36 +370,51 @@ class Publisher:
         self, users: list[str], model: ServingModel | None, version: str, now_ms: int
     ) -> list[SlateWrite]:
         hist = [self.histories.get(u) for u in users]
+        seen = [self.watched.get(u) for u in users]
         warm: list[int] = []
         mapped: list[list[int]] = []
+        excluded: list[list[int]] = seen
         if model is not None:
             lookup = self._model_lookup(model)
+            excluded = []
             for n, h in enumerate(hist):
                 m = [int(x) for x in lookup[h] if x >= 0] if h else []
                 mapped.append(m)
+                excluded.append([int(x) for x in lookup[seen[n]] if x >= 0] if seen[n] else [])
                 if m:
                     warm.append(n)
         out: list[SlateWrite | None] = [None] * len(users)
         if warm and model is not None:
             items, _ = pad_histories([mapped[n] for n in warm], model.max_history)
             states = model.user_states(items)
-            ranking = model.policy.rank(states, self.cfg.k, exclude=items)
+            self._set_exploration(model)
+            ranking = model.policy.rank(
+                states, self.cfg.k, exclude=_exclusions([excluded[n] for n in warm])
+            )
             for n, row in zip(warm, ranking.rows(), strict=True):
                 out[n] = self._slate(users[n], version, now_ms, row, model.item_ids, "model")
         cold = [n for n in range(len(users)) if out[n] is None]
         if cold:
-            universe, cold_ranking = self._cold_rank(
-                model, [mapped[n] if model is not None else hist[n] for n in cold]
-            )
+            universe, cold_ranking = self._cold_rank(model, [excluded[n] for n in cold])
             if cold_ranking is not None:
                 for n, row in zip(cold, cold_ranking.rows(), strict=True):
                     out[n] = self._slate(users[n], version, now_ms, row, universe, "cold_start")
         return [s for s in out if s is not None]
 
+    def _set_exploration(self, model: ServingModel) -> None:
+        """The configured exploration times the version's drift boost (see
+        :func:`exploration_factor`): temperature × f (Boltzmann), ε × f capped at 1."""
+        f = exploration_factor(model.manifest)
+        model.policy.temperature = self.cfg.temperature * f
+        model.policy.epsilon = min(1.0, self.cfg.epsilon * f)
+
     def _cold_rank(
         self, model: ServingModel | None, histories: list[list[int]]
     ) -> tuple[list[str], Ranking | None]:
-        """Popularity + exploration: Boltzmann over log(1 + positives), history excluded."""
+        """Popularity + exploration: Boltzmann over log(1 + positives), watched items excluded.
+
+        ``histories``: per user, the item indices (in the returned universe) to exclude.
+        """
         counts = np.asarray(self._popularity, dtype=np.float64)
         if model is not None:
             universe = model.item_ids
@@ -383,7 +436,7 @@ class Publisher:
             device="cpu",
         )
         policy.generator = self._generator
-        exclude = pad_histories(histories, self.cfg.history_len)[0] if histories else None
+        exclude = _exclusions(histories) if histories else None
         return universe, policy.rank(torch.ones(len(histories), 1), self.cfg.k, exclude=exclude)
 
     def _cold_start_slate(
@@ -407,3 +460,24 @@ class Publisher:
         # 128 random bits as hex, like uuid4().hex, without building a UUID object per slate.
         slate = Slate(os.urandom(16).hex(), user, version, now_ms, items)
         return SlateWrite(slate, policy)
+
+
+def _exclusions(rows: list[list[int]]) -> torch.Tensor:
+    """Per-user excluded item indices as a ``[B, M]`` LongTensor, ``-1`` padded (M >= 1)."""
+    width = max([len(r) for r in rows] + [1])
+    return pad_histories(rows, width)[0]
+
+
+def exploration_factor(manifest: Mapping[str, Any]) -> float:
+    """The drift reaction's exploration boost a model version carries (1.0 when absent).
+
+    The learner writes ``DriftReaction.exploration_factor`` at checkpoint time into the
+    version's metadata as ``extra["exploration_factor"]``; a bad value counts as 1.
+    """
+    extra = manifest.get("extra")
+    raw = extra.get("exploration_factor", 1.0) if isinstance(extra, Mapping) else 1.0
+    try:
+        f = float(raw)
+    except (TypeError, ValueError):
+        return 1.0
+    return f if math.isfinite(f) and f >= 1.0 else 1.0

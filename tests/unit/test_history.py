@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.history import PAD, UserHistories, history_mask, pad_histories
+from recsys.history import (
+    PAD,
+    UserHistories,
+    WatchedItems,
+    history_mask,
+    impression_key,
+    is_watched_record,
+    pad_histories,
+)
 
 
 def test_only_positive_rewards_in_event_time_order() -> None:
@@ -77,3 +85,34 @@ def test_pad_histories_left_pads_and_truncates() -> None:
     assert items.tolist() == [[PAD, 1, 2], [PAD, PAD, PAD], [3, 4, 5]]
     assert lengths.tolist() == [2, 0, 3]
     assert history_mask(items).sum(1).tolist() == [2, 0, 3]
+
+
+def test_a_key_makes_one_entry_per_engaged_impression() -> None:
+    h = UserHistories(max_len=5, retain=5)
+    key = impression_key("r1", "a")
+    assert h.add("u", 1, 10, 1.0, key)  # click
+    assert not h.add("u", 1, 11, 1.0, key)  # dwell of the same impression
+    assert not h.add("u", 1, 12, 5.0, key)  # purchase
+    assert h.add("u", 1, 20, 1.0, impression_key("r2", "a"))  # engaged again, other slate
+    assert h.add("u", 1, 21, 1.0, None)  # organic: never a duplicate
+    assert h.add("u", 1, 22, 1.0, None)
+    assert h.get("u") == [1, 1, 1, 1]
+    assert impression_key(None, "a") is None
+    for n in range(5):  # the first entry is trimmed: its key may enter again
+        h.add("u", 2, 30 + n, 1.0)
+    assert h.add("u", 1, 40, 1.0, key)
+
+
+def test_watched_items_keep_every_feedback_item_newest_bounded() -> None:
+    w = WatchedItems(max_len=3)
+    assert w.add("u", 1)
+    assert not w.add("u", 1)
+    for i in (2, 3, 4):
+        w.add("u", i)
+    assert w.get("u") == [2, 3, 4]
+    assert w.get("nobody") == []
+    assert is_watched_record("joined")
+    assert is_watched_record("organic")
+    assert not is_watched_record("default")
+    with pytest.raises(ValueError, match="max_len"):
+        WatchedItems(0)

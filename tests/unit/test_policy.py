@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from recsys.policy import Policy, _categorical_draws, rank
+from recsys.policy import MIN_PROPENSITY, Policy, _categorical_draws, rank
 
 
 def _case(seed: int = 0, b: int = 4, i: int = 12, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,7 @@ def _pl_conditional(z: list[float], slate: list[int]) -> list[float]:
 
 
 @pytest.mark.parametrize("candidates", [1, 4, 7])
-def test_boltzmann_propensities_are_plackett_luce_conditionals(candidates):
+def test_boltzmann_conditionals_are_plackett_luce_and_propensity_is_single_draw(candidates):
     states, items = _case(2, b=3, i=7)
     g = torch.Generator().manual_seed(0)
     r = rank(
@@ -74,10 +74,10 @@ def test_boltzmann_propensities_are_plackett_luce_conditionals(candidates):
     for b in range(3):
         slate = r.items[b].tolist()
         expected = _pl_conditional(z[b], slate)
-        assert r.propensities[b].tolist() == pytest.approx(expected, rel=1e-5)
+        assert r.conditional[b].tolist() == pytest.approx(expected, rel=1e-5)
         soft = torch.softmax(torch.tensor(z[b], dtype=torch.float64), 0)
-        assert r.first_draw[b].tolist() == pytest.approx(soft[slate].tolist(), rel=1e-5)
-        assert r.propensities[b, 0].item() == pytest.approx(r.first_draw[b, 0].item(), rel=1e-6)
+        assert r.propensities[b].tolist() == pytest.approx(soft[slate].tolist(), rel=1e-5)
+        assert r.conditional[b, 0].item() == pytest.approx(r.propensities[b, 0].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("candidates", [1, 2, 8])
@@ -100,7 +100,7 @@ def test_boltzmann_samples_match_logged_slate_probabilities(candidates):
     slates = [tuple(s) for s in r.items.tolist()]
     freq = Counter(slates)
     prob = {}
-    for s, p in zip(slates, r.propensities.prod(1).tolist(), strict=True):
+    for s, p in zip(slates, r.conditional.prod(1).tolist(), strict=True):
         prob[s] = p
     # The observed slates' exact probabilities add up to 1 less the mass of slates never drawn,
     # which 40,000 draws leave only for slates rarer than about 1e-4.
@@ -117,7 +117,7 @@ def test_epsilon_greedy_propensities_and_frequencies():
     r = rank(states.expand(n, 3), items, 3, exploration="epsilon", epsilon=eps, generator=g)
     order = (states @ items.T)[0].argsort(descending=True).tolist()
     # Every logged conditional follows the formula (1-ε)[best remaining] + ε/(I - j).
-    for row, props in zip(r.items.tolist()[:200], r.propensities.tolist()[:200], strict=True):
+    for row, props in zip(r.items.tolist()[:200], r.conditional.tolist()[:200], strict=True):
         shown: list[int] = []
         for j, (a, p) in enumerate(zip(row, props, strict=True)):
             best = next(x for x in order if x not in shown)
@@ -125,7 +125,7 @@ def test_epsilon_greedy_propensities_and_frequencies():
             shown.append(a)
     freq = Counter(tuple(s) for s in r.items.tolist())
     for s, p in zip(
-        (tuple(x) for x in r.items.tolist()), r.propensities.prod(1).tolist(), strict=True
+        (tuple(x) for x in r.items.tolist()), r.conditional.prod(1).tolist(), strict=True
     ):
         se = math.sqrt(p * (1 - p) / n)
         assert abs(freq[s] / n - p) < 5 * se + 1e-4
@@ -138,7 +138,8 @@ def test_tiny_temperature_is_stable_and_near_greedy():
     greedy = rank(states, items, 5, exploration="greedy")
     assert torch.equal(r.items, greedy.items)
     assert torch.all(torch.isfinite(r.propensities))
-    assert torch.all(r.propensities > 0.99)
+    assert torch.all(r.conditional > 0.99)
+    assert torch.all(r.propensities[:, 0] > 0.99)
 
 
 def test_k_larger_than_catalogue_and_fully_excluded_user():
@@ -228,11 +229,13 @@ def test_boltzmann_position_marginals_with_most_items_outside_the_pool(n_items, 
         freq = torch.bincount(r.items[:, pos], minlength=n_items).double() / n
         se = torch.sqrt(expected * (1 - expected) / n)
         assert torch.all((freq - expected).abs() < 5 * se + 1e-4), (pos, freq, expected)
-    # Every logged propensity is the exact Plackett–Luce conditional of its slate.
+    # Every conditional is the exact Plackett–Luce conditional of its slate, every logged
+    # propensity the single-draw softmax of its item.
     z = ((states @ items.T)[0] / temp).tolist()
     for b in range(0, n, 6_000):
         slate = r.items[b].tolist()
-        assert r.propensities[b].tolist() == pytest.approx(_pl_conditional(z, slate), rel=1e-4)
+        assert r.conditional[b].tolist() == pytest.approx(_pl_conditional(z, slate), rel=1e-4)
+        assert r.propensities[b].tolist() == pytest.approx(p[slate].tolist(), rel=1e-4)
 
 
 def test_categorical_draws_follow_p_across_blocks():
@@ -250,10 +253,61 @@ def test_categorical_draws_follow_p_across_blocks():
 
 
 def test_epsilon_allowed_count_ignores_padding_duplicates_and_out_of_range():
-    # epsilon = 1 draws uniformly from what is allowed: the first propensity is 1 / allowed.
+    # epsilon = 1 draws uniformly from what is allowed: the propensity is 1 / allowed, the
+    # conditional at slot j 1 / (allowed - j).
     states, items = _case(14, b=2, i=9, d=3)
     exclude = torch.tensor([[2, 2, -1, 5, 40], [-1, -1, -1, -1, -1]])
     r = rank(states, items, 3, exclude=exclude, exploration="epsilon", epsilon=1.0)
-    assert r.propensities[0, 0].item() == pytest.approx(1 / 7)
+    assert r.propensities[0].tolist() == pytest.approx([1 / 7] * 3)
     assert r.propensities[1, 0].item() == pytest.approx(1 / 9)
-    assert r.propensities[0, 2].item() == pytest.approx(1 / 5)
+    assert r.conditional[0, 2].item() == pytest.approx(1 / 5)
+
+
+def _slot0_matches_propensity(r, n_items: int, n: int) -> None:
+    """Monte Carlo: how often each item is drawn first equals its logged propensity (5 SE)."""
+    freq = torch.bincount(r.items[:, 0], minlength=n_items).double() / n
+    logged = torch.zeros(n_items, dtype=torch.float64)
+    for a in range(n_items):
+        props = r.propensities[r.items == a]
+        if props.numel():  # the same user state: an item's propensity never depends on its slot
+            assert float(props.max() - props.min()) <= 1e-9 * float(props.max())
+            logged[a] = props[0]
+    se = torch.sqrt(logged * (1 - logged) / n)
+    assert torch.all((freq - logged).abs() < 5 * se + 2e-4), (freq, logged)
+
+
+@pytest.mark.parametrize(
+    ("mode", "candidates"), [("boltzmann", 2), ("boltzmann", None), ("epsilon", None)]
+)
+def test_logged_propensity_is_the_empirical_first_draw_frequency(mode, candidates):
+    # One user state repeated, two items excluded: the logged propensity of an item is the
+    # single-draw probability over the allowed set, i.e. the frequency of being drawn first.
+    states, items = _case(21, b=1, i=9, d=3)
+    n = 40_000
+    g = torch.Generator().manual_seed(4)
+    exclude = torch.tensor([[3, 7]]).expand(n, 2)
+    r = rank(
+        states.expand(n, 3),
+        items,
+        4,
+        exclude=exclude,
+        exploration=mode,
+        temperature=0.7,
+        epsilon=0.4,
+        generator=g,
+        candidates=candidates,
+    )
+    _slot0_matches_propensity(r, 9, n)
+    assert not bool(((r.items == 3) | (r.items == 7)).any())
+    if mode == "epsilon":  # and it follows the formula (1 - ε)·[best allowed] + ε/|allowed|
+        order = (states @ items.T)[0].argsort(descending=True).tolist()
+        best = next(i for i in order if i not in (3, 7))
+        for row, props in zip(r.items.tolist()[:100], r.propensities.tolist()[:100], strict=True):
+            for a, p in zip(row, props, strict=True):
+                assert p == pytest.approx(0.6 * (a == best) + 0.4 / 7)
+
+
+def test_policy_floor_is_the_contract_floor():
+    from recsys import events
+
+    assert getattr(events, "MIN_PROPENSITY", MIN_PROPENSITY) == MIN_PROPENSITY

@@ -236,3 +236,82 @@ def test_restore_then_reread_changes_nothing():
 def test_bad_config_names_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PublisherConfig(**kwargs)
+
+
+def test_one_engaged_impression_is_one_history_entry():
+    # Click, dwell and purchase of one impression (same request_id and item): one entry. The
+    # same item engaged again from another slate is a new entry.
+    pub, _ = make_publisher()
+    t = 1_700_000_000_000
+    events = [Event("i1", "impression", "u", "a", t, "r1", 0, 0.5)]
+    events += [
+        Event(f"f{n}", kind, "u", "a", t + n, "r1", 0, value=value)
+        for n, (kind, value) in enumerate([("click", None), ("dwell", 30.0), ("purchase", None)])
+    ]
+    events.append(Event("f9", "click", "u", "a", t + 100, "r2", 0))
+    pub.observe(events)
+    assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["a", "a"]
+    assert len(pub._entries["u"]) == 2
+
+
+def test_watched_items_are_never_shown_again_even_when_disliked():
+    # A low rating and a skip are not history (not positive) but the item was watched:
+    # neither the cold-start nor the model path may show it again.
+    pub, clock = make_publisher(k=5)
+    pub.observe([ev(n, f"fan{n}", f"m{n % 8}") for n in range(40)])
+    pub.observe([ev(100, "u", "m1", "rating", value=1.0), ev(101, "u", "m2", "skip")])
+    assert pub.histories.get("u") == []
+    clock.t += 1
+    for _ in range(30):
+        batch = pub.compute()
+        assert batch is not None
+        (w,) = [w for w in batch.slates if w.slate.user_id == "u"] or [None]
+        if w is not None:
+            assert not {"m1", "m2"} & {i.item_id for i in w.slate.items}
+        pub.committed(batch)
+        pub.observe([Event(f"imp{_}", "impression", "u", "m5", 1_700_000_000_500 + _)])
+
+
+def test_cold_start_propensity_is_the_empirical_first_draw_frequency():
+    # Cold start logs the single-draw Boltzmann probability over log(1 + positives), over the
+    # items the user may see: every item's frequency of being drawn first matches it, and it is
+    # the same number at any slot.
+    pub, _ = make_publisher(k=3)
+    counts = {"a": 9, "b": 4, "c": 1, "d": 0, "e": 0}
+    n = 0
+    for item, c in counts.items():
+        for _ in range(c):
+            n += 1
+            pub.observe([ev(n, f"fan{n}", item)])
+        pub._intern(item)
+    pub.observe([ev(1000, "u", "b", "rating", value=1.0)])  # u watched b: not allowed for u
+    universe, ranking = pub._cold_rank(None, [[pub._item_index["b"]]] * 20_000)
+    assert ranking is not None
+    weights = {i: 1 + c for i, c in counts.items() if i != "b"}
+    total = sum(weights.values())
+    items = ranking.items.numpy()
+    props = ranking.propensities.numpy()
+    for item, w in weights.items():
+        j = universe.index(item)
+        p = w / total
+        assert props[items == j] == pytest.approx(p)
+        freq = (items[:, 0] == j).mean()
+        assert abs(freq - p) < 5 * (p * (1 - p) / len(items)) ** 0.5
+    assert not (items == universe.index("b")).any()
+
+
+def test_drift_exploration_factor_from_the_model_version_scales_temperature(tmp_path):
+    from recsys.publisher.core import exploration_factor
+
+    assert exploration_factor({}) == 1.0
+    assert exploration_factor({"extra": {"exploration_factor": 2.5}}) == 2.5
+    assert exploration_factor({"extra": {"exploration_factor": "x"}}) == 1.0
+    assert exploration_factor({"extra": {"exploration_factor": 0.1}}) == 1.0
+    path = make_checkpoint(tmp_path, 7, ITEMS)
+    cfg = PublisherConfig(k=5, history_len=10, temperature=0.5, device="cpu")
+    model = load_serving_model(path, cfg.policy_kwargs())
+    model.manifest.setdefault("extra", {})["exploration_factor"] = 3.0
+    pub = Publisher(cfg, lambda: model)
+    pub.observe([ev(1, "u", "m3")])
+    assert pub.compute() is not None
+    assert model.policy.temperature == pytest.approx(1.5)
