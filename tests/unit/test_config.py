@@ -93,3 +93,11 @@ def test_readme_documents_every_setting():
         "(it pastes `recsys config --markdown` between the markers)"
     )
     assert settings_markdown() in text, "README settings table is stale: regenerate it"
+
+
+def test_unparsable_json_variable_is_a_config_error(monkeypatch):
+    # pydantic-settings raises its own SettingsError before validation: still a ConfigError
+    # naming the section, not a traceback.
+    monkeypatch.setenv("RECSYS_REWARDS__WEIGHTS", "click=1")
+    with pytest.raises(ConfigError, match="rewards"):
+        load_settings()
