@@ -33,7 +33,7 @@ def _events(tag: str) -> list[tuple[bytes, bytes]]:
             "value": k * 0.5,
             "request_id": "r" * (k % 50),  # sizes vary, so batches are not all alike
         }
-        out.append((event["user_id"].encode(), json.dumps(event).encode()))
+        out.append((f"u{k % 17}".encode(), json.dumps(event).encode()))
     return out
 
 

@@ -222,6 +222,6 @@ def test_kafka_settings_password_never_in_repr() -> None:
         security_protocol="SASL_SSL",
         sasl_mechanism="PLAIN",
         sasl_username="u",
-        sasl_password=SASL_PASSWORD,  # type: ignore[arg-type]
+        sasl_password=SASL_PASSWORD,
     )
     _assert_clean(repr(s), str(s), s.model_dump_json())
