@@ -249,6 +249,14 @@ def poison_messages(
             obj = {**good, "ts": now + 24 * 3600 * 1000}
         elif reason is Reason.UNKNOWN_EVENT_TYPE:
             obj = {**good, "type": "hover"}
+        elif reason is Reason.TOO_DEEP:
+            raw = b"[" * 1000 + b"]" * 1000
+        elif reason is Reason.NUMBER_OUT_OF_RANGE:
+            obj = {**good, "position": 2**63}
+        elif reason is Reason.BAD_ID:
+            obj = {**good, "user_id": "pu\x00nul"}
+        elif reason is Reason.DUPLICATE_KEY:
+            raw = json.dumps(good)[:-1].encode() + b', "type": "purchase"}'
         if raw is None:
             raw = json.dumps(obj).encode()
         verdict = parser.parse(raw)

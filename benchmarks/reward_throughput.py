@@ -40,12 +40,13 @@ from benchmarks.reward_streams import (
     read_topic,
     sentinels,
 )
+from recsys.app import make_loop
 from recsys.broker import EmbeddedBroker
 from recsys.config import Settings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
 from recsys.rewards import RewardRules, offline_join
-from recsys.rewards.sink import build
+from recsys.rewards.sink import RewardSink, build
 
 
 def bare_rate(settings: Settings, topic: str, total: int, max_records: int) -> float:
@@ -81,7 +82,9 @@ def worker_rate(settings: Settings, total: int) -> tuple[float, Any]:
             )
         }
     )
-    loop, sink = build(s)
+    app = build(s)
+    loop, sink = make_loop(s, app), app.sink
+    assert isinstance(sink, RewardSink)
     first: list[float] = []
     done = threading.Event()
     write, commit = sink.write, loop.consumer.commit
@@ -107,7 +110,7 @@ def worker_rate(settings: Settings, total: int) -> tuple[float, Any]:
     end = first[-1]
     loop.stop()
     t.join(30)
-    sink.producer.close()
+    sink.close()
     return total / (end - first[0]), sink
 
 

@@ -118,8 +118,10 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 "ops",
             ),
             ts(
-                "Events rejected /s by reason",
-                [(f"sum by (reason) (rate(recsys_events_rejected_total[{RATE}]))", "{{reason}}")],
+                "Events rejected /s by worker and reason",
+                [(f"sum by (reason, worker) (rate(recsys_events_rejected_total[{RATE}]))",
+                  "{{worker}}: {{reason}}",
+                )],
                 "ops",
                 "Validation failures; each is also written to the dead-letter topic.",
             ),

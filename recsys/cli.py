@@ -17,6 +17,7 @@ from typing import Any
 from recsys import datasets
 from recsys.config import Settings, load_settings
 from recsys.errors import RecsysError
+from recsys.logsafe import install_secret_filter
 
 log = logging.getLogger("recsys")
 
@@ -308,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_secret_filter()  # patterns only here; workers add the settings' secret values
     try:
         return int(args.func(args) or 0)
     except RecsysError as exc:

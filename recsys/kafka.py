@@ -8,9 +8,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
@@ -20,6 +21,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
 from recsys.config import KafkaSettings
+from recsys.events import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +91,35 @@ def create_topics(
         admin.close()
 
 
+def offsets_to_json(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
+    """Offsets as checkpoint manifests store them: ``{"topic:partition": next offset}``."""
+    return {f"{tp.topic}:{tp.partition}": int(off) for tp, off in offsets.items()}
+
+
+def offsets_from_json(raw: Mapping[str, int]) -> dict[TopicPartition, int]:
+    """Inverse of :func:`offsets_to_json` (topic names may contain ``:``)."""
+    out: dict[TopicPartition, int] = {}
+    for key, off in raw.items():
+        topic, _, partition = key.rpartition(":")
+        out[TopicPartition(topic, int(partition))] = int(off)
+    return out
+
+
 class DeadLetterWriter:
     """Sends a rejected message's original bytes to the DLQ, with headers saying why and whence."""
 
-    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+    def __init__(self, producer: KafkaProducer, topic: str, worker: str = "") -> None:
         if not topic:
             raise ValueError("topic must not be empty")
         self.producer = producer
         self.topic = topic
+        self.worker = worker
 
     def send(self, record: ConsumerRecord, reason: str, detail: str = "") -> Any:
         headers = [
             ("recsys.reason", reason.encode()),
             ("recsys.detail", detail[:500].encode("utf-8", "replace")),
+            ("recsys.worker", self.worker.encode()),
             ("recsys.source_topic", record.topic.encode()),
             ("recsys.source_partition", str(record.partition).encode()),
             ("recsys.source_offset", str(record.offset).encode()),
@@ -110,20 +128,90 @@ class DeadLetterWriter:
         return self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """Where a :class:`ConsumerLoop` delivers records.
+T = TypeVar("T")
+
+
+class Sink(ABC):
+    """Where a :class:`ConsumerLoop` delivers records; every worker's sink subclasses it.
 
     ``write`` receives each polled batch (possibly empty: a periodic tick for time-based work).
     ``flush`` makes the effects of everything written durable (e.g. produced and acked) and
     returns the offsets that are now safe to commit, or None for "all records written so far".
-    Optional methods: ``busy() -> bool`` (True pauses consumption for back-pressure),
-    ``on_assign(partitions)`` and ``on_revoke(partitions)`` for per-partition state.
+
+    The hooks have defaults, so a sink overrides only what it needs:
+
+    - ``busy()``: True pauses consumption (back-pressure).
+    - ``on_assign(consumer, partitions)`` / ``on_revoke(partitions)``: per-partition state. They
+      run on the consumer's thread inside ``poll``; ``consumer`` is the loop's own consumer (to
+      seek, or to read committed offsets).
+    - ``on_bad_record(record, reason, detail)``: the one way a worker handles a record it cannot
+      use: counted in ``recsys_events_rejected_total{reason,worker}`` and sent to the
+      dead-letter topic with the reason (when the sink has a ``dlq``). :meth:`decode` routes
+      both rejections and decoder exceptions here, so no input stops a worker.
+    - ``healthy()``: False fails /healthz (e.g. a background thread died).
+    - ``close()``: release what the sink owns (producers, stores), after the last commit.
     """
 
+    worker: str = ""
+    dlq: DeadLetterWriter | None = None
+
+    @abstractmethod
     def write(self, records: Sequence[ConsumerRecord]) -> None: ...
 
+    @abstractmethod
     def flush(self) -> Mapping[TopicPartition, int] | None: ...
+
+    def busy(self) -> bool:
+        return False
+
+    def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        return None
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        return None
+
+    def on_bad_record(self, record: ConsumerRecord, reason: str, detail: str = "") -> Any:
+        """Count the record and dead-letter it; returns the DLQ send's future (or None)."""
+        metrics.EVENTS_REJECTED.labels(reason=reason, worker=self.worker).inc()
+        if self.dlq is None:
+            log.warning(
+                "%s: bad record %s:%d@%d (%s): %s",
+                self.worker,
+                record.topic,
+                record.partition,
+                record.offset,
+                reason,
+                detail[:200],
+            )
+            return None
+        return self.dlq.send(record, reason, detail)
+
+    def decode(
+        self, records: Sequence[ConsumerRecord], parse: Callable[[Any], T | Rejection]
+    ) -> list[tuple[ConsumerRecord, T]]:
+        """``parse`` each record's value; rejections and exceptions go to :meth:`on_bad_record`.
+
+        An exception names its class as the reason: a decoder bug dead-letters the record
+        instead of crash-looping the worker on it.
+        """
+        out: list[tuple[ConsumerRecord, T]] = []
+        for r in records:
+            try:
+                parsed = parse(r.value)
+            except Exception as exc:
+                self.on_bad_record(r, type(exc).__name__, str(exc))
+                continue
+            if isinstance(parsed, Rejection):
+                self.on_bad_record(r, parsed.reason.value, parsed.detail)
+                continue
+            out.append((r, parsed))
+        return out
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
 
 
 class ConsumerLoop:
@@ -145,6 +233,9 @@ class ConsumerLoop:
         How long one poll waits for data.
     tick_interval_s:
         With no data, the sink still gets an empty ``write`` and a flush this often.
+    stall_after_s:
+        :meth:`healthy` turns False when no poll has returned for this long (a wedged sink or
+        a loop that stopped), so /healthz means "making progress".
     """
 
     def __init__(
@@ -157,6 +248,7 @@ class ConsumerLoop:
         max_records: int = 1000,
         poll_timeout_ms: int = 100,
         tick_interval_s: float = 0.5,
+        stall_after_s: float = 120.0,
     ) -> None:
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
@@ -176,6 +268,10 @@ class ConsumerLoop:
         self._stop = threading.Event()
         self._uncommitted: dict[TopicPartition, int] = {}
         self._paused = False
+        self._committed: dict[TopicPartition, int] = {}
+        self.stall_after_s = stall_after_s
+        self.last_poll = time.monotonic()
+        self.running = False
         self.batches = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -197,9 +293,14 @@ class ConsumerLoop:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def healthy(self) -> bool:
+        """True while the loop runs and its last poll returned less than ``stall_after_s`` ago."""
+        return self.running and time.monotonic() - self.last_poll < self.stall_after_s
+
     def run(self) -> None:
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
-        last_flush = time.monotonic()
+        last_flush = self.last_poll = time.monotonic()
+        self.running = True
         try:
             while not self._stop.is_set():
                 self._apply_backpressure()
@@ -207,13 +308,14 @@ class ConsumerLoop:
                     timeout_ms=self.poll_timeout_ms, max_records=self.max_records
                 )
                 batch = [r for records in polled.values() for r in records]
-                now = time.monotonic()
+                now = self.last_poll = time.monotonic()
                 if not batch and now - last_flush < self.tick_interval_s:
                     continue
                 self._process(batch)
                 last_flush = now
             self._process([])  # a clean stop flushes and commits what is durable
         finally:
+            self.running = False
             # After a crash nothing more is committed: the next owner re-reads from the last
             # commit, and effects are idempotent.
             self.consumer.close(autocommit=False)
@@ -253,12 +355,12 @@ class ConsumerLoop:
             log.warning("commit failed (%s); partitions will be re-read by their owner", exc)
             return
         for tp, off in offsets.items():
+            self._committed[tp] = off
             if self._uncommitted.get(tp) == off:
                 del self._uncommitted[tp]
 
     def _apply_backpressure(self) -> None:
-        busy = getattr(self.sink, "busy", None)
-        want_pause = bool(busy()) if busy is not None else False
+        want_pause = self.sink.busy()
         if want_pause and not self._paused:
             parts = list(self.consumer.assignment())
             self.consumer.pause(*parts)
@@ -274,10 +376,12 @@ class ConsumerLoop:
             high = self.consumer.highwater(tp)
             if high is None:
                 continue
-            lag = max(0, high - self.consumer.position(tp))
-            metrics.CONSUMER_LAG.labels(
-                worker=self.worker, topic=tp.topic, partition=str(tp.partition)
-            ).set(lag)
+            labels = {"worker": self.worker, "topic": tp.topic, "partition": str(tp.partition)}
+            metrics.CONSUMER_LAG.labels(**labels).set(max(0, high - self.consumer.position(tp)))
+            committed = self._committed.get(tp)
+            if committed is not None:
+                # What a restart would re-read: the position lag hides a commit that holds back.
+                metrics.CONSUMER_COMMITTED_LAG.labels(**labels).set(max(0, high - committed))
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Runs on kafka-python's IO thread, where a blocking commit is not allowed. Nothing is
@@ -286,16 +390,13 @@ class ConsumerLoop:
         self._on_lost(partitions)
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
-        revoke = getattr(self.sink, "on_revoke", None)
-        if revoke is not None:
-            revoke(partitions)
+        self.sink.on_revoke(partitions)
         for tp in partitions:
             self._uncommitted.pop(tp, None)
+            self._committed.pop(tp, None)
 
     def _on_assign(self, partitions: list[TopicPartition]) -> None:
-        assign = getattr(self.sink, "on_assign", None)
-        if assign is not None:
-            assign(partitions)
+        self.sink.on_assign(self.consumer, partitions)
         if self._paused:
             self.consumer.pause(*partitions)
 

@@ -12,7 +12,9 @@ EVENTS_CONSUMED = Counter(
     "recsys_events_consumed_total", "Messages consumed from Kafka", ["worker", "topic"]
 )
 EVENTS_REJECTED = Counter(
-    "recsys_events_rejected_total", "Events rejected by validation, by reason", ["reason"]
+    "recsys_events_rejected_total",
+    "Records rejected (validation or decoding), by reason and worker",
+    ["reason", "worker"],
 )
 EVENTS_DLQ = Counter(
     "recsys_events_dlq_total", "Messages written to the dead-letter topic", ["reason"]
@@ -23,6 +25,11 @@ EVENTS_DUPLICATE = Counter(
 CONSUMER_LAG = Gauge(
     "recsys_consumer_lag",
     "Messages behind the log end, per partition",
+    ["worker", "topic", "partition"],
+)
+CONSUMER_COMMITTED_LAG = Gauge(
+    "recsys_consumer_committed_lag",
+    "High watermark minus the committed offset: what a restart would re-read",
     ["worker", "topic", "partition"],
 )
 BATCH_SECONDS = Histogram(

@@ -7,14 +7,29 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from recsys.config import LearnerSettings
 from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+# Fields older checkpoints may carry that no longer mean anything (the sampled next-item InfoNCE
+# they tuned was replaced by the every-position cross-entropy); from_dict drops them.
+RETIRED_FIELDS = frozenset({"augment_weight", "contrast_all_positions", "contrast_negatives"})
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
-    """Learner hyper-parameters; validated at construction, errors name the parameter."""
+    """Learner hyper-parameters; validated at construction, errors name the parameter.
+
+    Switches for ablations (each on by default; see :mod:`recsys.learner.trainer`):
+    ``mask_history`` (π over the allowed set, history items masked as the publisher excludes
+    them), ``impression_baseline`` (REINFORCE advantage ``R − mean R``: ignored impressions lose
+    probability), ``off_policy_correction`` (top-K weight ``min(π/β, c)·λ_K`` on rows with a
+    logged propensity), ``contrastive`` ("none" turns the contrastive term off),
+    ``sequence_weight`` (0 turns the every-position next-item term off); text and id towers are
+    ``ModelConfig.use_text`` / ``use_id_embedding`` / ``item_bias``.
+    """
 
     batch_size: int = 256
     lr: float = 1e-3
@@ -23,13 +38,15 @@ class LearnerConfig:
     pg_weight: float = 1.0
     topk: int = 10
     weight_cap: float = 10.0
-    behaviour_weight: float = 1.0
+    behaviour_weight: float = 0.0
+    sequence_weight: float = 1.0
+    mask_history: bool = True
+    impression_baseline: bool = True
+    off_policy_correction: bool = True
     alpha: float = 1.0
     contrastive: Literal["infonce", "hinge", "none"] = "infonce"
-    augment_weight: float = 0.1
-    augment_views: int = 1
-    augment_rows: int = 32
-    contrast_all_positions: bool = True
+    augment_views: int = 2
+    augment_rows: int = 256
     normalize_weights: bool = True
     contrast_temperature: float = 0.1
     hinge_margin: float = 0.5
@@ -37,7 +54,6 @@ class LearnerConfig:
     sampled_above: int = 50_000
     num_negatives: int = 2048
     behaviour_negatives: int = 2048
-    contrast_negatives: int = 256
     buffer_capacity: int = 100_000
     recent_capacity: int | None = None
     recent_fraction: float = 0.5
@@ -65,7 +81,6 @@ class LearnerConfig:
         for n in (
             "augment_rows",
             "behaviour_negatives",
-            "contrast_negatives",
             "batch_size",
             "topk",
             "sampled_above",
@@ -80,8 +95,8 @@ class LearnerConfig:
             "pg_weight",
             "behaviour_weight",
             "alpha",
-            "augment_weight",
             "hinge_margin",
+            "sequence_weight",
         ):
             check(n, nonneg(getattr(self, n)), "a finite number >= 0")
         for n in ("lr", "weight_cap", "contrast_temperature", "grad_clip"):
@@ -93,6 +108,8 @@ class LearnerConfig:
             "'infonce', 'hinge' or 'none'",
         )
         check("augment_views", self.augment_views in (1, 2), "1 or 2")
+        for n in ("mask_history", "impression_baseline", "off_policy_correction", "amp"):
+            check(n, isinstance(getattr(self, n), bool), "a bool")
         check("softmax", self.softmax in ("auto", "full", "sampled"), "'auto', 'full' or 'sampled'")
         check("recent_fraction", 0.0 <= self.recent_fraction <= 1.0, "in [0, 1]")
         rc = self.recent_capacity
@@ -103,12 +120,31 @@ class LearnerConfig:
         )
         check("device", isinstance(self.device, str) and bool(self.device), "a device string")
 
+    @classmethod
+    def from_settings(cls, s: LearnerSettings) -> LearnerConfig:
+        """The learner worker's configuration: these defaults plus the ``RECSYS_LEARNER__*``
+        settings that override them."""
+        return cls(
+            batch_size=s.batch_size,
+            lr=s.lr,
+            alpha=s.alpha,
+            topk=s.topk,
+            weight_cap=s.weight_cap,
+            buffer_capacity=s.buffer_capacity,
+            device=s.device,
+            keep_checkpoints=s.keep_checkpoints,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LearnerConfig:
         known = {f.name for f in fields(cls)}
+        retired = set(d) & RETIRED_FIELDS
+        if retired:
+            log.info("LearnerConfig: ignoring retired fields %s", sorted(retired))
+            d = {k: v for k, v in d.items() if k not in retired}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"LearnerConfig: unknown fields {sorted(unknown)}")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from recsys import metrics
+from recsys.config import LearnerSettings
 from recsys.drift import DriftMonitor, DriftReaction
 from recsys.errors import CheckpointError
 from recsys.events import ItemVector, RewardRecord
@@ -41,6 +42,15 @@ class OnlineConfig:
     checkpoint_every_s: float = 10.0
     dedupe_capacity: int = 200_000
     dedupe_persisted: int = 20_000
+
+    @classmethod
+    def from_settings(cls, s: LearnerSettings) -> OnlineConfig:
+        return cls(
+            replay_ratio=s.replay_ratio,
+            max_steps_per_batch=s.max_steps_per_batch,
+            checkpoint_every_steps=s.checkpoint_every_steps,
+            checkpoint_every_s=s.checkpoint_every_s,
+        )
 
     def __post_init__(self) -> None:
         if not self.replay_ratio > 0:
@@ -129,7 +139,6 @@ class OnlineLearner:
         self._last_checkpoint_t = clock()
         self._last_checkpoint_step = learner.step_count
         self.duplicates = 0
-        self.history: list[dict[str, float]] = []
 
     @classmethod
     def resume(
@@ -196,7 +205,6 @@ class OnlineLearner:
         if out:
             loss = float(np.mean([r["loss"] for r in out if not r.get("skipped")] or [math.nan]))
             self._watch("loss", loss)
-            self.history.append({"step": float(self.learner.step_count), "loss": loss})
             metrics.MODEL_VERSION.labels(worker="learner").set(self.learner.step_count)
         return out
 
@@ -210,12 +218,20 @@ class OnlineLearner:
         )
 
     def checkpoint(self, offsets: Mapping[str, int]) -> Path | None:
-        """Write a model version with the offsets consumed so far; None if weights are bad."""
+        """Write a model version with the offsets consumed so far; None if weights are bad.
+
+        The version's metadata carries the drift reaction's ``exploration_factor`` (1.0 when
+        no reaction is active): the publisher scales its exploration by it while serving it.
+        """
+        factor = self.reaction.exploration_factor if self.reaction is not None else 1.0
         try:
             path = self.learner.save_checkpoint(
                 self.checkpoint_dir,
                 dict(offsets),
-                extra={"seen_reward_ids": self._seen.newest(self.config.dedupe_persisted)},
+                extra={
+                    "seen_reward_ids": self._seen.newest(self.config.dedupe_persisted),
+                    "exploration_factor": factor,
+                },
             )
         except CheckpointError as exc:
             log.error("checkpoint not written: %s", exc)

@@ -436,30 +436,37 @@ class Learner:
             if device is not None:
                 lcfg = {**lcfg, "device": device}
             learner = cls(model_cfg, LearnerConfig.from_dict(lcfg), catalog)
-            learner.model.load_state_dict(load_file(str(path / "model.safetensors")))
+            learner.model.load_state_dict(
+                load_file(str(ckpt.checkpoint_file(path, manifest, "model.safetensors")))
+            )
             optimizer_from_flat(
                 learner.optimizer,
                 learner.model,
-                load_file(str(path / "optimizer.safetensors")),
-                json.loads((path / "optimizer.json").read_text()),
+                load_file(str(ckpt.checkpoint_file(path, manifest, "optimizer.safetensors"))),
+                json.loads(ckpt.checkpoint_file(path, manifest, "optimizer.json").read_text()),
             )
-            learner.item_counts = load_file(str(path / "learner.safetensors"))["item_counts"].to(
-                learner.device
-            )
-            cat_meta = json.loads((path / "catalog.json").read_text())
+            learner.item_counts = load_file(
+                str(ckpt.checkpoint_file(path, manifest, "learner.safetensors"))
+            )["item_counts"].to(learner.device)
+            cat_meta = json.loads(ckpt.checkpoint_file(path, manifest, "catalog.json").read_text())
             n = len(cat_meta["ids"])
             vecs = learner.model.items.text_vectors[:n].cpu().numpy()
             learner.catalog.load_state({"vectors": vecs}, cat_meta)
             learner._synced_version = learner.catalog.version
-            hmeta = json.loads((path / "histories.json").read_text())
-            harr = {k: v.numpy() for k, v in load_file(str(path / "histories.safetensors")).items()}
+            hmeta = json.loads(ckpt.checkpoint_file(path, manifest, "histories.json").read_text())
+            harr = {
+                k: v.numpy()
+                for k, v in load_file(
+                    str(ckpt.checkpoint_file(path, manifest, "histories.safetensors"))
+                ).items()
+            }
             learner.histories = UserHistories.from_arrays(
                 hmeta["users"], harr, hmeta["max_len"], hmeta["retain"]
             )
-            if (path / "replay.safetensors").is_file():
+            if "replay.safetensors" in manifest["files"]:
                 learner.buffer.load_state_dict(
-                    load_file(str(path / "replay.safetensors")),
-                    json.loads((path / "replay.json").read_text()),
+                    load_file(str(ckpt.checkpoint_file(path, manifest, "replay.safetensors"))),
+                    json.loads(ckpt.checkpoint_file(path, manifest, "replay.json").read_text()),
                 )
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot restore learner: {exc}") from exc

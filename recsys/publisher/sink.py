@@ -1,8 +1,11 @@
-"""The publisher worker's sink: slates to Kafka and the store, then offsets; and its build()."""
+"""The publisher worker's sink and :func:`build`: events → fresh slates to the recommendations
+topic and the store, then offsets; a :class:`~recsys.serving.watcher.ModelWatcher` hot-swaps
+model versions."""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -12,28 +15,33 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from recsys import metrics
-from recsys.events import EventParser, Rejection
-from recsys.publisher.core import Batch, Publisher
+from recsys.app import WorkerApp
+from recsys.config import Settings
+from recsys.events import EventParser
+from recsys.kafka import DeadLetterWriter, Sink, make_producer
+from recsys.publisher.core import Batch, Publisher, PublisherConfig
+from recsys.rewards.rules import RewardRules
+from recsys.serving.model import load_serving_model
+from recsys.serving.watcher import ModelWatcher
 from recsys.store import Store
 
 log = logging.getLogger(__name__)
 
-NO_MODEL_VERSION = "cold-start"
-"""``model_version`` of slates published before any model version exists."""
 WORKER = "publisher"
 
-# --- the sink: Kafka + store, then offsets ------------------------------------------------------
 
-
-class PublisherSink:
+class PublisherSink(Sink):
     """Consumer-loop sink: events -> :class:`Publisher` -> recommendations topic + store.
 
     ``flush`` publishes a due batch: every slate is produced and acknowledged, then the batch is
     upserted into the store in one transaction, then (by returning) its offsets may be committed.
     A crash anywhere before that re-reads the events, and the re-computed slates (fresh
     ``request_id``) replace the old ones: nothing is lost, nothing is half written. Invalid events
-    are skipped here: the reward worker owns their dead-lettering and counting.
+    are dead-lettered like in every worker (the DLQ header ``recsys.worker`` says which group
+    rejected them, so the reward worker's copy and this one can be told apart).
     """
+
+    worker = WORKER
 
     def __init__(
         self,
@@ -43,6 +51,8 @@ class PublisherSink:
         store: Store,
         parser: EventParser | None = None,
         ack_timeout_s: float = 30.0,
+        dlq: DeadLetterWriter | None = None,
+        watcher: ModelWatcher | None = None,
     ) -> None:
         if not topic:
             raise ValueError("topic must not be empty")
@@ -52,22 +62,17 @@ class PublisherSink:
         self.store = store
         self.parser = parser or EventParser()
         self.ack_timeout_s = ack_timeout_s
+        self.dlq = dlq
+        self.watcher = watcher
         self._written: dict[TopicPartition, int] = {}
         self._durable: dict[TopicPartition, int] = {}
         self._recorded: set[str] = set()
         self.batches = 0
 
     def write(self, records: Sequence[ConsumerRecord]) -> None:
-        events = []
         for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            self._written[tp] = r.offset + 1
-            parsed = self.parser.parse(r.value)
-            if isinstance(parsed, Rejection):
-                log.debug("skipping invalid event at %s:%d: %s", r.topic, r.offset, parsed.detail)
-                continue
-            events.append(parsed)
-        self.publisher.observe(events)
+            self._written[TopicPartition(r.topic, r.partition)] = r.offset + 1
+        self.publisher.observe([ev for _, ev in self.decode(records, self.parser.parse)])
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
         while self.publisher.due():
@@ -125,3 +130,48 @@ class PublisherSink:
         for tp in partitions:
             self._written.pop(tp, None)
             self._durable.pop(tp, None)
+
+    def healthy(self) -> bool:
+        return self.watcher is None or self.watcher.alive
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.producer.close()
+        self.store.close()
+
+
+def build(settings: Settings) -> WorkerApp:
+    """The publisher worker: newest model version, users restored from the store."""
+    ps = settings.publisher
+    cfg = PublisherConfig.from_settings(settings)
+    root = ps.checkpoint_dir or settings.learner.checkpoint_dir
+    watcher = ModelWatcher(
+        root,
+        functools.partial(load_serving_model, policy_kwargs=cfg.policy_kwargs()),
+        ps.watch_interval_s,
+    )
+    watcher.poll()  # start on the newest valid version, if any
+    store = Store(settings.store.url)
+    publisher = Publisher(cfg, lambda: watcher.current, RewardRules.from_settings(settings.rewards))
+    publisher.restore(store.load_histories(), store.load_popularity(), store.known_users())
+    log.info("publisher: %d known users restored from the store", len(publisher.known))
+    producer = make_producer(settings.kafka)
+    sink = PublisherSink(
+        publisher,
+        producer,
+        settings.topics.recommendations,
+        store,
+        EventParser.from_settings(settings.events),
+        dlq=DeadLetterWriter(producer, settings.topics.dlq, WORKER),
+        watcher=watcher,
+    )
+    return WorkerApp(
+        WORKER,
+        ps.group_id,
+        [settings.topics.events],
+        sink,
+        poll_timeout_ms=50,
+        tick_interval_s=max(0.01, min(0.5, cfg.batch_interval_s / 2)),
+        on_start=watcher.start,
+    )

@@ -10,6 +10,8 @@ what was not committed is re-read and the state rebuilt; repeated records carry 
 
 After a rebalance a partition's state is dropped and rebuilt from its committed offset (the
 consumer is sought there), so the state always matches the position.
+
+:func:`build` is the worker: ``workers/reward.py`` runs it with :func:`recsys.app.run_consumer`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.partitioner.default import murmur2
 from kafka.structs import TopicPartition
 
 from recsys import metrics
+from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser, Rejection
-from recsys.kafka import ConsumerLoop, DeadLetterWriter, make_consumer, make_producer
+from recsys.kafka import DeadLetterWriter, Sink, make_producer
 from recsys.rewards.join import RewardJoin, encode_reward
 from recsys.rewards.rules import RewardRules
 
@@ -36,47 +38,47 @@ log = logging.getLogger(__name__)
 WORKER = "reward"
 
 
-class RewardSink:
+class RewardSink(Sink):
     """The worker's :class:`~recsys.kafka.Sink`: validate, join, produce; commit safe offsets.
 
-    ``consumer`` (set before the first batch) seeks a newly assigned partition to its committed
+    The consumer handed to :meth:`on_assign` seeks a newly assigned partition to its committed
     offset, where its rebuilt state starts.
     """
+
+    worker = WORKER
 
     def __init__(
         self,
         settings: Settings,
         producer: KafkaProducer,
-        consumer: KafkaConsumer | None,
         parser: EventParser | None = None,
     ) -> None:
         self.settings = settings.rewards
         self.source = settings.topics.events
         self.topic = settings.topics.rewards
         self.producer = producer
-        self.consumer = consumer
+        self.consumer: KafkaConsumer | None = None
         self.parser = parser or EventParser(
             settings.events.max_bytes, settings.events.max_clock_skew_ms
         )
         self.rules = RewardRules.from_settings(settings.rewards)
-        self.dlq = DeadLetterWriter(producer, settings.topics.dlq)
+        self.dlq = DeadLetterWriter(producer, settings.topics.dlq, WORKER)
         self.joins: dict[int, RewardJoin] = {}  # by partition of the source topic
         self._reset: set[TopicPartition] = set()
         self._lock = threading.Lock()
         self._futures: list[Any] = []
-        self._partitions: list[int] = []
-        self._partition_of: dict[str, int] = {}
         self._late = self._dupes = 0
         self.events = 0
         self.rewards = 0
 
     # -- rebalance (called on the consumer's thread during poll) --------------------------------
-    def on_assign(self, partitions: Sequence[TopicPartition]) -> None:
+    def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        self.consumer = consumer
         log.info("reward worker assigned partitions %s", sorted(p.partition for p in partitions))
         with self._lock:
             self._reset.update(partitions)
 
-    def on_revoke(self, partitions: Sequence[TopicPartition]) -> None:
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self._lock:
             self._reset.update(partitions)
 
@@ -86,7 +88,7 @@ class RewardSink:
             parts, self._reset = self._reset, set()
         consumer = self.consumer
         if consumer is None:
-            raise RuntimeError("RewardSink.consumer must be set before partitions are assigned")
+            raise RuntimeError("partitions were reset before any assignment")
         assigned = consumer.assignment()
         first: dict[int, int] = {}
         for r in records:
@@ -119,12 +121,8 @@ class RewardSink:
         send = self.producer.send
         topic = self.topic
         futures = self._futures
-        partition_of = self._partition_of
         joins = self.joins
         kinds: dict[str, list[float]] = {}
-        rejected: dict[str, int] = {}
-        if not self._partitions:
-            self._refresh_partitions()
         cur = -1
         join: RewardJoin | None = None
         for r in records:
@@ -136,23 +134,13 @@ class RewardSink:
             assert join is not None
             ev = parse(r.value)
             if isinstance(ev, Rejection):
-                futures.append(self.dlq.send(r, ev.reason.value, ev.detail))
-                rejected[ev.reason.value] = rejected.get(ev.reason.value, 0) + 1
+                futures.append(self.on_bad_record(r, ev.reason.value, ev.detail))
                 join.skip(r.offset)
                 continue
             for rec in join.update(ev, r.offset):
-                user = rec.user_id
-                p = partition_of.get(user)
-                if p is None:
-                    p = self._partition_for(user)
-                futures.append(
-                    send(
-                        topic,
-                        value=encode_reward(rec),
-                        key=user.encode("utf-8", "surrogatepass"),
-                        partition=p,
-                    )
-                )
+                # Keyed by user: the producer's partitioner keeps one user's rewards in order.
+                key = rec.user_id.encode("utf-8", "surrogatepass")
+                futures.append(send(topic, value=encode_reward(rec), key=key))
                 k = kinds.get(rec.kind)
                 if k is None:
                     k = kinds[rec.kind] = [0, 0.0, 0.0]
@@ -162,8 +150,6 @@ class RewardSink:
                 elif rec.reward < 0:
                     k[2] -= rec.reward
         self.events += len(records)
-        for reason, n in rejected.items():
-            metrics.EVENTS_REJECTED.labels(reason=reason).inc(n)
         for kind, (count, gain, loss) in kinds.items():
             self.rewards += int(count)
             metrics.REWARDS_EMITTED.labels(kind=kind).inc(count)
@@ -186,23 +172,10 @@ class RewardSink:
                 safe[TopicPartition(self.source, p)] = off
         return safe
 
+    def close(self) -> None:
+        self.producer.close()
+
     # -- helpers -----------------------------------------------------------------------------
-    def _refresh_partitions(self) -> None:
-        parts = sorted(self.producer.partitions_for(self.topic))
-        if parts != self._partitions:
-            self._partitions = parts
-            self._partition_of.clear()
-
-    def _partition_for(self, user: str) -> int:
-        """kafka-python's default partitioner (murmur2 of the key), cached per user."""
-        parts = self._partitions
-        p = parts[(murmur2(user.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF) % len(parts)]
-        if len(self._partition_of) >= 200_000:
-            self._partition_of.clear()
-            self._refresh_partitions()
-        self._partition_of[user] = p
-        return p
-
     def _update_gauges(self) -> None:
         late = sum(j.late for j in self.joins.values())
         dupes = sum(j.duplicates for j in self.joins.values())
@@ -216,24 +189,11 @@ class RewardSink:
         metrics.DEDUPE_ENTRIES.set(sum(j.dedupe_entries for j in self.joins.values()))
 
 
-def make_sink(settings: Settings, consumer: KafkaConsumer | None = None) -> RewardSink:
-    """The sink with its own producer (reward batches: linger and compression from settings)."""
+def build(settings: Settings) -> WorkerApp:
+    """The reward worker: its own producer (linger and compression from settings)."""
     s = settings.rewards
     overrides: dict[str, Any] = {"linger_ms": s.linger_ms}
     if s.compression != "none":
         overrides["compression_type"] = s.compression
-    return RewardSink(settings, make_producer(settings.kafka, **overrides), consumer)
-
-
-def build(settings: Settings) -> tuple[ConsumerLoop, RewardSink]:
-    """The worker's consumer loop and sink, not started (tests and benchmarks run it in-process)."""
-    consumer = make_consumer(settings.kafka, settings.rewards.group_id)
-    sink = make_sink(settings, consumer)
-    loop = ConsumerLoop(
-        consumer,
-        [settings.topics.events],
-        sink,
-        worker=WORKER,
-        max_records=settings.rewards.max_batch,
-    )
-    return loop, sink
+    sink = RewardSink(settings, make_producer(settings.kafka, **overrides))
+    return WorkerApp(WORKER, s.group_id, [settings.topics.events], sink, max_records=s.max_batch)

@@ -27,6 +27,9 @@ from recsys.serving.device import resolve_device
 
 log = logging.getLogger(__name__)
 
+MODEL_FILE = "model.safetensors"
+CATALOG_FILE = "catalog.json"
+
 
 @dataclass
 class ServingModel:
@@ -120,20 +123,31 @@ def load_policy(
     """Load a checkpoint's model for inference -> ``(model in eval mode, item ids, manifest)``.
 
     ``item_ids[i]`` is the id of item index ``i``. ``path`` is a checkpoint directory, or a root
-    holding several (the newest valid is taken). Raises CheckpointError when nothing valid.
+    holding several (the newest one that loads is taken: a version whose files verify but whose
+    config is refused falls back to the one before). Raises CheckpointError when nothing loads.
     """
     path = Path(path)
-    if not (path / ckpt.MANIFEST).exists():
-        found = ckpt.find_latest(path)
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint under {path}")
-        path = found[0]
+    if (path / ckpt.MANIFEST).exists():
+        return _load_policy_version(path, device)
+    for version in ckpt.list_checkpoints(path):
+        try:
+            return _load_policy_version(version, device)
+        except CheckpointError as exc:
+            log.warning("skipping model version %s: %s", version.name, exc)
+    raise CheckpointError(f"no valid checkpoint under {path}")
+
+
+def _load_policy_version(
+    path: Path, device: str | None
+) -> tuple[PolicyNet, list[str], dict[str, Any]]:
     manifest = ckpt.read_manifest(path)
     try:
         cfg = ModelConfig.from_dict(manifest["config"]["model"])
         model = PolicyNet(cfg)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        item_ids = [str(x) for x in json.loads((path / "catalog.json").read_text())["ids"]]
+        # Only files the verified manifest lists are opened.
+        model.load_state_dict(load_file(str(ckpt.checkpoint_file(path, manifest, MODEL_FILE))))
+        catalog = ckpt.checkpoint_file(path, manifest, CATALOG_FILE).read_text()
+        item_ids = [str(x) for x in json.loads(catalog)["ids"]]
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load policy: {exc}") from exc
     if len(item_ids) != model.num_items:

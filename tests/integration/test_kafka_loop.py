@@ -13,13 +13,14 @@ from recsys.config import KafkaSettings
 from recsys.kafka import (
     ConsumerLoop,
     DeadLetterWriter,
+    Sink,
     create_topics,
     make_consumer,
     make_producer,
 )
 
 
-class CollectingSink:
+class CollectingSink(Sink):
     """Records what it got; commits only what it was told is durable."""
 
     def __init__(self, fail_after: int | None = None) -> None:

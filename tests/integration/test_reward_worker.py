@@ -27,11 +27,12 @@ from benchmarks.reward_streams import (
     sentinels,
     with_poison,
 )
+from recsys.app import make_loop
 from recsys.config import RewardSettings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics
 from recsys.rewards import RewardRules, offline_join
-from recsys.rewards.sink import build
+from recsys.rewards.sink import RewardSink, build
 
 PARTITIONS = 6
 
@@ -108,7 +109,12 @@ def test_two_worker_processes_share_the_partitions(broker, kafka_settings, topic
 
 
 def _rejected(reason: str) -> float:
-    return REGISTRY.get_sample_value("recsys_events_rejected_total", {"reason": reason}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "recsys_events_rejected_total", {"reason": reason, "worker": "reward"}
+        )
+        or 0.0
+    )
 
 
 def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic_prefix):
@@ -137,7 +143,9 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
     before = {r: _rejected(r) for r in injected}
     produce(settings.kafka, t.events, messages)
 
-    loop, sink = build(settings)
+    app = build(settings)
+    loop, sink = make_loop(settings, app), app.sink
+    assert isinstance(sink, RewardSink)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     try:
@@ -151,7 +159,7 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
     finally:
         loop.stop()
         thread.join(30)
-        sink.producer.close()
+        sink.close()
     assert not thread.is_alive()
 
     after = {r: _rejected(r) - before[r] for r in injected}

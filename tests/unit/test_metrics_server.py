@@ -23,13 +23,13 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_metrics_and_health() -> None:
-    metrics.EVENTS_REJECTED.labels(reason="bad_json").inc()
+    metrics.EVENTS_REJECTED.labels(reason="bad_json", worker="test").inc()
     healthy = [True]
     with serve_metrics("127.0.0.1", 0, health=lambda: healthy[0]) as server:
         assert server.port > 0
         status, body = _get(server.url + "/metrics")
         assert status == 200
-        assert 'recsys_events_rejected_total{reason="bad_json"}' in body
+        assert 'recsys_events_rejected_total{reason="bad_json",worker="test"}' in body
         assert _get(server.url + "/healthz") == (200, "ok\n")
         healthy[0] = False
         assert _get(server.url + "/healthz")[0] == 503

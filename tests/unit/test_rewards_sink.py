@@ -17,6 +17,7 @@ from recsys.rewards import RewardRules, offline_join
 from recsys.rewards.sink import RewardSink
 
 SRC = "ev"
+T0 = 1_700_000_000_000  # event times in ms since the epoch (the contract refuses pre-1990)
 
 
 @dataclass
@@ -78,7 +79,9 @@ def _settings():
 
 def _sink(producer: FakeProducer | None = None, consumer: FakeConsumer | None = None):
     s = _settings()
-    return RewardSink(s, producer or FakeProducer(), consumer or FakeConsumer(), None), s
+    sink = RewardSink(s, producer or FakeProducer())
+    sink.on_assign(consumer or FakeConsumer(), [])  # how the loop hands the sink its consumer
+    return sink, s
 
 
 def _events(n: int = 60) -> list[Event]:
@@ -91,15 +94,17 @@ def _events(n: int = 60) -> list[Event]:
                 "impression",
                 u,
                 f"a{k % 5}",
-                k * 100,
+                T0 + k * 100,
                 request_id=f"r{k}",
                 position=0,
                 propensity=0.5,
             )
         )
         if k % 3 == 0:
-            out.append(Event(f"c{k}", "click", u, f"a{k % 5}", k * 100 + 50, request_id=f"r{k}"))
-    out.append(Event("end", "click", "zz", "q", 10**7))
+            out.append(
+                Event(f"c{k}", "click", u, f"a{k % 5}", T0 + k * 100 + 50, request_id=f"r{k}")
+            )
+    out.append(Event("end", "click", "zz", "q", T0 + 10**7))
     return out
 
 
@@ -124,11 +129,10 @@ def _records(events: list[Event], partitions: int = 2) -> list[SimpleNamespace]:
 
 def _produced(producer: FakeProducer) -> dict[str, RewardRecord]:
     got = {}
-    for topic, key, value, partition, _ in producer.sent:
+    for topic, key, value, _, _ in producer.sent:
         if topic == "rw":
             r = RewardRecord.from_bytes(value)
             assert key == r.user_id.encode("utf-8", "surrogatepass")
-            assert partition is not None
             got[r.reward_id] = r
     return got
 
@@ -160,37 +164,32 @@ def test_batches_give_the_oracle_and_safe_offsets(batch: int) -> None:
     assert set(safe) == {TopicPartition(SRC, 0), TopicPartition(SRC, 1)}
 
 
-def test_same_user_keys_go_to_the_default_partitioner_partition() -> None:
-    from kafka.partitioner.default import DefaultPartitioner
-
-    cluster = SimpleNamespace(
-        topics=lambda: {"rw"},
-        partitions_for_topic=lambda t: {0, 1, 2},
-        available_partitions_for_topic=lambda t: {0, 1, 2},
-    )
+def test_rewards_are_keyed_by_user_and_partitioned_by_the_producer() -> None:
     sink, _ = _sink()
     sink.write(_records(_events(10)))
     assert sink.producer.sent
-    for topic, key, value, partition, _ in sink.producer.sent:
-        assert partition == DefaultPartitioner().partition(topic, None, key, None, value, cluster)
+    for _, key, value, partition, _ in sink.producer.sent:
+        assert partition is None  # kafka-python's own partitioner hashes the key
+        assert key == RewardRecord.from_bytes(value).user_id.encode()
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
+def _rejected(reason: str) -> float:
+    return _sample("recsys_events_rejected_total", {"reason": reason, "worker": "reward"})
+
+
 def test_rejects_go_to_the_dlq_with_reason_and_are_counted() -> None:
     sink, _ = _sink()
-    good = Event("g", "click", "u", "a", 5)
+    good = Event("g", "click", "u", "a", T0 + 5)
     bad = [b"{not json", json.dumps({"event_id": "x"}).encode(), b"[1]", None]
     records = [
         SimpleNamespace(topic=SRC, partition=0, offset=k, key=b"u", value=v)
         for k, v in enumerate([*bad, good.to_bytes()])
     ]
-    before = {
-        r: _sample("recsys_events_rejected_total", {"reason": r})
-        for r in ("not_json", "missing_field", "bad_type")
-    }
+    before = {r: _rejected(r) for r in ("not_json", "missing_field", "bad_type")}
     sink.write(records)
     safe = sink.flush()
     dlq = [x for x in sink.producer.sent if x[0] == "dlq"]
@@ -201,8 +200,14 @@ def test_rejects_go_to_the_dlq_with_reason_and_are_counted() -> None:
         b"not_json",
     ]
     assert [dict(h)["recsys.source_offset"] for *_, h in dlq] == [b"0", b"1", b"2", b"3"]
-    assert _sample("recsys_events_rejected_total", {"reason": "not_json"}) == before["not_json"] + 2
-    assert _sample("recsys_events_rejected_total", {"reason": "bad_type"}) == before["bad_type"] + 1
+    assert (
+        _sample("recsys_events_rejected_total", {"reason": "not_json", "worker": "reward"})
+        == before["not_json"] + 2
+    )
+    assert (
+        _sample("recsys_events_rejected_total", {"reason": "bad_type", "worker": "reward"})
+        == before["bad_type"] + 1
+    )
     assert len([x for x in sink.producer.sent if x[0] == "rw"]) == 1
     assert safe == {TopicPartition(SRC, 0): 4}  # the organic click's clock/dedupe entry
     assert Reason.NOT_JSON.value == "not_json"
@@ -213,24 +218,29 @@ def test_negative_and_extreme_rewards_are_produced() -> None:
     gain = _sample("recsys_reward_positive_sum_total", {"kind": "organic"})
     loss = _sample("recsys_reward_negative_sum_total", {"kind": "organic"})
     events = [
-        Event("s", "skip", "u", "a", 5),
-        Event("r", "rating", "u", "b", 6, value=1e308),
-        Event("q", "rating", "u", "c", 7, value=-1e308),
+        Event("s", "skip", "u", "a", T0 + 5),
+        Event(
+            "r", "rating", "u", "b", T0 + 6, value=1e38
+        ),  # near float32's max, the contract's ceiling
+        Event("q", "rating", "u", "c", T0 + 7, value=-1e38),
     ]
     sink.write(_records(events, partitions=1))
     sink.flush()
     got = sorted(r.reward for r in _produced(sink.producer).values())
-    assert got[0] < -1e307
+    assert got[0] < -1e37
     assert got[1] == pytest.approx(-0.2)
-    assert got[2] > 1e307
-    assert _sample("recsys_reward_positive_sum_total", {"kind": "organic"}) > gain + 1e307
-    assert _sample("recsys_reward_negative_sum_total", {"kind": "organic"}) > loss + 1e307
+    assert got[2] > 1e37
+    assert _sample("recsys_reward_positive_sum_total", {"kind": "organic"}) > gain + 1e37
+    assert _sample("recsys_reward_negative_sum_total", {"kind": "organic"}) > loss + 1e37
 
 
 def test_lone_surrogates_in_ids_go_to_the_dlq_and_the_worker_goes_on() -> None:
     sink, _ = _sink()
-    raw = b'{"event_id":"e\\ud800","type":"click","user_id":"u\\udfff","item_id":"a","ts":5}'
-    good = Event("g", "click", "u", "a", 5).to_bytes()
+    raw = (
+        b'{"event_id":"e\\ud800","type":"click","user_id":"u\\udfff","item_id":"a",'
+        b'"ts":1700000000005}'
+    )
+    good = Event("g", "click", "u", "a", T0 + 5).to_bytes()
     sink.write(
         [
             SimpleNamespace(topic=SRC, partition=0, offset=0, key=b"u", value=raw),
@@ -247,14 +257,14 @@ def test_lone_surrogates_in_ids_go_to_the_dlq_and_the_worker_goes_on() -> None:
 
 def test_failed_send_raises_in_flush_so_nothing_is_committed() -> None:
     sink, _ = _sink(FakeProducer(fail=True))
-    sink.write(_records([Event("g", "click", "u", "a", 5)]))
+    sink.write(_records([Event("g", "click", "u", "a", T0 + 5)]))
     with pytest.raises(RuntimeError, match="broker said no"):
         sink.flush()
 
 
 def test_gauges_follow_the_state() -> None:
     sink, _ = _sink()
-    sink.write(_records([Event("i", "impression", "u", "a", 5, request_id="r")]))
+    sink.write(_records([Event("i", "impression", "u", "a", T0 + 5, request_id="r")]))
     sink.flush()
     assert _sample("recsys_open_windows") == 1
     assert _sample("recsys_dedupe_entries") == 1
@@ -266,7 +276,7 @@ def test_gauges_follow_the_state() -> None:
                 partition=0,
                 offset=1,
                 key=b"u",
-                value=Event("i", "impression", "u", "a", 5, request_id="r").to_bytes(),
+                value=Event("i", "impression", "u", "a", T0 + 5, request_id="r").to_bytes(),
             )
         ]
     )
@@ -278,7 +288,7 @@ def test_a_reassigned_partition_is_rebuilt_from_its_committed_offset() -> None:
     tp = TopicPartition(SRC, 0)
     consumer = FakeConsumer(assigned={tp}, commits={tp: 3})
     sink, _ = _sink(consumer=consumer)
-    events = [Event(f"i{k}", "impression", "u", "a", k, request_id=f"r{k}") for k in range(8)]
+    events = [Event(f"i{k}", "impression", "u", "a", T0 + k, request_id=f"r{k}") for k in range(8)]
     records = [
         SimpleNamespace(topic=SRC, partition=0, offset=k, key=b"u", value=e.to_bytes())
         for k, e in enumerate(events)
@@ -288,7 +298,7 @@ def test_a_reassigned_partition_is_rebuilt_from_its_committed_offset() -> None:
     # A rebalance keeps the partition here, with the consumer's position where it was (5):
     # the state is dropped and the consumer sought back to the committed offset.
     sink.on_revoke([tp])
-    sink.on_assign([tp])
+    sink.on_assign(consumer, [tp])
     sink.write(records[5:])
     assert consumer.seeks == [(tp, 3)]
     assert 0 not in sink.joins  # the batch from the old position was not used
@@ -308,7 +318,7 @@ def test_a_revoked_partition_is_dropped() -> None:
                 partition=1,
                 offset=0,
                 key=b"u",
-                value=Event("i", "impression", "u", "a", 1).to_bytes(),
+                value=Event("i", "impression", "u", "a", T0 + 1).to_bytes(),
             )
         ]
     )
@@ -323,7 +333,7 @@ def test_first_assignment_without_commit_starts_at_the_beginning() -> None:
     tp = TopicPartition(SRC, 0)
     consumer = FakeConsumer(assigned={tp})
     sink, _ = _sink(consumer=consumer)
-    sink.on_assign([tp])
-    sink.write(_records([Event("g", "click", "u", "a", 5)], partitions=1))
+    sink.on_assign(consumer, [tp])
+    sink.write(_records([Event("g", "click", "u", "a", T0 + 5)], partitions=1))
     assert consumer.seeks == []  # already at offset 0
     assert sink.flush() == {tp: 0}

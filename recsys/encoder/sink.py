@@ -1,0 +1,132 @@
+"""The encoder worker's sink and :func:`build`: items topic → pretrained text encoder (cached)
+→ item-vectors topic.
+
+Offsets advance only past records whose vectors the broker acknowledged. When a send fails (a
+broker outage longer than the producer's delivery timeout), the partitions are sought back to
+their last acknowledged offset and encoded again (the vector cache makes that cheap), so no item
+is committed without its vector and the worker keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+
+from recsys.app import WorkerApp
+from recsys.config import Settings
+from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.text import TextEncoder, text_key
+from recsys.errors import ConfigError
+from recsys.events import ItemRecord, ItemVector, item_text, parse_item
+from recsys.kafka import DeadLetterWriter, Sink, make_producer
+
+log = logging.getLogger(__name__)
+
+WORKER = "encoder"
+
+
+class EncoderSink(Sink):
+    """Validates catalogue records, encodes new or changed texts, produces their vectors."""
+
+    worker = WORKER
+
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        producer: KafkaProducer,
+        vectors_topic: str,
+        dlq: DeadLetterWriter,
+        ack_timeout_s: float = 60.0,
+    ) -> None:
+        if catalog.encoder is None:
+            raise ValueError("catalog must have a text encoder")
+        self.catalog = catalog
+        self.encoder: TextEncoder = catalog.encoder
+        self.producer = producer
+        self.topic = vectors_topic
+        self.dlq = dlq
+        self.ack_timeout_s = ack_timeout_s
+        self.consumer: KafkaConsumer | None = None
+        self._futures: list[Any] = []
+        self._written: dict[TopicPartition, int] = {}
+        self._acked: dict[TopicPartition, int] = {}
+        self.send_failures = 0
+
+    def write(self, records: Sequence[ConsumerRecord]) -> None:
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._acked.setdefault(tp, r.offset)  # nothing of this partition acked yet
+            self._written[tp] = r.offset + 1
+        items: dict[str, ItemRecord] = {}
+        for _, item in self.decode(records, parse_item):
+            items[item.item_id] = item  # the newest record of an item in the batch wins
+        if not items:
+            return
+        indices = self.catalog.upsert(items.values())
+        name = self.encoder.name
+        vectors = self.catalog.vectors
+        for item, i in zip(items.values(), indices, strict=True):
+            message = ItemVector(
+                item.item_id, name, text_key(name, item_text(item)), tuple(vectors[i].tolist())
+            )
+            self._futures.append(
+                self.producer.send(self.topic, key=item.item_id.encode(), value=message.to_bytes())
+            )
+
+    def flush(self) -> Mapping[TopicPartition, int] | None:
+        futures, self._futures = self._futures, []
+        try:
+            self.producer.flush(timeout=self.ack_timeout_s)
+            failed = [f.exception for f in futures if not f.succeeded()]
+        except Exception as exc:  # a flush that times out: nothing of the batch is known acked
+            failed = [exc]
+        if not failed:
+            self._acked = dict(self._written)
+            return dict(self._acked)
+        self.send_failures += 1
+        log.error("%d item vectors not acknowledged (%s); re-encoding", len(failed), failed[0])
+        self._rewind()
+        return dict(self._acked)
+
+    def _rewind(self) -> None:
+        """Seek every partition back to its last acknowledged offset, to send again."""
+        if self.consumer is not None:
+            for tp, offset in self._acked.items():
+                if tp in self.consumer.assignment():
+                    self.consumer.seek(tp, offset)
+        self._written = dict(self._acked)
+
+    def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        self.consumer = consumer
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._acked.pop(tp, None)
+            self._written.pop(tp, None)
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def build(settings: Settings) -> WorkerApp:
+    """The encoder worker: the configured (or packaged) text model, with its vector cache."""
+    enc = settings.encoder
+    encoder = TextEncoder(enc.model_path, device=enc.device, batch_size=enc.batch_size)
+    if encoder.dim != enc.dim:
+        # The learner sizes its item tower from this setting: a mismatch would be silently lost.
+        raise ConfigError(
+            f"RECSYS_ENCODER__DIM={enc.dim} but the model at {encoder.path} gives {encoder.dim}"
+        )
+    producer = make_producer(settings.kafka)
+    sink = EncoderSink(
+        ItemCatalog(encoder, cache_dir=enc.cache_dir),
+        producer,
+        settings.topics.item_vectors,
+        DeadLetterWriter(producer, settings.topics.dlq, WORKER),
+    )
+    return WorkerApp(WORKER, enc.group_id, [settings.topics.items], sink)

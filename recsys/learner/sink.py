@@ -1,0 +1,144 @@
+"""The learner worker's sink and :func:`build`: rewards + item vectors → replay buffer →
+gradient steps → checkpoints.
+
+Kafka offsets are part of each checkpoint, and only checkpointed offsets are committed. On start
+the worker restores the newest valid checkpoint; on every assignment (start-up or rebalance) a
+partition is sought to the newest of its checkpointed and in-memory consumed offsets, so a crash
+repeats no update and loses none, and a rebalance never rewinds past what the model has learned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+
+from recsys import metrics
+from recsys.app import WorkerApp
+from recsys.config import Settings
+from recsys.drift import DriftMonitor, DriftReaction
+from recsys.encoder.catalog import ItemCatalog
+from recsys.events import ItemVector, RewardRecord
+from recsys.kafka import DeadLetterWriter, Sink, make_producer, offsets_from_json, offsets_to_json
+from recsys.learner.config import LearnerConfig
+from recsys.learner.online import OnlineConfig, OnlineLearner
+from recsys.learner.trainer import Learner
+from recsys.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+WORKER = "learner"
+
+
+class LearnerSink(Sink):
+    """Feeds the online learner; commits (and resumes from) the offsets of its checkpoints.
+
+    A record that cannot be decoded, or that the learner rejects, is dead-lettered with its
+    reason; the rest of its batch is learned.
+    """
+
+    worker = WORKER
+
+    def __init__(
+        self,
+        online: OnlineLearner,
+        rewards_topic: str,
+        vectors_topic: str,
+        resume_offsets: Mapping[TopicPartition, int],
+        dlq: DeadLetterWriter | None = None,
+    ) -> None:
+        self.online = online
+        self.rewards_topic = rewards_topic
+        self.vectors_topic = vectors_topic
+        self.dlq = dlq
+        self.consumed: dict[TopicPartition, int] = dict(resume_offsets)
+        self.checkpointed: dict[TopicPartition, int] = dict(resume_offsets)
+
+    def write(self, records: Sequence[ConsumerRecord]) -> None:
+        for r in records:
+            self.consumed[TopicPartition(r.topic, r.partition)] = r.offset + 1
+        vectors = [v for _, v in self.decode(self._of(records, True), ItemVector.from_bytes)]
+        rewards = self.decode(self._of(records, False), RewardRecord.from_bytes)
+        self.online.add_vectors(vectors)
+        self.online.train(self._add_rewards(rewards))
+
+    def _of(self, records: Sequence[ConsumerRecord], vectors: bool) -> list[ConsumerRecord]:
+        return [r for r in records if (r.topic == self.vectors_topic) == vectors]
+
+    def _add_rewards(self, rewards: list[tuple[ConsumerRecord, RewardRecord]]) -> int:
+        """Buffer the batch; if the learner rejects it, retry record by record so that only the
+        record at fault is dead-lettered."""
+        try:
+            return self.online.add_rewards([rec for _, rec in rewards])
+        except Exception:
+            if len(rewards) == 1:
+                raise
+        added = 0
+        for record, rec in rewards:
+            try:
+                added += self.online.add_rewards([rec])
+            except Exception as exc:
+                self.on_bad_record(record, type(exc).__name__, str(exc))
+        return added
+
+    def flush(self) -> Mapping[TopicPartition, int] | None:
+        if self.online.checkpoint_due() and self.online.checkpoint(self._offsets()) is not None:
+            self.checkpointed = dict(self.consumed)
+        return dict(self.checkpointed)
+
+    def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            offset = self.consumed.get(tp)
+            if offset is not None:
+                consumer.seek(tp, offset)
+
+    def final_checkpoint(self) -> None:
+        if self.consumed != self.checkpointed or self.online.checkpoint_due():
+            self.online.checkpoint(self._offsets())
+
+    def close(self) -> None:
+        if self.dlq is not None:
+            self.dlq.producer.close()
+
+    def _offsets(self) -> dict[str, int]:
+        return offsets_to_json(self.consumed)
+
+
+def new_learner(settings: Settings) -> Learner:
+    """A fresh learner sized from settings (used when no checkpoint exists)."""
+    s = settings.learner
+    model_cfg = ModelConfig(
+        text_dim=settings.encoder.dim,
+        dim=s.dim,
+        num_layers=s.layers,
+        max_history=s.max_history,
+        item_capacity=s.item_capacity,
+        use_id_embedding=s.id_embeddings,
+    )
+    return Learner(model_cfg, LearnerConfig.from_settings(s), ItemCatalog(dim=settings.encoder.dim))
+
+
+def build(settings: Settings) -> WorkerApp:
+    """The learner worker, resumed from the newest valid checkpoint under its directory."""
+    s = settings.learner
+    online, offsets = OnlineLearner.resume(
+        s.checkpoint_dir,
+        lambda: new_learner(settings),
+        config=OnlineConfig.from_settings(s),
+        drift=DriftMonitor.from_settings(settings.drift, ("reward_rate", "mean_reward", "loss")),
+        reaction=DriftReaction.from_settings(settings.drift),
+    )
+    metrics.MODEL_VERSION.labels(worker=WORKER).set(online.version)
+    topics = settings.topics
+    dlq = DeadLetterWriter(make_producer(settings.kafka), topics.dlq, WORKER)
+    sink = LearnerSink(online, topics.rewards, topics.item_vectors, offsets_from_json(offsets), dlq)
+    return WorkerApp(
+        WORKER,
+        s.group_id,
+        [topics.rewards, topics.item_vectors],
+        sink,
+        on_stop=sink.final_checkpoint,
+    )
