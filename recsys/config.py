@@ -7,8 +7,11 @@ A bad value raises :class:`~recsys.errors.ConfigError` naming the variable.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import (
@@ -25,6 +28,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from recsys.errors import ConfigError
 
 ENV_PREFIX = "RECSYS_"
+
+#: Reward weight per feedback type, the one definition (the reward rules default to it too).
+DEFAULT_REWARD_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {"click": 1.0, "add_to_cart": 2.0, "purchase": 5.0, "skip": -0.2, "dwell": 1.0, "rating": 1.0}
+)
 ENV_NESTED_DELIMITER = "__"
 
 
@@ -126,6 +134,13 @@ class EventSettings(_Section):
     max_clock_skew_ms: int = Field(
         5 * 60 * 1000, ge=0, description="How far in the future an event ts may be"
     )
+    # The ceilings are recsys.events.MAX_ID_LENGTH_LIMIT and POSITION_LIMIT (int32, the replay
+    # buffer's dtype): the internal-topic decoders accept anything up to them.
+    max_id_length: int = Field(
+        256, ge=1, le=4096, description="Longest id (event, user, item, request, model), in chars"
+    )
+    max_position: int = Field(1000, ge=0, le=2**31 - 1, description="Largest slate position")
+    max_title_length: int = Field(1024, ge=1, description="Longest item title, in characters")
 
 
 class StoreSettings(_Section):
@@ -229,14 +244,7 @@ class RewardSettings(_Section):
 
     group_id: str = Field("recsys-reward", description="Consumer group of the reward workers")
     weights: dict[str, float] = Field(
-        default_factory=lambda: {
-            "click": 1.0,
-            "add_to_cart": 2.0,
-            "purchase": 5.0,
-            "skip": -0.2,
-            "dwell": 1.0,
-            "rating": 1.0,
-        },
+        default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS),
         description="Reward weight per feedback type (JSON object); missing types weigh 0",
     )
     dwell_cap_s: float = Field(
@@ -287,7 +295,7 @@ class RewardSettings(_Section):
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "gzip",
         description="Compression of the rewards topic batches (gzip: smaller batches, so less "
-        "CRC work for kafka-python on both ends; snappy/lz4/zstd need their Python packages)",
+        "CRC work for kafka-python on both ends; none, snappy, lz4 and zstd work too)",
     )
 
     @model_validator(mode="after")
@@ -466,7 +474,8 @@ def settings_reference() -> list[tuple[str, str, str]]:
         if isinstance(section, type) and issubclass(section, BaseModel):
             for sub_name, sub in section.model_fields.items():
                 env = f"{ENV_PREFIX}{name.upper()}{ENV_NESTED_DELIMITER}{sub_name.upper()}"
-                rows.append((env, _default_text(sub.default), sub.description or ""))
+                default = sub.get_default(call_default_factory=True)
+                rows.append((env, _default_text(default), sub.description or ""))
         else:
             rows.append(
                 (
@@ -481,6 +490,8 @@ def settings_reference() -> list[tuple[str, str, str]]:
 def _default_text(value: Any) -> str:
     if value is None:
         return "(unset)"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     return str(value)

@@ -20,7 +20,7 @@ import numpy as np
 
 from recsys import metrics
 from recsys.config import LearnerSettings
-from recsys.drift import DriftMonitor, DriftReaction
+from recsys.drift import POPULARITY_SIGNAL, DriftMonitor, DriftReaction
 from recsys.errors import CheckpointError
 from recsys.events import ItemVector, RewardRecord
 from recsys.learner.trainer import Learner
@@ -185,6 +185,9 @@ class OnlineLearner:
             rewards = [r.reward for r in fresh]
             self._watch("mean_reward", float(np.mean(rewards)))
             self._watch("reward_rate", float(np.mean([x > 0 for x in rewards])))
+            for r in fresh:  # what users engage with: the popularity-shift signal
+                if r.reward > 0 and self.drift.update_item(r.item_id) and self.reaction:
+                    self.reaction.trigger(POPULARITY_SIGNAL)
         return self.learner.observe(fresh)
 
     def train(self, new_samples: int) -> list[dict[str, float]]:

@@ -28,15 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from recsys.config import DEFAULT_REWARD_WEIGHTS as DEFAULT_WEIGHTS
 from recsys.errors import ConfigError
 from recsys.events import FEEDBACK_TYPES
 
 if TYPE_CHECKING:
     from recsys.config import RewardSettings
 
-DEFAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
-    {"click": 1.0, "add_to_cart": 2.0, "purchase": 5.0, "skip": -0.2, "dwell": 1.0, "rating": 1.0}
-)
 RATING_CENTRES = ("global", "user", "none")
 _RULE_KEYS = frozenset(
     {"weights", "dwell_cap_s", "rating_centre", "rating_mean", "rating_prior_count"}
