@@ -62,6 +62,7 @@ def _trained(steps: int = 3, **kw: object) -> Learner:
     return lr
 
 
+@pytest.mark.slow
 def test_round_trip_restores_everything(tmp_path: Path) -> None:
     lr = _trained(checkpoint_buffer=True)
     path = lr.save_checkpoint(

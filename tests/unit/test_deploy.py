@@ -276,6 +276,7 @@ def checkov_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[
     return {r["check_type"]: r for r in reports}
 
 
+@pytest.mark.slow
 def test_checkov_passes_on_rendered_manifests(checkov_reports: dict[str, dict[str, Any]]) -> None:
     report = checkov_reports["kubernetes"]
     _assert_clean(report)
@@ -283,6 +284,7 @@ def test_checkov_passes_on_rendered_manifests(checkov_reports: dict[str, dict[st
     assert {Path(f).name for f in files} == {"production.yaml", "local.yaml"}
 
 
+@pytest.mark.slow
 def test_checkov_passes_on_dockerfiles(checkov_reports: dict[str, dict[str, Any]]) -> None:
     report = checkov_reports["dockerfile"]
     _assert_clean(report)

