@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,14 +16,7 @@ from recsys.learner.config import LearnerConfig
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODEL = ModelConfig(
@@ -115,8 +107,10 @@ def test_steps_learn_a_predictable_sequence() -> None:
     idx = lr.catalog.index
     hits = 0
     for k in range(6):
-        scores = lr.scores([[idx[f"i{(k + 4) % 6}"], idx[f"i{(k + 5) % 6}"]]])
-        hits += int(scores[0].argmax().item() == idx[f"i{k}"])
+        hist = [idx[f"i{(k + 4) % 6}"], idx[f"i{(k + 5) % 6}"]]
+        scores = lr.scores([hist])[0]
+        scores[hist] = float("-inf")  # ranked over the allowed set, as served
+        hits += int(scores.argmax().item() == idx[f"i{k}"])
     assert hits >= 5
     assert lr.step_count == 150
 
