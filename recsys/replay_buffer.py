@@ -63,7 +63,7 @@ def reservoir_slots(seen: int, u: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.where(n < capacity, n, torch.where(j < capacity, j, torch.full_like(j, -1)))
 
 
-def _last_writer(slots: torch.Tensor) -> torch.Tensor:
+def last_writer(slots: torch.Tensor) -> torch.Tensor:
     """Bool [b]: True for the last element writing each slot (slot -1 never wins)."""
     b = slots.shape[0]
     sorted_slots, perm = torch.sort(slots, stable=True)
@@ -172,7 +172,7 @@ class ReplayBuffer:
         if self.reservoir_capacity:
             u = torch.rand(b, generator=self.generator, device=self.device, dtype=torch.float64)
             slots = reservoir_slots(self.seen, u, self.reservoir_capacity)
-            win = _last_writer(slots)
+            win = last_writer(slots)
             src_idx = win.nonzero().squeeze(1)
             rows = slots[src_idx] + self.recent_capacity
             for name, src in data.items():

@@ -152,7 +152,7 @@ def rank_of(scores: np.ndarray, target: int, exclude: list[int], rng: np.random.
     return above + int(rng.integers(0, max(ties, 0) + 1))
 
 
-def _prefix(data: MovieLens, n: int) -> MovieLens:
+def stream_prefix(data: MovieLens, n: int) -> MovieLens:
     """The first ``n`` ratings of the time-ordered stream (movies kept whole)."""
     return replace(
         data, user=data.user[:n], item=data.item[:n], rating=data.rating[:n], ts_ms=data.ts_ms[:n]
@@ -242,7 +242,7 @@ def run_prequential(
     if quick:
         data = _subset_quick(data)
     if limit is not None:
-        data = _prefix(data, limit)
+        data = stream_prefix(data, limit)
     encoder = TextEncoder(device=device)
     catalog = ItemCatalog(encoder, Path(cache_dir) if cache_dir else _default_cache_dir())
     catalog.upsert(data.movies)

@@ -61,7 +61,7 @@ def test_prefix_keeps_the_first_events_in_order():
 
     from recsys.data.load_report import LoadReport
     from recsys.data.movielens import MovieLens
-    from recsys.eval.prequential import _prefix
+    from recsys.eval.prequential import stream_prefix
 
     data = MovieLens(
         path=Path("."),
@@ -73,7 +73,7 @@ def test_prefix_keeps_the_first_events_in_order():
         movies=(),
         report=LoadReport(),
     )
-    head = _prefix(data, 2)
+    head = stream_prefix(data, 2)
     assert head.item.tolist() == [10, 11]
     assert head.ts_ms.tolist() == [1, 2]
     assert len(head) == 2

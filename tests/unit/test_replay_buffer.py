@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.replay_buffer import ReplayBuffer, Transitions, _last_writer, reservoir_slots
+from recsys.replay_buffer import ReplayBuffer, Transitions, last_writer, reservoir_slots
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def test_vectorised_reservoir_matches_one_by_one(cap: int, sizes: list[int], see
     seen = 0
     for b, u in zip(sizes, draws, strict=True):
         slots = reservoir_slots(seen, u, cap)
-        win = _last_writer(slots)
+        win = last_writer(slots)
         for k in win.nonzero().squeeze(1).tolist():
             slots_state[int(slots[k])] = seen + k
         seen += b
