@@ -240,6 +240,12 @@ def test_monitoring_objects(overlay: str) -> None:
     (policy,) = by_kind(objs, "NetworkPolicy").values()
     assert selects(policy["spec"]["podSelector"]["matchLabels"])
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for rule in policy["spec"]["egress"]:  # every destination is named: no open egress
+        assert rule["ports"]
+        assert rule["to"]
+        for peer in rule["to"]:
+            assert peer.get("namespaceSelector", {}).get("matchLabels") or peer.get("ipBlock")
+            assert peer.get("ipBlock", {}).get("cidr") not in ("0.0.0.0/0", "::/0")
     rules = by_kind(objs, "PrometheusRule")["recsys-alerts"]["spec"]["groups"]
     source = yaml.safe_load((DEPLOY / "prometheus" / "recsys-alerts.yml").read_text())["groups"]
     assert rules == source
