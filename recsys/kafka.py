@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
 from recsys.config import KafkaSettings
-from recsys.events import Rejection
+from recsys.events import ContractError, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +191,17 @@ class Sink(ABC):
     ) -> list[tuple[ConsumerRecord, T]]:
         """``parse`` each record's value; rejections and exceptions go to :meth:`on_bad_record`.
 
-        An exception names its class as the reason: a decoder bug dead-letters the record
-        instead of crash-looping the worker on it.
+        A :class:`~recsys.events.ContractError` (an internal topic's decoder) gives its
+        contract reason; any other exception names its class as the reason: a decoder bug
+        dead-letters the record instead of crash-looping the worker on it.
         """
         out: list[tuple[ConsumerRecord, T]] = []
         for r in records:
             try:
                 parsed = parse(r.value)
+            except ContractError as exc:
+                self.on_bad_record(r, exc.reason.value, exc.detail)
+                continue
             except Exception as exc:
                 self.on_bad_record(r, type(exc).__name__, str(exc))
                 continue
