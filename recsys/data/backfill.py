@@ -8,12 +8,11 @@ once at the end, never per message; send failures are counted and raised after t
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,18 +28,6 @@ DATASETS: tuple[Dataset, ...] = ("movielens", "obd")
 
 # Producer batching for bulk replay: bigger batches than a latency-sensitive worker would use.
 REPLAY_PRODUCER_OVERRIDES: dict[str, Any] = {"linger_ms": 20, "batch_size": 512 * 1024}
-
-
-_EVENT_FIELDS = tuple(f.name for f in fields(Event))
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def event_bytes(event: Event) -> bytes:
-    """Exactly :meth:`Event.to_bytes`, ~4x faster: the fields are immutable scalars, so the
-    deep copy ``dataclasses.asdict`` makes (most of to_bytes' time) buys nothing here."""
-    return _dumps(
-        {name: v for name in _EVENT_FIELDS if (v := getattr(event, name)) is not None}
-    ).encode()
 
 
 class ReplayError(RecsysError):
@@ -165,7 +152,7 @@ def replay(
         for event in events:
             if limit is not None and sent >= limit:
                 break
-            future = send(topic, key=event.user_id.encode(), value=event_bytes(event))
+            future = send(topic, key=event.user_id.encode(), value=event.to_bytes())
             future.add_errback(failures)
             sent += 1
             pending += 1

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsys.data.backfill import ReplayError, event_bytes, replay
+from recsys.data.backfill import ReplayError, replay
 from recsys.events import Event
 
 _text = st.text(min_size=1, max_size=12)
@@ -28,8 +30,10 @@ events = st.builds(
 
 
 @given(events)
-def test_event_bytes_is_to_bytes(event: Event) -> None:
-    assert event_bytes(event) == event.to_bytes()
+def test_event_wire_form_is_the_json_of_its_set_fields(event: Event) -> None:
+    assert json.loads(event.to_bytes()) == {
+        k: v for k, v in dataclasses.asdict(event).items() if v is not None
+    }
 
 
 class _Future:
