@@ -69,7 +69,7 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
@@ -724,16 +724,7 @@ class Slate:
             "user_id": self.user_id,
             "model_version": self.model_version,
             "ts": self.ts,
-            # Spelled out: ``asdict`` deep-copies and was most of the publisher's serialising time.
-            "items": [
-                {
-                    "item_id": i.item_id,
-                    "score": i.score,
-                    "propensity": i.propensity,
-                    "position": i.position,
-                }
-                for i in self.items
-            ],
+            "items": slate_items_to_json(self.items),
         }
 
     def to_bytes(self) -> bytes:
@@ -750,9 +741,25 @@ _SLATE_FIELDS = ("request_id", "user_id", "model_version", "ts", "items")
 _SLATE_ITEM_FIELDS = ("item_id", "score", "propensity", "position")
 
 
-def _slate(obj: Any) -> Slate:
-    _fields(obj, _SLATE_FIELDS, frozenset(_SLATE_FIELDS))
-    raw_items = obj["items"]
+def slate_items_to_json(items: Sequence[SlateItem]) -> list[dict[str, Any]]:
+    """The wire form of a slate's items: on the recommendations topic and in the store."""
+    # Spelled out: ``asdict`` deep-copies and was most of the publisher's serialising time.
+    return [
+        {"item_id": i.item_id, "score": i.score, "propensity": i.propensity, "position": i.position}
+        for i in items
+    ]
+
+
+def slate_items_from_json(raw: Any) -> tuple[SlateItem, ...]:
+    """Inverse of :func:`slate_items_to_json` (a JSON value, e.g. a store column), with the
+    internal-record checks; raises ContractError."""
+    try:
+        return _slate_items(raw)
+    except _Reject as exc:
+        raise ContractError("slate items", exc.reason, exc.detail) from None
+
+
+def _slate_items(raw_items: Any) -> tuple[SlateItem, ...]:
     if not isinstance(raw_items, list):
         _fail(Reason.BAD_TYPE, "field 'items' must be a list")
     allowed = frozenset(_SLATE_ITEM_FIELDS)
@@ -767,12 +774,17 @@ def _slate(obj: Any) -> Slate:
                 _int(i["position"], "position", 0, POSITION_LIMIT),
             )
         )
+    return tuple(items)
+
+
+def _slate(obj: Any) -> Slate:
+    _fields(obj, _SLATE_FIELDS, frozenset(_SLATE_FIELDS))
     return Slate(
         _internal_str(obj["request_id"], "request_id"),
         _internal_str(obj["user_id"], "user_id"),
         _internal_str(obj["model_version"], "model_version"),
         _int(obj["ts"], "ts", 0, INT64_MAX),
-        tuple(items),
+        _slate_items(obj["items"]),
     )
 
 

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from recsys.errors import RecsysError
-from recsys.events import Slate, SlateItem
+from recsys.events import Slate, slate_items_from_json, slate_items_to_json
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,6 @@ class SlateWrite:
 
 
 HistoryEntry = tuple[int, str, str]  # (event ts, item_id, event_id)
-
-
-def _items_json(slate: Slate) -> list[dict[str, Any]]:
-    return [
-        {"item_id": i.item_id, "score": i.score, "propensity": i.propensity, "position": i.position}
-        for i in slate.items
-    ]
-
-
-def _items_from_json(raw: Any) -> tuple[SlateItem, ...]:
-    return tuple(
-        SlateItem(str(i["item_id"]), float(i["score"]), float(i["propensity"]), int(i["position"]))
-        for i in raw
-    )
 
 
 class Store:
@@ -268,7 +254,7 @@ class Store:
                 "request_id": w.slate.request_id,
                 "model_version": w.slate.model_version,
                 "policy": w.policy,
-                "items": _items_json(w.slate),
+                "items": slate_items_to_json(w.slate.items),
                 "published_ms": w.slate.ts,
                 "event_ts": w.event_ts,
                 "updated_at": now,
@@ -300,7 +286,7 @@ class Store:
                             "key": COLD_START_KEY,
                             "request_id": cold_start.request_id,
                             "model_version": cold_start.model_version,
-                            "items": _items_json(cold_start),
+                            "items": slate_items_to_json(cold_start.items),
                             "published_ms": cold_start.ts,
                             "updated_at": now,
                         }
@@ -346,7 +332,7 @@ class Store:
             row["user_id"],
             row["model_version"],
             int(row["published_ms"]),
-            _items_from_json(row["items"]),
+            slate_items_from_json(row["items"]),
         )
         return StoredSlate(slate, row["policy"], row["event_ts"], row["updated_at"])
 
@@ -365,7 +351,7 @@ class Store:
             "",
             row["model_version"],
             int(row["published_ms"]),
-            _items_from_json(row["items"]),
+            slate_items_from_json(row["items"]),
         )
         return StoredSlate(slate, "cold_start", None, row["updated_at"])
 
@@ -379,7 +365,7 @@ class Store:
                     row["user_id"],
                     row["model_version"],
                     int(row["published_ms"]),
-                    _items_from_json(row["items"]),
+                    slate_items_from_json(row["items"]),
                 )
                 out[row["user_id"]] = StoredSlate(
                     slate, row["policy"], row["event_ts"], row["updated_at"]
