@@ -9,8 +9,9 @@ is committed without its vector and the worker keeps running.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -22,7 +23,7 @@ from recsys.config import Settings
 from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
-from recsys.events import ItemRecord, ItemVector, item_text, parse_item
+from recsys.events import ItemRecord, ItemVector, Rejection, item_text, parse_item
 from recsys.kafka import DeadLetterWriter, Sink, make_producer
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class EncoderSink(Sink):
         vectors_topic: str,
         dlq: DeadLetterWriter,
         ack_timeout_s: float = 60.0,
+        parse: Callable[[Any], ItemRecord | Rejection] = parse_item,
     ) -> None:
         if catalog.encoder is None:
             raise ValueError("catalog must have a text encoder")
@@ -51,6 +53,7 @@ class EncoderSink(Sink):
         self.topic = vectors_topic
         self.dlq = dlq
         self.ack_timeout_s = ack_timeout_s
+        self.parse = parse
         self.consumer: KafkaConsumer | None = None
         self._futures: list[Any] = []
         self._written: dict[TopicPartition, int] = {}
@@ -63,7 +66,7 @@ class EncoderSink(Sink):
             self._acked.setdefault(tp, r.offset)  # nothing of this partition acked yet
             self._written[tp] = r.offset + 1
         items: dict[str, ItemRecord] = {}
-        for _, item in self.decode(records, parse_item):
+        for _, item in self.decode(records, self.parse):
             items[item.item_id] = item  # the newest record of an item in the batch wins
         if not items:
             return
@@ -128,5 +131,11 @@ def build(settings: Settings) -> WorkerApp:
         producer,
         settings.topics.item_vectors,
         DeadLetterWriter(producer, settings.topics.dlq, WORKER),
+        parse=functools.partial(
+            parse_item,
+            max_bytes=settings.events.max_bytes,
+            max_id_length=settings.events.max_id_length,
+            max_title_length=settings.events.max_title_length,
+        ),
     )
     return WorkerApp(WORKER, enc.group_id, [settings.topics.items], sink)
