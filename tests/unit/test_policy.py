@@ -200,6 +200,7 @@ def test_cuda_matches_cpu_greedy():
     assert torch.all(sampled.propensities > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("n_items", "temp", "seed"),
     [
@@ -276,6 +277,7 @@ def _slot0_matches_propensity(r, n_items: int, n: int) -> None:
     assert torch.all((freq - logged).abs() < 5 * se + 2e-4), (freq, logged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "candidates"), [("boltzmann", 2), ("boltzmann", None), ("epsilon", None)]
 )
