@@ -85,11 +85,15 @@ def _add_topics(sub: Any) -> None:
 
 def _cmd_topics_create(args: argparse.Namespace) -> int:
     from recsys.kafka import create_topics
+    from recsys.rewards.state import ensure_state_topic
 
     s = _settings(args)
     partitions = args.partitions or s.topics.partitions
     created = create_topics(s.kafka, s.topics.all(), partitions, s.topics.replication_factor)
-    for name in s.topics.all():
+    # The reward join's changelog: compacted, one partition per events partition.
+    if ensure_state_topic(s.kafka, s.topics.reward_state, partitions, s.topics.replication_factor):
+        created.append(s.topics.reward_state)
+    for name in [*s.topics.all(), s.topics.reward_state]:
         print(f"{name:32s} {'created' if name in created else 'already exists'}")
     return 0
 

@@ -113,6 +113,11 @@ class TopicSettings(_Section):
     item_vectors: str = Field(
         "recsys.item_vectors", description="Encoded item text vectors (encoder → learner)"
     )
+    reward_state: str = Field(
+        "recsys.rewards.state",
+        description="Compacted changelog of the reward join's state (as many partitions as "
+        "the events topic)",
+    )
     partitions: int = Field(6, ge=1, description="Partitions for each topic created by recsys")
     replication_factor: int = Field(1, ge=1, description="Replication factor for created topics")
 

@@ -48,6 +48,15 @@ with identical ids and contents, which downstream dedupes. Two caveats: ``rating
 keeps per-user means that a re-read rebuilds only from the re-read ratings, and the
 ``max_open_windows`` / ``max_dedupe_entries`` safety valves, when they fire, close or forget
 state early.
+
+**Durable state.** With ``track_changes=True`` the join records which entries its events changed;
+:meth:`changes` returns them (and the clock) since the last call, and :meth:`restore` rebuilds a
+join from the latest entries. A worker that makes the changes durable with each commit (the
+reward worker's changelog topic, :mod:`recsys.rewards.state`) commits its consumer position, not
+:meth:`safe_offset`: a restored join decides every later event exactly as the uninterrupted one
+(user rating means included). Entries past their expiry (event time, by the restored clock) are
+not restored, so an entry that simply expired needs no removal record; only the safety valves
+remove live entries, and they are reported as removals.
 """
 
 from __future__ import annotations
@@ -57,7 +66,8 @@ import heapq
 import json
 import math
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from recsys.events import Event, RewardRecord
 from recsys.rewards.rules import RewardRules
@@ -66,6 +76,25 @@ if TYPE_CHECKING:
     from recsys.config import RewardSettings
 
 LATE_RULES = ("organic", "drop")
+
+# Kinds of state entries (see RewardJoin.changes): one per event_id (its dedupe entry and, for an
+# impression, the remembered impression), one per user (rating mean), and the partition's clock.
+EVENT_ENTRY, RATING_ENTRY, CLOCK_ENTRY = "e", "r", "m"
+
+
+class StateEntry(NamedTuple):
+    """One entry of a join's state, as :meth:`RewardJoin.changes` reports it.
+
+    ``value`` is JSON-ready (lists, numbers, strings, None), or None for a removed entry.
+    ``expires`` is the event time at which the entry is dead anyway (None: never), so a
+    changelog can drop it once the clock is there; for a removal, when the removed entry would
+    have expired.
+    """
+
+    kind: str
+    key: str
+    value: Any
+    expires: int | None
 
 
 def feedback_reward_id(event_id: str) -> str:
@@ -112,7 +141,17 @@ def _opt_str(v: str | None) -> str:
 
 
 class _Impression:
-    __slots__ = ("close_at", "closed", "dead", "end", "event", "expire_at", "joined", "offset")
+    __slots__ = (
+        "close_at",
+        "closed",
+        "dead",
+        "end",
+        "event",
+        "expire_at",
+        "forced",
+        "joined",
+        "offset",
+    )
 
     def __init__(self, event: Event, offset: int, window: int, lateness: int, keep: int) -> None:
         self.event = event
@@ -122,6 +161,7 @@ class _Impression:
         self.expire_at = self.close_at + keep
         self.joined = False
         self.closed = False
+        self.forced = False  # closed early by the max_open_windows valve
         self.dead = False
 
 
@@ -146,6 +186,9 @@ class RewardJoin:
         Safety valves on memory: beyond them the earliest-closing window closes early, and the
         oldest ``event_id`` is forgotten. (With ``rating_centre="user"``, at most
         ``max_dedupe_entries`` users' rating means are kept, the oldest dropped first.)
+    track_changes:
+        Record changed entries for :meth:`changes` (off by default: a join nobody asks would
+        keep them all).
     """
 
     def __init__(
@@ -159,6 +202,7 @@ class RewardJoin:
         dedupe_horizon_ms: int = 10 * 60 * 1000,
         max_open_windows: int = 1_000_000,
         max_dedupe_entries: int = 2_000_000,
+        track_changes: bool = False,
     ) -> None:
         for name, v, low in (
             ("window_ms", window_ms, 1),
@@ -197,13 +241,22 @@ class RewardJoin:
         self._deps: deque[tuple[int, int]] = deque()  # (a, b): event b depends on offset a
         self._ratings: dict[str, list[float]] = {}  # user -> [count, sum] (user centre mode)
         self._open = 0
+        # Changed since the last changes(): event_ids, users; None when not tracking.
+        self._dirty: set[str] | None = set() if track_changes else None
+        self._dirty_users: set[str] = set()
+        self._removed: dict[str, int] = {}  # event_id -> expiry of a live entry a valve removed
+        self._reported_offset: int | None = None  # _next_offset at the last changes()
         self.duplicates = 0
         self.late = 0
         self.forced_closes = 0
 
     @classmethod
     def from_settings(
-        cls, settings: RewardSettings, rules: RewardRules | None = None
+        cls,
+        settings: RewardSettings,
+        rules: RewardRules | None = None,
+        *,
+        track_changes: bool = False,
     ) -> RewardJoin:
         return cls(
             rules or RewardRules.from_settings(settings),
@@ -214,6 +267,7 @@ class RewardJoin:
             dedupe_horizon_ms=settings.dedupe_horizon_ms,
             max_open_windows=settings.max_open_windows,
             max_dedupe_entries=settings.max_dedupe_entries,
+            track_changes=track_changes,
         )
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -235,6 +289,11 @@ class RewardJoin:
     def clock(self) -> int | None:
         """The largest ``ts`` seen (None before the first event)."""
         return self._clock
+
+    @property
+    def next_offset(self) -> int | None:
+        """One past the last offset seen (None before any record)."""
+        return self._next_offset
 
     # -- the one-event API -----------------------------------------------------------------------
     def update(self, event: Event, offset: int | None = None) -> list[RewardRecord]:
@@ -310,6 +369,145 @@ class RewardJoin:
             deps.popleft()
         return x
 
+    # -- durable state ---------------------------------------------------------------------------
+    def changes(self) -> list[StateEntry]:
+        """The entries changed since the last call (needs ``track_changes=True``).
+
+        One :class:`StateEntry` per changed event_id (its live dedupe entry and remembered
+        impression; None when a safety valve removed it), per changed user rating mean, and the
+        clock entry (clock, the offset that set it, the next offset) whenever the position
+        moved. Applying every call's entries in order, latest per ``(kind, key)`` winning, and
+        handing them to :meth:`restore` rebuilds this join as of the last call.
+        """
+        dirty = self._dirty
+        if dirty is None:
+            raise RuntimeError("changes() needs RewardJoin(track_changes=True)")
+        clock = self._clock
+        out: list[StateEntry] = []
+        for eid in dirty:
+            entry = self._event_entry(eid, clock)
+            if entry is not None:
+                out.append(entry)
+        dirty.clear()
+        self._removed.clear()
+        for user in self._dirty_users:
+            stats = self._ratings.get(user)
+            value = None if stats is None else [stats[0], stats[1]]
+            out.append(StateEntry(RATING_ENTRY, user, value, None))
+        self._dirty_users.clear()
+        nxt = self._next_offset
+        if nxt is not None and (out or nxt != self._reported_offset):
+            out.append(StateEntry(CLOCK_ENTRY, "", [clock, self._clock_offset, nxt], None))
+        self._reported_offset = nxt
+        return out
+
+    def _event_entry(self, eid: str, clock: int | None) -> StateEntry | None:
+        seen = self._seen.get(eid)
+        if seen is not None and clock is not None and seen[0] <= clock:
+            seen = None  # expired: the dedupe check ignores it already
+        imp = self._imps.get(eid)
+        if seen is None and imp is None:
+            removed = self._removed.get(eid)
+            # An entry that just expired needs no record: restore drops it by the clock.
+            return None if removed is None else StateEntry(EVENT_ENTRY, eid, None, removed)
+        iv: list[Any] | None = None
+        expires = seen[0] if seen is not None else None
+        if imp is not None:
+            ev = imp.event
+            owner = (
+                ev.request_id is not None
+                and self._by_request.get((ev.user_id, ev.request_id, ev.item_id)) is imp
+            )
+            iv = [
+                ev.user_id,
+                ev.item_id,
+                ev.ts,
+                ev.request_id,
+                ev.position,
+                ev.propensity,
+                ev.value,
+                ev.model_version,
+                imp.offset,
+                imp.joined,
+                imp.forced,
+                owner,
+            ]
+            if expires is None or imp.expire_at > expires:
+                expires = imp.expire_at
+        value = [
+            None if seen is None else seen[0],
+            None if seen is None else seen[1],
+            iv,
+        ]
+        return StateEntry(EVENT_ENTRY, eid, value, expires)
+
+    def restore(self, entries: Iterable[StateEntry | tuple[Any, ...]]) -> None:
+        """Rebuild a fresh join from the latest entry per ``(kind, key)`` of :meth:`changes`.
+
+        Entries whose expiry the restored clock has passed are left out, as the join would
+        have forgotten them. Without a clock entry (nothing was ever recorded) the join stays
+        empty.
+        """
+        if self._next_offset is not None or self._imps or self._seen or self._ratings:
+            raise RuntimeError("restore() needs a fresh RewardJoin")
+        meta: list[Any] | None = None
+        events: list[tuple[str, list[Any]]] = []
+        ratings: dict[str, list[float]] = {}
+        for entry in entries:
+            kind, key, value = entry[0], entry[1], entry[2]
+            if value is None:
+                continue
+            if kind == CLOCK_ENTRY:
+                meta = value
+            elif kind == EVENT_ENTRY:
+                events.append((key, value))
+            elif kind == RATING_ENTRY:
+                ratings[key] = [float(value[0]), float(value[1])]
+            else:
+                raise ValueError(f"unknown state entry kind {kind!r}")
+        if meta is None:
+            if events or ratings:
+                raise ValueError("state entries without a clock entry")
+            return
+        clock, self._clock_offset, self._next_offset = meta[0], int(meta[1]), int(meta[2])
+        self._clock = None if clock is None else int(clock)
+        self._reported_offset = self._next_offset
+        self._ratings = ratings
+        seen: list[tuple[int, int, str]] = []
+        imps: list[tuple[_Impression, bool]] = []
+        W, L, T = self.window_ms, self.allowed_lateness_ms, self.late_retention_ms
+        for eid, (sx, soff, iv) in events:
+            if sx is not None and (clock is None or sx > clock):
+                seen.append((int(soff), int(sx), eid))
+            if iv is None:
+                continue
+            user, item, ts, req, pos, prop, val, mv, off, joined, forced, owner = iv
+            ev = Event(eid, "impression", user, item, int(ts), req, pos, prop, val, mv)
+            imp = _Impression(ev, int(off), W, L, T)
+            if clock is not None and imp.expire_at <= clock:
+                continue
+            imp.joined = bool(joined)
+            imp.forced = bool(forced)
+            imp.closed = imp.forced or (clock is not None and imp.close_at <= clock)
+            imps.append((imp, bool(owner)))
+        seen.sort()  # arrival order, as the valve and the expiry sweep expect
+        for soff, sx, eid in seen:
+            self._seen[eid] = (sx, soff)
+            self._seen_order.append((sx, soff, eid))
+        imps.sort(key=lambda t: t[0].offset)
+        for imp, owner in imps:
+            ev = imp.event
+            self._imps[ev.event_id] = imp
+            self._ledger.append(imp)
+            self._by_item.setdefault((ev.user_id, ev.item_id), []).append(imp)
+            if owner and ev.request_id is not None:
+                self._by_request[(ev.user_id, ev.request_id, ev.item_id)] = imp
+            if imp.closed:
+                heapq.heappush(self._expiring, (imp.expire_at, imp.offset, imp))
+            else:
+                heapq.heappush(self._closing, (imp.close_at, imp.offset, imp))
+                self._open += 1
+
     # -- internals -------------------------------------------------------------------------------
     def _duplicate(self, first_offset: int, offset: int) -> None:
         self.duplicates += 1
@@ -318,12 +516,18 @@ class RewardJoin:
     def _remember(self, eid: str, expire_at: int, offset: int) -> None:
         self._seen[eid] = (expire_at, offset)
         self._seen_order.append((expire_at, offset, eid))
+        dirty = self._dirty
+        if dirty is not None:
+            dirty.add(eid)
         if len(self._seen) > self.max_dedupe_entries:
             while len(self._seen) > self.max_dedupe_entries and self._seen_order:
                 _, off, old = self._seen_order.popleft()
                 cur = self._seen.get(old)
                 if cur is not None and cur[1] == off:
                     del self._seen[old]
+                    if dirty is not None and self._clock is not None and cur[0] > self._clock:
+                        dirty.add(old)  # a live entry removed early: report the removal
+                        self._removed[old] = cur[0]
 
     def _advance(self, clock: int, out: list[RewardRecord]) -> None:
         """The clock moved to ``clock``: close due windows, forget expired state."""
@@ -349,7 +553,11 @@ class RewardJoin:
         self._imps[event.event_id] = imp
         self._ledger.append(imp)
         if event.request_id is not None:
-            self._by_request[(event.user_id, event.request_id, event.item_id)] = imp
+            rkey = (event.user_id, event.request_id, event.item_id)
+            prev = self._by_request.get(rkey)
+            if prev is not None and self._dirty is not None:
+                self._dirty.add(prev.event.event_id)  # it no longer answers for the request
+            self._by_request[rkey] = imp
         self._by_item.setdefault((event.user_id, event.item_id), []).append(imp)
         self._open += 1
         if imp.close_at <= clock:
@@ -365,6 +573,9 @@ class RewardJoin:
             if not early.closed:
                 self.forced_closes += 1
                 self._close(early, out)
+                early.forced = True
+                if self._dirty is not None:
+                    self._dirty.add(early.event.event_id)
 
     def _close(self, imp: _Impression, out: list[RewardRecord]) -> None:
         imp.closed = True
@@ -420,6 +631,8 @@ class RewardJoin:
         if imp is not None and ts < imp.end + self.late_retention_ms:
             self._deps.append((imp.offset, offset))
             if ts < imp.end and not imp.closed:
+                if not imp.joined and self._dirty is not None:
+                    self._dirty.add(imp.event.event_id)
                 imp.joined = True
                 iv = imp.event
                 out.append(
@@ -461,7 +674,12 @@ class RewardJoin:
             if stats is None:
                 stats = self._ratings[event.user_id] = [0.0, 0.0]
                 if len(self._ratings) > self.max_dedupe_entries:
-                    del self._ratings[next(iter(self._ratings))]
+                    dropped = next(iter(self._ratings))
+                    del self._ratings[dropped]
+                    if self._dirty is not None:
+                        self._dirty_users.add(dropped)
+            if self._dirty is not None:
+                self._dirty_users.add(event.user_id)
             centre = self.rules.user_centre(int(stats[0]), stats[1])
             stats[0] += 1
             stats[1] += event.value

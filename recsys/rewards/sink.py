@@ -2,14 +2,18 @@
 
 Per batch: parse each message (rejects go to the DLQ with their reason and are counted), feed
 the event to its partition's :class:`~recsys.rewards.RewardJoin` (dedupe by ``event_id``,
-attribution window), produce the records it makes final, flush the producer once, then commit
-per partition the join's ``safe_offset()``: the oldest offset still needed to rebuild its state
-(open windows, remembered impressions, dedupe entries). A crash at any instant loses nothing:
-what was not committed is re-read and the state rebuilt; repeated records carry the same
-``reward_id`` and content, and the learner dedupes by it.
+attribution window), produce the records it makes final and the join's state changes (to the
+compacted state topic, :mod:`recsys.rewards.state`). The flush then waits in two steps: first
+for every reward, dead letter and state delta of the batch, then for each partition's clock
+record, which says "the state is complete up to this offset". Only then is the consumer position
+committed, so the committed offset follows the position (one batch behind at most).
 
-After a rebalance a partition's state is dropped and rebuilt from its committed offset (the
-consumer is sought there), so the state always matches the position.
+On assignment a partition's state is restored from its changelog partition (read to its end)
+and the consumer resumes at the offset of its clock record, which is the committed offset, or
+one batch past it when a crash came between the clock record and the commit. A crash thus
+re-reads at most the batch in flight, and re-emits only its records, with the same ids and
+contents (the learner dedupes by ``reward_id``). A partition without a clock record (a new
+group, or state written by an older version) starts at its committed offset with empty state.
 
 :func:`build` is the worker: ``workers/reward.py`` runs it with :func:`recsys.app.run_consumer`.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +37,7 @@ from recsys.events import EventParser, Rejection
 from recsys.kafka import DeadLetterWriter, Sink, make_producer
 from recsys.rewards.join import RewardJoin, encode_reward
 from recsys.rewards.rules import RewardRules
+from recsys.rewards.state import ChangelogReader, PartitionLog, Record, fold, key_prefix
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,10 @@ WORKER = "reward"
 
 
 class RewardSink(Sink):
-    """The worker's :class:`~recsys.kafka.Sink`: validate, join, produce; commit safe offsets.
+    """The worker's :class:`~recsys.kafka.Sink`: validate, join, produce; state with offsets.
 
-    The consumer handed to :meth:`on_assign` seeks a newly assigned partition to its committed
-    offset, where its rebuilt state starts.
+    The consumer handed to :meth:`on_assign` is sought, for each newly assigned partition, to
+    where its restored state ends.
     """
 
     worker = WORKER
@@ -52,10 +58,17 @@ class RewardSink(Sink):
         settings: Settings,
         producer: KafkaProducer,
         parser: EventParser | None = None,
+        reader: ChangelogReader | None = None,
     ) -> None:
         self.settings = settings.rewards
+        self.kafka = settings.kafka
+        self.group = settings.rewards.group_id
         self.source = settings.topics.events
         self.topic = settings.topics.rewards
+        self.state_topic = settings.topics.reward_state
+        self.reader = reader or ChangelogReader(
+            settings.kafka, self.state_topic, settings.topics.replication_factor
+        )
         self.producer = producer
         self.consumer: KafkaConsumer | None = None
         self.parser = parser or EventParser(
@@ -64,57 +77,128 @@ class RewardSink(Sink):
         self.rules = RewardRules.from_settings(settings.rewards)
         self.dlq = DeadLetterWriter(producer, settings.topics.dlq, WORKER)
         self.joins: dict[int, RewardJoin] = {}  # by partition of the source topic
-        self._reset: set[TopicPartition] = set()
+        self.logs: dict[int, PartitionLog] = {}  # their changelog bookkeeping
+        self._changed: set[TopicPartition] = set()  # assigned or revoked since the last batch
         self._lock = threading.Lock()
         self._futures: list[Any] = []
-        self._late = self._dupes = 0
+        self._clock_records: dict[int, tuple[Record, int, int | None]] = {}
+        self._counted: dict[int, tuple[int, int]] = {}  # (late, duplicates) already in metrics
+        self._topic_checked = False
         self.events = 0
         self.rewards = 0
+        self.state_records = 0  # changelog records produced (deltas, clocks, tombstones)
+        self.restores: list[dict[str, Any]] = []  # one per restored partition (for reports)
 
     # -- rebalance (called on the consumer's thread during poll) --------------------------------
     def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
         self.consumer = consumer
         log.info("reward worker assigned partitions %s", sorted(p.partition for p in partitions))
         with self._lock:
-            self._reset.update(partitions)
+            self._changed.update(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self._lock:
-            self._reset.update(partitions)
+            self._changed.update(partitions)
 
-    def _apply_resets(self, records: Sequence[ConsumerRecord]) -> Sequence[ConsumerRecord]:
-        """Drop the state of reassigned partitions; make their position the committed offset."""
+    def _apply_assignment(self, records: Sequence[ConsumerRecord]) -> Sequence[ConsumerRecord]:
+        """Drop the state of partitions no longer assigned; restore the newly assigned ones
+        and seek them to where their state ends (dropping their records of this batch when the
+        fetch started elsewhere)."""
         with self._lock:
-            parts, self._reset = self._reset, set()
+            changed, self._changed = self._changed, set()
         consumer = self.consumer
         if consumer is None:
-            raise RuntimeError("partitions were reset before any assignment")
-        assigned = consumer.assignment()
+            raise RuntimeError("partitions were assigned before any on_assign")
+        assigned = {tp for tp in consumer.assignment() if tp.topic == self.source}
+        for tp in changed:
+            if tp.topic == self.source and tp not in assigned:
+                self._drop(tp.partition)
+        todo = {tp for tp in changed if tp in assigned}
+        todo.update(TopicPartition(self.source, r.partition) for r in records)
+        todo = {tp for tp in todo if tp in changed or tp.partition not in self.joins}
+        if not todo:
+            return records
+        if not self._topic_checked:
+            self._check_state_topic(consumer)
         first: dict[int, int] = {}
         for r in records:
             first.setdefault(r.partition, r.offset)
         sought: set[int] = set()
-        for tp in parts:
-            if tp.topic != self.source:
-                continue
-            self.joins.pop(tp.partition, None)
-            if tp not in assigned:
-                continue
-            committed = consumer.committed(tp)
-            if committed is None:
-                committed = consumer.beginning_offsets([tp])[tp]
-            if first.get(tp.partition) != committed:
-                consumer.seek(tp, committed)
+        for tp in sorted(todo):
+            start = self._resume_point(consumer, tp)
+            if first.get(tp.partition) != start:
+                consumer.seek(tp, start)
                 sought.add(tp.partition)
-            log.info("partition %d: state rebuilt from offset %d", tp.partition, committed)
         if not sought:
             return records
         return [r for r in records if r.partition not in sought]
 
+    def _resume_point(self, consumer: KafkaConsumer, tp: TopicPartition) -> int:
+        """Keep the in-memory state of a partition that stayed here with nothing undurable and
+        nobody else's commit since; otherwise restore it from the changelog."""
+        committed = consumer.committed(tp)
+        join, plog = self.joins.get(tp.partition), self.logs.get(tp.partition)
+        if (
+            join is not None
+            and plog is not None
+            and plog.upto is not None
+            and join.next_offset == plog.upto == committed
+        ):
+            return plog.upto
+        self._drop(tp.partition)
+        started = time.monotonic()
+        raw = self.reader.read(tp.partition)
+        entries, plog = fold(raw, key_prefix(self.group, self.source, tp.partition))
+        join = RewardJoin.from_settings(self.settings, self.rules, track_changes=True)
+        join.restore(entries)
+        self.joins[tp.partition], self.logs[tp.partition] = join, plog
+        if plog.upto is not None:
+            start = plog.upto
+        elif committed is not None:
+            start = committed  # no state recorded: what was committed is where it starts
+        else:
+            start = consumer.beginning_offsets([tp])[tp]
+        seconds = time.monotonic() - started
+        self.restores.append(
+            {
+                "partition": tp.partition,
+                "changelog_records": len(raw),
+                "entries": len(entries),
+                "committed": committed,
+                "resume": start,
+                "seconds": round(seconds, 3),
+            }
+        )
+        log.info(
+            "partition %d: state restored from %d changelog records (%d entries, %.2fs); "
+            "resuming at offset %d (committed %s)",
+            tp.partition,
+            len(raw),
+            len(entries),
+            seconds,
+            start,
+            committed,
+        )
+        return start
+
+    def _check_state_topic(self, consumer: KafkaConsumer) -> None:
+        """The state topic must exist with a partition per events partition (created here,
+        compacted, when it does not exist yet)."""
+        n = len(consumer.partitions_for_topic(self.source) or ())
+        if self.reader.ensure(n):
+            log.info("created state topic %s with %d partitions", self.state_topic, n)
+        self._topic_checked = True
+
+    def _drop(self, partition: int) -> None:
+        self.joins.pop(partition, None)
+        self.logs.pop(partition, None)
+        self._counted.pop(partition, None)
+        self._clock_records.pop(partition, None)
+
     # -- Sink --------------------------------------------------------------------------------
     def write(self, records: Sequence[ConsumerRecord]) -> None:
-        if self._reset:
-            records = self._apply_resets(records)
+        if self._changed or not {r.partition for r in records} <= self.joins.keys():
+            records = self._apply_assignment(records)
         if not records:
             return
         parse = self.parser.parse
@@ -123,6 +207,7 @@ class RewardSink(Sink):
         futures = self._futures
         joins = self.joins
         kinds: dict[str, list[float]] = {}
+        starts: dict[int, int] = {}  # first offset of each partition in this batch
         cur = -1
         join: RewardJoin | None = None
         for r in records:
@@ -130,7 +215,8 @@ class RewardSink(Sink):
                 cur = r.partition
                 join = joins.get(cur)
                 if join is None:
-                    join = joins[cur] = RewardJoin.from_settings(self.settings, self.rules)
+                    raise RuntimeError(f"partition {cur} has records but no restored state")
+                starts.setdefault(cur, r.offset)
             assert join is not None
             ev = parse(r.value)
             if isinstance(ev, Rejection):
@@ -149,6 +235,13 @@ class RewardSink(Sink):
                     k[1] += rec.reward
                 elif rec.reward < 0:
                     k[2] -= rec.reward
+        for p, start in starts.items():
+            deltas, clock, upto = self.logs[p].batch(joins[p].changes(), start)
+            for d in deltas:
+                futures.append(send(self.state_topic, key=d.key, value=d.value, partition=p))
+            self.state_records += len(deltas)
+            if clock is not None and upto is not None:
+                self._clock_records[p] = (clock, upto, joins[p].clock)
         self.events += len(records)
         for kind, (count, gain, loss) in kinds.items():
             self.rewards += int(count)
@@ -157,34 +250,58 @@ class RewardSink(Sink):
             metrics.REWARD_NEGATIVE.labels(kind=kind).inc(loss)
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
-        """Wait for every record of the batch to be acked, then say what is safe to commit."""
+        """Wait for the batch's rewards and state, then its clock records; say what to commit.
+
+        The clock records go last: one that reached the broker vouches for everything before
+        it (a restore trusts it), so it must never land while a reward of its batch could
+        still fail.
+        """
+        self._wait()
+        if self._clock_records:
+            send = self.producer.send
+            for p, (rec, _, _) in self._clock_records.items():
+                self._futures.append(
+                    send(self.state_topic, key=rec.key, value=rec.value, partition=p)
+                )
+            self._wait()
+            for p, (_, upto, clock) in self._clock_records.items():
+                # Tombstones of what is dead as of this durable clock; acked with the next batch.
+                for t in self.logs[p].durable(upto, clock):
+                    self._futures.append(send(self.state_topic, key=t.key, value=None, partition=p))
+                    self.state_records += 1
+            self.state_records += len(self._clock_records)
+            self._clock_records.clear()
+        self._update_gauges()
+        return {
+            TopicPartition(self.source, p): plog.upto
+            for p, plog in self.logs.items()
+            if plog.upto is not None
+        }
+
+    def _wait(self) -> None:
         if self._futures:
             self.producer.flush()
             for f in self._futures:
-                if f.failed():
+                if f is not None and f.failed():
                     raise f.exception
             self._futures.clear()
-        self._update_gauges()
-        safe = {}
-        for p, join in self.joins.items():
-            off = join.safe_offset()
-            if off is not None:
-                safe[TopicPartition(self.source, p)] = off
-        return safe
 
     def close(self) -> None:
+        self.reader.close()
         self.producer.close()
 
     # -- helpers -----------------------------------------------------------------------------
     def _update_gauges(self) -> None:
-        late = sum(j.late for j in self.joins.values())
-        dupes = sum(j.duplicates for j in self.joins.values())
-        # Joins are dropped on rebalance, so count increments from the running totals.
-        if late > self._late:
-            metrics.FEEDBACK_LATE.inc(late - self._late)
-        if dupes > self._dupes:
-            metrics.EVENTS_DUPLICATE.inc(dupes - self._dupes)
-        self._late, self._dupes = late, dupes
+        late = dupes = 0
+        for p, j in self.joins.items():
+            seen_late, seen_dupes = self._counted.get(p, (0, 0))
+            late += j.late - seen_late
+            dupes += j.duplicates - seen_dupes
+            self._counted[p] = (j.late, j.duplicates)
+        if late > 0:
+            metrics.FEEDBACK_LATE.inc(late)
+        if dupes > 0:
+            metrics.EVENTS_DUPLICATE.inc(dupes)
         metrics.OPEN_WINDOWS.set(sum(j.open_windows for j in self.joins.values()))
         metrics.DEDUPE_ENTRIES.set(sum(j.dedupe_entries for j in self.joins.values()))
 

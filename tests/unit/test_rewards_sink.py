@@ -1,4 +1,8 @@
-"""The reward worker's sink with a fake producer and consumer: batching, DLQ, metrics, rebalance."""
+"""The reward worker's sink with a fake producer and consumer (pure logic; the real broker is
+in tests/integration): batching, DLQ, metrics, durable state and rebalance.
+
+The fake producer keeps what was sent in order, so it doubles as the state topic's log for the
+sink's :class:`FakeReader`."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from recsys.rewards import RewardRules, offline_join
 from recsys.rewards.sink import RewardSink
 
 SRC = "ev"
+STATE = "state"
 T0 = 1_700_000_000_000  # event times in ms since the epoch (the contract refuses pre-1990)
 
 
@@ -47,6 +52,24 @@ class FakeProducer:
 
 
 @dataclass
+class FakeReader:
+    """The state topic as the fake producer received it (every send acked, in order)."""
+
+    producer: FakeProducer
+    ensured: list[int] = field(default_factory=list)
+
+    def ensure(self, partitions: int) -> bool:
+        self.ensured.append(partitions)
+        return False
+
+    def read(self, partition: int) -> list[tuple[bytes | None, bytes | None]]:
+        return [(k, v) for t, k, v, p, _ in self.producer.sent if t == STATE and p == partition]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
 class FakeConsumer:
     assigned: set[TopicPartition] = field(default_factory=set)
     commits: dict[TopicPartition, int] = field(default_factory=dict)
@@ -64,10 +87,13 @@ class FakeConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
 
 def _settings():
     return load_settings(
-        topics={"events": SRC, "rewards": "rw", "dlq": "dlq"},
+        topics={"events": SRC, "rewards": "rw", "dlq": "dlq", "reward_state": STATE},
         rewards={
             "window_ms": 1000,
             "allowed_lateness_ms": 10,
@@ -79,7 +105,8 @@ def _settings():
 
 def _sink(producer: FakeProducer | None = None, consumer: FakeConsumer | None = None):
     s = _settings()
-    sink = RewardSink(s, producer or FakeProducer())
+    producer = producer or FakeProducer()
+    sink = RewardSink(s, producer, reader=FakeReader(producer))  # type: ignore[arg-type]
     sink.on_assign(consumer or FakeConsumer(), [])  # how the loop hands the sink its consumer
     return sink, s
 
@@ -138,7 +165,7 @@ def _produced(producer: FakeProducer) -> dict[str, RewardRecord]:
 
 
 @pytest.mark.parametrize("batch", [1, 7, 1000])
-def test_batches_give_the_oracle_and_safe_offsets(batch: int) -> None:
+def test_batches_give_the_oracle_and_commit_the_position(batch: int) -> None:
     events = _events()
     sink, s = _sink()
     records = _records(events)
@@ -160,15 +187,22 @@ def test_batches_give_the_oracle_and_safe_offsets(batch: int) -> None:
     assert all(oracle[k] == v for k, v in got.items())
     missing = oracle.keys() - got.keys()
     assert all(oracle[k].kind == "default" for k in missing)
-    assert 0 < sink.producer.flushes <= len(range(0, len(records), batch))  # once per batch
-    assert set(safe) == {TopicPartition(SRC, 0), TopicPartition(SRC, 1)}
+    # Twice per batch: rewards and state deltas, then the clock records.
+    assert 0 < sink.producer.flushes <= 2 * len(range(0, len(records), batch))
+    ends = {
+        TopicPartition(SRC, p): 1 + max(r.offset for r in records if r.partition == p)
+        for p in (0, 1)
+    }
+    assert safe == ends  # the committed offset is the position, whatever is still open
 
 
 def test_rewards_are_keyed_by_user_and_partitioned_by_the_producer() -> None:
     sink, _ = _sink()
     sink.write(_records(_events(10)))
     assert sink.producer.sent
-    for _, key, value, partition, _ in sink.producer.sent:
+    for topic, key, value, partition, _ in sink.producer.sent:
+        if topic != "rw":
+            continue
         assert partition is None  # kafka-python's own partitioner hashes the key
         assert key == RewardRecord.from_bytes(value).user_id.encode()
 
@@ -209,7 +243,7 @@ def test_rejects_go_to_the_dlq_with_reason_and_are_counted() -> None:
         == before["bad_type"] + 1
     )
     assert len([x for x in sink.producer.sent if x[0] == "rw"]) == 1
-    assert safe == {TopicPartition(SRC, 0): 4}  # the organic click's clock/dedupe entry
+    assert safe == {TopicPartition(SRC, 0): 5}  # the position: the state went with it
     assert Reason.NOT_JSON.value == "not_json"
 
 
@@ -284,27 +318,51 @@ def test_gauges_follow_the_state() -> None:
     assert _sample("recsys_events_duplicate_total") == dupes + 1
 
 
-def test_a_reassigned_partition_is_rebuilt_from_its_committed_offset() -> None:
-    tp = TopicPartition(SRC, 0)
-    consumer = FakeConsumer(assigned={tp}, commits={tp: 3})
-    sink, _ = _sink(consumer=consumer)
-    events = [Event(f"i{k}", "impression", "u", "a", T0 + k, request_id=f"r{k}") for k in range(8)]
-    records = [
+def _imps(n: int) -> list[SimpleNamespace]:
+    events = [Event(f"i{k}", "impression", "u", "a", T0 + k, request_id=f"r{k}") for k in range(n)]
+    return [
         SimpleNamespace(topic=SRC, partition=0, offset=k, key=b"u", value=e.to_bytes())
         for k, e in enumerate(events)
     ]
+
+
+def test_a_partition_that_stays_keeps_its_state_without_a_seek() -> None:
+    tp = TopicPartition(SRC, 0)
+    consumer = FakeConsumer(assigned={tp})
+    sink, _ = _sink(consumer=consumer)
+    records = _imps(8)
     sink.write(records[:5])
-    assert sink.joins[0].open_windows == 5
-    # A rebalance keeps the partition here, with the consumer's position where it was (5):
-    # the state is dropped and the consumer sought back to the committed offset.
+    consumer.commits.update(sink.flush() or {})  # what the loop does
+    join = sink.joins[0]
     sink.on_revoke([tp])
     sink.on_assign(consumer, [tp])
     sink.write(records[5:])
-    assert consumer.seeks == [(tp, 3)]
-    assert 0 not in sink.joins  # the batch from the old position was not used
-    sink.write(records[3:])  # what the consumer fetches after the seek
-    assert sink.joins[0].open_windows == 5
-    assert consumer.seeks == [(tp, 3)]
+    assert consumer.seeks == []
+    assert sink.joins[0] is join
+    assert join.open_windows == 8
+
+
+def test_a_new_owner_restores_the_state_and_resumes_where_it_ends() -> None:
+    """The clock record is ahead of the committed offset when a crash came between the two:
+    the new owner resumes at the clock record and re-reads nothing."""
+    tp = TopicPartition(SRC, 0)
+    log = FakeProducer()
+    first, _ = _sink(log, FakeConsumer(assigned={tp}))
+    records = _imps(8)
+    first.write(records[:5])
+    first.flush()  # durable up to offset 5; the commit (say 3) never happened
+    first.write(records[5:])  # deltas of a batch whose clock record never came
+    consumer = FakeConsumer(assigned={tp}, commits={tp: 3})
+    second, _ = _sink(log, consumer)
+    second.on_assign(consumer, [tp])
+    second.write(records[3:])  # fetched from the committed offset
+    assert consumer.seeks == [(tp, 5)]
+    assert second.joins[0].open_windows == 5  # the partial batch was ignored
+    emitted = len(_produced(log))
+    second.write(records[5:])
+    assert second.joins[0].open_windows == 8
+    assert second.flush() == {tp: 8}
+    assert len(_produced(log)) == emitted  # impressions emit nothing until they close
 
 
 def test_a_revoked_partition_is_dropped() -> None:
@@ -336,4 +394,4 @@ def test_first_assignment_without_commit_starts_at_the_beginning() -> None:
     sink.on_assign(consumer, [tp])
     sink.write(_records([Event("g", "click", "u", "a", T0 + 5)], partitions=1))
     assert consumer.seeks == []  # already at offset 0
-    assert sink.flush() == {tp: 0}
+    assert sink.flush() == {tp: 1}
