@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, RebalanceInProgressError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
@@ -353,10 +353,11 @@ class ConsumerLoop:
             self.consumer.commit(
                 {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
             )
-        except CommitFailedError as exc:
-            # A rebalance took the partitions away mid-batch. Their next owner re-reads from
-            # the last commit and effects are idempotent, so this is a repeat, never a loss.
-            log.warning("commit failed (%s); partitions will be re-read by their owner", exc)
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            # A rebalance is under way or took the partitions away mid-batch. A partition we
+            # keep is committed with the next batch; one we lose is re-read by its next owner
+            # from the last commit, and effects are idempotent: a repeat, never a loss.
+            log.warning("commit not done (%s); retried with the next batch", exc)
             return
         for tp, off in offsets.items():
             self._committed[tp] = off
