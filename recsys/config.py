@@ -166,6 +166,31 @@ class StoreSettings(_Section):
         return redact_urls(url)
 
 
+class ModelStoreSettings(_Section):
+    """Where the learner's model versions go for the publishers to read.
+
+    Empty ``url``: nowhere else; the learner's checkpoint directory is the publisher's watch
+    directory (a shared ReadWriteMany volume). ``s3://bucket/prefix``: S3-compatible object
+    storage; credentials come from the standard AWS chain (``AWS_*`` variables, IRSA, an
+    instance profile), never from these settings (the patterns admit no user info).
+    """
+
+    url: str = Field(
+        "",
+        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,62}(/[A-Za-z0-9!_.*'()/-]*)?)?$",
+        description="Empty: the shared checkpoint directory only; or s3://bucket/prefix",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#@\s]+/?$",
+        description="S3-compatible endpoint, http(s)://host[:port] (unset: AWS S3)",
+    )
+    region: str | None = Field(None, description="S3 region (unset: the AWS environment's)")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="S3 bucket addressing (path: most S3-compatible servers)"
+    )
+
+
 class MetricsSettings(_Section):
     """The /metrics and /healthz endpoint of each worker."""
 
@@ -371,6 +396,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     events: EventSettings = EventSettings()
     store: StoreSettings = StoreSettings()
+    model_store: ModelStoreSettings = ModelStoreSettings()
     metrics: MetricsSettings = MetricsSettings()
     rewards: RewardSettings = RewardSettings()
     drift: DriftSettings = DriftSettings()

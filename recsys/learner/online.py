@@ -114,6 +114,9 @@ class OnlineLearner:
         Raises the learning rate for a while after drift.
     clock:
         Monotonic seconds; injectable for tests.
+    on_checkpoint:
+        Called with each checkpoint written (e.g. :meth:`recsys.model_store.ModelStore.publish`);
+        an error there is logged, never fatal: the checkpoint itself stands.
     """
 
     def __init__(
@@ -125,8 +128,10 @@ class OnlineLearner:
         reaction: DriftReaction | None = None,
         clock: Callable[[], float] = time.monotonic,
         seen: Sequence[str] = (),
+        on_checkpoint: Callable[[Path], None] | None = None,
     ) -> None:
         self.learner = learner
+        self.on_checkpoint = on_checkpoint
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = config or OnlineConfig()
         self.drift = drift
@@ -242,6 +247,11 @@ class OnlineLearner:
         self._last_checkpoint_t = self._clock()
         self._last_checkpoint_step = self.learner.step_count
         log.info("checkpoint %s", path.name)
+        if self.on_checkpoint is not None:
+            try:
+                self.on_checkpoint(path)
+            except Exception:
+                log.exception("checkpoint %s written but not published", path.name)
         return path
 
     def _watch(self, signal: str, value: float) -> None:

@@ -27,6 +27,7 @@ from recsys.learner.config import LearnerConfig
 from recsys.learner.online import OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
+from recsys.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,15 @@ def new_learner(settings: Settings) -> Learner:
 def build(settings: Settings) -> WorkerApp:
     """The learner worker, resumed from the newest valid checkpoint under its directory."""
     s = settings.learner
+    # With a model store URL each checkpoint is also uploaded for the publishers.
+    publish = ModelStore.from_settings(settings).publish if settings.model_store.url else None
     online, offsets = OnlineLearner.resume(
         s.checkpoint_dir,
         lambda: new_learner(settings),
         config=OnlineConfig.from_settings(s),
         drift=DriftMonitor.from_settings(settings.drift, ("reward_rate", "mean_reward", "loss")),
         reaction=DriftReaction.from_settings(settings.drift),
+        on_checkpoint=publish,
     )
     metrics.MODEL_VERSION.labels(worker=WORKER).set(online.version)
     topics = settings.topics

@@ -19,6 +19,7 @@ from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser
 from recsys.kafka import DeadLetterWriter, Sink, make_producer
+from recsys.model_store import ModelStore
 from recsys.publisher.core import Batch, Publisher, PublisherConfig
 from recsys.rewards.rules import RewardRules
 from recsys.serving.model import load_serving_model
@@ -146,10 +147,15 @@ def build(settings: Settings) -> WorkerApp:
     ps = settings.publisher
     cfg = PublisherConfig.from_settings(settings)
     root = ps.checkpoint_dir or settings.learner.checkpoint_dir
+    # With a model store URL, each watch first downloads new versions from the store into root.
+    sync = None
+    if settings.model_store.url:
+        sync = functools.partial(ModelStore.from_settings(settings).sync, root)
     watcher = ModelWatcher(
         root,
         functools.partial(load_serving_model, policy_kwargs=cfg.policy_kwargs()),
         ps.watch_interval_s,
+        sync=sync,
     )
     watcher.poll()  # start on the newest valid version, if any
     store = Store(settings.store.url)

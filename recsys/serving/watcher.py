@@ -26,6 +26,10 @@ class ModelWatcher:
     loaded, so a reader sees the old model or the new one, never a half-loaded one, and never
     none after the first load. A checkpoint that fails verification is skipped (and remembered,
     so it is not retried every tick).
+
+    ``sync``, when given, runs at the start of each :meth:`poll` to bring new versions into
+    ``root`` (e.g. :meth:`recsys.model_store.ModelStore.sync`); its errors are logged, never
+    fatal: the watcher goes on with what ``root`` holds.
     """
 
     def __init__(
@@ -33,12 +37,14 @@ class ModelWatcher:
         root: str | Path,
         loader: Callable[[Path], ServingModel],
         interval_s: float = 1.0,
+        sync: Callable[[], object] | None = None,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         self.root = Path(root)
         self.loader = loader
         self.interval_s = interval_s
+        self.sync = sync
         self.current: ServingModel | None = None
         self.on_swap: Callable[[ServingModel], None] | None = None
         self._failed: set[str] = set()
@@ -47,6 +53,11 @@ class ModelWatcher:
 
     def poll(self) -> bool:
         """Load the newest valid version if it is newer than the current one; True if swapped."""
+        if self.sync is not None:
+            try:
+                self.sync()
+            except Exception:
+                log.exception("model watcher: syncing model versions failed")
         current = self.current.version if self.current is not None else None
         for path in ckpt.list_checkpoints(self.root):
             if path.name == current:

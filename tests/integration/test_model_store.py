@@ -1,0 +1,309 @@
+"""The S3 model store against a real S3-compatible server (moto_server on loopback).
+
+The learner publishes checkpoints, the publisher's watcher syncs them into its own directory and
+serves them; partial and tampered uploads are never synced; prune keeps the newest.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recsys import checkpoint as ckpt
+from recsys.broker import free_port
+from recsys.config import load_settings
+from recsys.errors import ConfigError
+from recsys.learner.config import LearnerConfig
+from recsys.learner.online import OnlineLearner
+from recsys.learner.trainer import Learner
+from recsys.model import ModelConfig
+from recsys.model_store import ModelStore
+from recsys.serving.model import load_serving_model
+from recsys.serving.watcher import ModelWatcher
+from tests.checkpoints import make_checkpoint
+from tests.integration.publisher_helpers import ITEMS
+
+pytest.importorskip("boto3")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto_server subprocess on a free loopback port; yields its endpoint URL."""
+    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(binary).is_file():
+        pytest.fail("moto_server not found: pip install 'moto[server]' (the dev extra has it)")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials for moto, from the standard AWS variables (as a pod would get them)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+
+@pytest.fixture
+def store(s3_endpoint: str, aws_env: None) -> ModelStore:
+    """A store on a fresh bucket, built from settings as the workers build it."""
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    settings = load_settings(
+        model_store={
+            "url": f"s3://{bucket}/recsys/models",
+            "endpoint_url": s3_endpoint,
+            "region": "us-east-1",
+            "addressing_style": "path",
+        },
+        learner={"keep_checkpoints": 3},
+    )
+    s = ModelStore.from_settings(settings)
+    s.client.create_bucket(Bucket=bucket)
+    return s
+
+
+def remote_keys(store: ModelStore) -> list[str]:
+    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def watcher_for(root: Path, store: ModelStore) -> ModelWatcher:
+    return ModelWatcher(
+        root,
+        lambda p: load_serving_model(p, {"device": "cpu"}),
+        sync=functools.partial(store.sync, root),
+    )
+
+
+def test_publish_then_sync_serves_the_new_version(store: ModelStore, tmp_path: Path) -> None:
+    learner_dir, publisher_dir = tmp_path / "learner", tmp_path / "publisher"
+    watcher = watcher_for(publisher_dir, store)
+    assert not watcher.poll()  # empty store: nothing to serve, no error
+    assert watcher.current is None
+
+    first = make_checkpoint(learner_dir, 1, ITEMS)
+    assert store.publish(first) == "v000000000001"
+    keys = remote_keys(store)
+    assert "recsys/models/v000000000001/manifest.json" in keys
+    assert all(k.startswith("recsys/models/v000000000001/") for k in keys)
+    assert watcher.poll()
+    assert watcher.current is not None
+    assert watcher.current.version == "v000000000001"
+    # The synced copy is byte-for-byte the learner's, verified by the same manifest.
+    synced = publisher_dir / "v000000000001"
+    assert ckpt.read_manifest(synced)["files"] == ckpt.read_manifest(first)["files"]
+
+    second = make_checkpoint(learner_dir, 7, ITEMS, seed=1)
+    store.publish(second)
+    assert watcher.poll()
+    assert watcher.current.version == "v000000000007"
+    assert list(watcher.current.item_ids) == list(
+        load_serving_model(second, {"device": "cpu"}).item_ids
+    )
+    assert not watcher.poll()  # nothing newer: no download, no swap
+    assert [p.name for p in ckpt.list_checkpoints(publisher_dir)] == [
+        "v000000000007",
+        "v000000000001",
+    ]
+
+
+def test_the_online_learner_publishes_each_checkpoint(store: ModelStore, tmp_path: Path) -> None:
+    """The wiring the learner worker uses: OnlineLearner(on_checkpoint=store.publish)."""
+    cfg = ModelConfig(
+        text_dim=8,
+        dim=16,
+        max_history=10,
+        item_capacity=64,
+        adaptor_hidden=16,
+        num_layers=1,
+        num_heads=2,
+        use_text=False,
+    )
+    learner = Learner(cfg, LearnerConfig(device="cpu", seed=0, keep_checkpoints=10))
+    for item in ITEMS:
+        learner.catalog.index_of(item)
+    learner.step_count = 42
+    online = OnlineLearner(learner, tmp_path / "learner", on_checkpoint=store.publish)
+    path = online.checkpoint({"rewards:0": 17})
+    assert path is not None
+    assert store.versions() == [path.name]
+    watcher = watcher_for(tmp_path / "publisher", store)
+    assert watcher.poll()
+    assert watcher.current is not None
+    assert watcher.current.version == path.name
+    assert watcher.current.manifest["offsets"] == {"rewards:0": 17}
+
+
+def test_a_failing_store_neither_stops_the_learner_nor_the_watcher(
+    store: ModelStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    local = make_checkpoint(tmp_path / "publisher", 1, ITEMS)
+    gone = ModelStore(store.client, f"missing-{uuid.uuid4().hex[:8]}", "x", keep=3)
+    watcher = watcher_for(tmp_path / "publisher", gone)
+    assert watcher.poll()  # the sync error is logged; what the directory holds is served
+    assert watcher.current is not None
+    assert watcher.current.version == local.name
+    assert "syncing model versions failed" in caplog.text
+    assert "testing" not in caplog.text  # no credential in any log line
+
+    learner = Learner(
+        ModelConfig(
+            text_dim=8,
+            dim=16,
+            max_history=10,
+            item_capacity=64,
+            adaptor_hidden=16,
+            num_layers=1,
+            num_heads=2,
+            use_text=False,
+        ),
+        LearnerConfig(device="cpu", seed=0),
+    )
+    learner.catalog.index_of(ITEMS[0])
+    learner.step_count = 3
+    online = OnlineLearner(learner, tmp_path / "learner", on_checkpoint=gone.publish)
+    path = online.checkpoint({})
+    assert path is not None  # written locally; the upload error is logged only
+    assert ckpt.read_manifest(path)
+    assert "written but not published" in caplog.text
+
+
+def _upload_without_manifest(store: ModelStore, version_dir: Path, name: str) -> None:
+    for f in sorted(version_dir.iterdir()):
+        if f.name != ckpt.MANIFEST:
+            store.client.upload_file(str(f), store.bucket, store._key(name, f.name))
+
+
+def test_a_partial_upload_is_never_synced(store: ModelStore, tmp_path: Path) -> None:
+    learner_dir, publisher_dir = tmp_path / "learner", tmp_path / "publisher"
+    store.publish(make_checkpoint(learner_dir, 1, ITEMS))
+    # An upload that died before its manifest: data files only, under a newer name.
+    _upload_without_manifest(store, make_checkpoint(learner_dir, 2, ITEMS), "v000000000002")
+    assert store.versions() == ["v000000000001"]
+    watcher = watcher_for(publisher_dir, store)
+    assert watcher.poll()
+    assert watcher.current.version == "v000000000001"
+    assert [p.name for p in ckpt.list_checkpoints(publisher_dir)] == ["v000000000001"]
+    assert not [p for p in publisher_dir.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+@pytest.mark.parametrize("tamper", ["data", "manifest_hash", "extra_file"])
+def test_a_tampered_version_is_never_synced(
+    store: ModelStore, tmp_path: Path, tamper: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    learner_dir, publisher_dir = tmp_path / "learner", tmp_path / "publisher"
+    store.publish(make_checkpoint(learner_dir, 1, ITEMS))
+    bad = store.publish(make_checkpoint(learner_dir, 2, ITEMS, seed=1))
+    manifest: dict[str, Any] = ckpt.read_manifest(learner_dir / bad)
+    if tamper == "data":
+        store.client.put_object(
+            Bucket=store.bucket, Key=store._key(bad, "model.safetensors"), Body=b"tampered"
+        )
+    elif tamper == "manifest_hash":
+        body = dict(manifest)
+        body["files"] = {**manifest["files"], "model.safetensors": "0" * 64}
+        store.client.put_object(
+            Bucket=store.bucket, Key=store._key(bad, ckpt.MANIFEST), Body=json.dumps(body).encode()
+        )
+    else:  # a name walking out of the directory
+        body = dict(manifest)
+        body["files"] = {**manifest["files"], "../escape": "0" * 64}
+        store.client.put_object(
+            Bucket=store.bucket, Key=store._key(bad, ckpt.MANIFEST), Body=json.dumps(body).encode()
+        )
+    watcher = watcher_for(publisher_dir, store)
+    assert watcher.poll()
+    assert watcher.current.version == "v000000000001"  # the newest version that verifies
+    assert [p.name for p in ckpt.list_checkpoints(publisher_dir)] == ["v000000000001"]
+    assert not (tmp_path / "escape").exists()
+    assert "not using version v000000000002" in caplog.text
+    # Remembered: the next poll downloads nothing again.
+    caplog.clear()
+    assert store.sync(publisher_dir) == []
+    assert "v000000000002" not in caplog.text
+
+
+def test_prune_keeps_the_newest_and_clears_dead_uploads(store: ModelStore, tmp_path: Path) -> None:
+    learner_dir = tmp_path / "learner"
+    _upload_without_manifest(store, make_checkpoint(learner_dir, 1, ITEMS), "v000000000001")
+    for step in (2, 3, 4, 5):
+        store.publish(make_checkpoint(learner_dir, step, ITEMS))  # keep=3 prunes after each
+    assert store.versions() == ["v000000000005", "v000000000004", "v000000000003"]
+    assert {k.split("/")[2] for k in remote_keys(store)} == {
+        "v000000000005",
+        "v000000000004",
+        "v000000000003",
+    }  # v2 pruned whole, the dead upload v1 too
+    # An upload in progress (newer than every complete version) is left alone.
+    _upload_without_manifest(store, make_checkpoint(learner_dir, 9, ITEMS), "v000000000009")
+    assert store.prune(1) == ["v000000000004", "v000000000003"]
+    assert store.versions() == ["v000000000005"]
+    assert any(k.split("/")[2] == "v000000000009" for k in remote_keys(store))
+    # The publisher's directory is pruned to keep as well.
+    publisher_dir = tmp_path / "publisher"
+    for step in (10, 11, 12, 13):
+        store.publish(make_checkpoint(learner_dir, step, ITEMS))
+        store.sync(publisher_dir)
+    assert [p.name for p in ckpt.list_checkpoints(publisher_dir)] == [
+        "v000000000013",
+        "v000000000012",
+        "v000000000011",
+    ]
+
+
+def test_a_republished_step_never_overwrites_a_version(store: ModelStore, tmp_path: Path) -> None:
+    """A learner that lost its local directory writes step 5 again: a new name, not an
+    overwrite of the version readers may be downloading."""
+    first = store.publish(make_checkpoint(tmp_path / "a", 5, ITEMS))
+    again = store.publish(make_checkpoint(tmp_path / "b", 5, ITEMS, seed=1))
+    assert (first, again) == ("v000000000005", "v000000000005-1")
+    watcher = watcher_for(tmp_path / "publisher", store)
+    assert watcher.poll()
+    assert watcher.current.version == "v000000000005-1"
+
+
+def test_settings_refuse_credentials_in_urls() -> None:
+    with pytest.raises(ConfigError, match="RECSYS_MODEL_STORE__URL"):
+        load_settings(model_store={"url": "https://bucket/prefix"})
+    with pytest.raises(ConfigError, match="RECSYS_MODEL_STORE__ENDPOINT_URL") as exc:
+        load_settings(model_store={"url": "s3://bkt", "endpoint_url": "http://key:hunter22@h:9000"})
+    assert "hunter22" not in str(exc.value)
+    with pytest.raises(ConfigError, match="empty"):
+        ModelStore.from_settings(load_settings())
