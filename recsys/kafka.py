@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import CommitFailedError, RebalanceInProgressError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -57,6 +58,9 @@ def make_consumer(
         "max_poll_interval_ms": settings.max_poll_interval_ms,
         "fetch_max_bytes": MAX_MESSAGE_BYTES * 2,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+        # KIP-429: a rebalance moves only the partitions that change owner; the others keep
+        # flowing, and a sink's state for them is never dropped and rebuilt.
+        "partition_assignment_strategy": (CooperativeStickyAssignor,),
     }
     kwargs.update(overrides)
     return KafkaConsumer(*topics, **kwargs)

@@ -95,8 +95,8 @@ def test_rebalance_never_seeks_before_the_last_checkpoint(kafka_settings, topic_
         while sum(_checkpointed(settings.learner.checkpoint_dir).values()) < N_REWARDS // 3:
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.2)
-        # A second member joins (taking partitions away) and leaves (giving them back).
-        other = make_consumer(kafka_settings, group, rewards_topic, vectors_topic)
+        # A second member joins (taking rewards partitions away) and leaves (giving them back).
+        other = make_consumer(kafka_settings, group, rewards_topic)
         t_end = time.monotonic() + 15
         while not other.assignment() and time.monotonic() < t_end:
             other.poll(timeout_ms=200)
