@@ -93,7 +93,8 @@ def test_rebalance_never_seeks_before_the_last_checkpoint(kafka_settings, topic_
     try:
         deadline = time.monotonic() + 120
         while sum(_checkpointed(settings.learner.checkpoint_dir).values()) < N_REWARDS // 3:
-            assert thread.is_alive() and time.monotonic() < deadline
+            assert thread.is_alive()
+            assert time.monotonic() < deadline
             time.sleep(0.2)
         # A second member joins (taking rewards partitions away) and leaves (giving them back).
         other = make_consumer(kafka_settings, group, rewards_topic)
@@ -103,7 +104,8 @@ def test_rebalance_never_seeks_before_the_last_checkpoint(kafka_settings, topic_
         took = len(other.assignment())
         other.close(autocommit=False)
         while sum(v for tp, v in sink.consumed.items() if tp.topic == rewards_topic) < N_REWARDS:
-            assert thread.is_alive() and time.monotonic() < deadline + 120
+            assert thread.is_alive()
+            assert time.monotonic() < deadline + 120
             time.sleep(0.2)
     finally:
         loop.stop()
