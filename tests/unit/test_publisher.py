@@ -272,6 +272,7 @@ def test_watched_items_are_never_shown_again_even_when_disliked():
         pub.observe([Event(f"imp{_}", "impression", "u", "m5", 1_700_000_000_500 + _)])
 
 
+@pytest.mark.slow
 def test_cold_start_propensity_is_the_empirical_first_draw_frequency():
     # Cold start logs the single-draw Boltzmann probability over log(1 + positives), over the
     # items the user may see: every item's frequency of being drawn first matches it, and it is
