@@ -11,9 +11,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
-from recsys.config import Settings, load_settings
+from recsys.config import LearnerSettings, ModelStoreSettings, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -145,7 +146,10 @@ def test_learner_is_single_with_recreate_and_a_checkpoint_volume(overlay: str) -
     ]
     assert claims == ["recsys-checkpoints"]
     pvc = by_kind(objs, "PersistentVolumeClaim")["recsys-checkpoints"]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Local: the publishers read the same volume (ReadWriteMany); production hands models over
+    # through S3, so the volume is the learner's alone.
+    modes = ["ReadWriteOnce"] if overlay == "production" else ["ReadWriteMany"]
+    assert pvc["spec"]["accessModes"] == modes
     assert not any(
         h["spec"]["scaleTargetRef"]["name"] == "recsys-learner"
         for h in by_kind(objs, "HorizontalPodAutoscaler").values()
@@ -222,6 +226,162 @@ def test_production_mounts_the_sasl_secret_where_settings_look() -> None:
         secret = volumes[mount["name"]]["secret"]
         assert secret["secretName"] == "recsys-kafka-sasl", name
         assert secret["optional"] is False, name
+
+
+def container_env(objs: list[dict[str, Any]], deployment: str) -> dict[str, str | None]:
+    """The RECSYS_* environment of a worker's container: the settings ConfigMap, then its own
+    ``env`` entries on top (None for a value taken from a Secret)."""
+    pod = by_kind(objs, "Deployment")[deployment]["spec"]["template"]["spec"]
+    env: dict[str, str | None] = dict(settings_env(objs))
+    for var in pod["containers"][0].get("env", []):
+        env[var["name"]] = var.get("value")
+    return env
+
+
+def _workdir(pod_container: dict[str, Any]) -> PurePosixPath:
+    """The directory relative setting paths resolve against: the pod's, else the image's."""
+    if "workingDir" in pod_container:
+        return PurePosixPath(pod_container["workingDir"])
+    dockerfile = (DOCKER / "Dockerfile").read_text().splitlines()
+    (last,) = [line.split()[1] for line in dockerfile if line.startswith("WORKDIR ")][-1:]
+    return PurePosixPath(last)
+
+
+def volume_at(
+    objs: list[dict[str, Any]], deployment: str, path: str | Path
+) -> tuple[PurePosixPath, dict[str, Any], dict[str, Any]]:
+    """Where ``path`` lives in the worker's container: (absolute path, mount, volume) of the
+    deepest volume mount holding it. Fails if no mount does (the root filesystem is read-only)."""
+    pod = by_kind(objs, "Deployment")[deployment]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    full = _workdir(container) / PurePosixPath(path)
+    holding = [
+        m
+        for m in container["volumeMounts"]
+        if full == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in full.parents
+    ]
+    assert holding, f"{deployment}: {full} is on the read-only root filesystem"
+    mount = max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    assert "subPath" not in mount, f"{deployment}: subPath mounts are not checked here"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return full, mount, volume
+
+
+def model_dirs(env: dict[str, str | None]) -> tuple[str, str]:
+    """(learner checkpoint dir, publisher watch dir) as the settings resolve them."""
+    learner = env.get("RECSYS_LEARNER__CHECKPOINT_DIR") or str(LearnerSettings().checkpoint_dir)
+    publisher = env.get("RECSYS_PUBLISHER__CHECKPOINT_DIR") or learner
+    return learner, publisher
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_learner_and_publisher_share_one_model_store(overlay: str) -> None:
+    """The publisher serves what the learner writes: the same S3 model store, or the same
+    ReadWriteMany claim mounted where both checkpoint-dir settings point."""
+    objs = rendered(overlay)
+    learner_env = container_env(objs, "recsys-learner")
+    publisher_env = container_env(objs, "recsys-publisher")
+    learner_url = learner_env.get("RECSYS_MODEL_STORE__URL") or ""
+    publisher_url = publisher_env.get("RECSYS_MODEL_STORE__URL") or ""
+    assert learner_url == publisher_url
+    for key in ("ENDPOINT_URL", "REGION", "ADDRESSING_STYLE"):
+        var = f"RECSYS_MODEL_STORE__{key}"
+        assert learner_env.get(var) == publisher_env.get(var), var
+    # Whatever the store, the values load as settings (a bad URL would stop both workers).
+    ModelStoreSettings(
+        url=learner_url,
+        endpoint_url=learner_env.get("RECSYS_MODEL_STORE__ENDPOINT_URL"),
+        region=learner_env.get("RECSYS_MODEL_STORE__REGION"),
+    )
+    if overlay == "production":
+        assert learner_url.startswith("s3://"), "production hands models over through S3"
+    if learner_url:
+        # S3 credentials come from the workers' ServiceAccount (IRSA), not from the settings.
+        accounts = by_kind(objs, "ServiceAccount")
+        for name in ("recsys-learner", "recsys-publisher"):
+            pod = by_kind(objs, "Deployment")[name]["spec"]["template"]["spec"]
+            account = accounts[pod["serviceAccountName"]]
+            assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], name
+            assert account["automountServiceAccountToken"] is False, name
+        for name in ("recsys-reward", "recsys-encoder"):  # no bucket access for the others
+            pod = by_kind(objs, "Deployment")[name]["spec"]["template"]["spec"]
+            assert "annotations" not in accounts[pod["serviceAccountName"]]["metadata"], name
+        return
+    learner_dir = model_dirs(learner_env)[0]
+    publisher_dir = model_dirs(publisher_env)[1]
+    learner_path, _, learner_volume = volume_at(objs, "recsys-learner", learner_dir)
+    publisher_path, _, publisher_volume = volume_at(objs, "recsys-publisher", publisher_dir)
+    assert learner_path == publisher_path
+    claim = learner_volume.get("persistentVolumeClaim", {}).get("claimName")
+    assert claim, f"the learner writes {learner_path} to no claim"
+    assert publisher_volume.get("persistentVolumeClaim", {}).get("claimName") == claim, (
+        f"the publisher watches {publisher_path} on {publisher_volume}, not on claim {claim}"
+    )
+    pvc = by_kind(objs, "PersistentVolumeClaim")[claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "pods on several nodes mount it"
+
+
+def _sqlite_path(url: str | None) -> str | None:
+    if url is None or not url.startswith("sqlite"):
+        return None
+    return sa.make_url(url).database
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_stateful_path_sits_on_an_empty_dir(overlay: str) -> None:
+    """What a rollout must keep (the learner's checkpoints with their offsets, the SQLite store)
+    is on a PersistentVolumeClaim, never on an emptyDir; caches (the encoder's vectors, a
+    publisher's copy of the S3 model store) may be, but must be writable."""
+    objs = rendered(overlay)
+    stateful: list[tuple[str, str, str]] = []  # (deployment, what, path)
+    caches: list[tuple[str, str, str]] = []
+    for name in by_kind(objs, "Deployment"):
+        env = container_env(objs, name)
+        learner_dir, publisher_dir = model_dirs(env)
+        if name == "recsys-learner":
+            stateful.append((name, "checkpoint dir", learner_dir))
+        if name == "recsys-publisher":
+            if env.get("RECSYS_MODEL_STORE__URL"):
+                caches.append((name, "model store copy", publisher_dir))
+            else:
+                stateful.append((name, "checkpoint dir", publisher_dir))
+            store_url = env.get("RECSYS_STORE__URL")
+            sqlite = _sqlite_path(store_url)
+            if overlay == "production":
+                assert store_url is None, "production: PostgreSQL, its URL from a Secret"
+            else:
+                assert sqlite, f"{overlay}: expected the SQLite store"
+            if sqlite:
+                stateful.append((name, "SQLite store", str(PurePosixPath(sqlite).parent)))
+    # Production: the publisher keeps nothing on disk (PostgreSQL, a copy of the S3 store).
+    expected = (
+        {"recsys-learner"} if overlay == "production" else {"recsys-learner", "recsys-publisher"}
+    )
+    assert {w for w, _, _ in stateful} == expected
+    claims = by_kind(objs, "PersistentVolumeClaim")
+    for name, what, path in stateful:
+        full, mount, volume = volume_at(objs, name, path)
+        assert "emptyDir" not in volume, f"{name}: {what} {full} is on an emptyDir"
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        assert claim in claims, f"{name}: {what} on a missing claim {claim}"
+    for name, what, path in caches:
+        full, mount, _ = volume_at(objs, name, path)
+        assert not mount.get("readOnly"), f"{name}: {what} {full} must be writable"
+    # Every claim is used (production drops the SQLite one with SQLite).
+    used = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in by_kind(objs, "Deployment").values()
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert used == set(claims)
+
+
+def test_production_store_url_comes_from_its_secret() -> None:
+    objs = rendered("production")
+    pod = by_kind(objs, "Deployment")["recsys-publisher"]["spec"]["template"]["spec"]
+    (var,) = [e for e in pod["containers"][0]["env"] if e["name"] == "RECSYS_STORE__URL"]
+    assert var["valueFrom"]["secretKeyRef"] == {"name": "recsys-store", "key": "url"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
