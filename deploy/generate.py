@@ -144,6 +144,18 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 [("max by (topic, partition) (recsys_consumer_lag)", "{{topic}}/{{partition}}")],
             ),
             ts(
+                "Committed-offset lag by worker and topic",
+                [
+                    (
+                        "sum by (worker, topic) (recsys_consumer_committed_lag)",
+                        "{{worker}} {{topic}}",
+                    )
+                ],
+                "short",
+                "Messages after the committed offset: what a restart or rebalance would re-read. "
+                "Far above the consumer lag means the commit is held back.",
+            ),
+            ts(
                 "Batch processing time p50 / p99",
                 [
                     (
