@@ -16,7 +16,10 @@ Reported (JSON with ``--json``):
 - ``duplicates_before_dedupe``: records beyond the first per reward_id (re-reads after kills);
   ``conflicting_duplicates``: of those, ones whose content differs from the first (must be 0);
 - ``dlq_missing`` / ``dlq_wrong_reason``: poison messages not in the DLQ, or there with another
-  reason (must be 0); ``worker_exits``: how each worker process ended (-9: our SIGKILL).
+  reason (must be 0); ``worker_exits``: how each worker process ended (-9: our SIGKILL);
+- ``reemitted_per_restart``: records beyond the first per reward_id, per restart after a kill
+  (the join's state is durable with each commit, so a restart re-emits at most the batch that
+  was in flight: ``max_batch`` events' worth).
 
     python benchmarks/reward_kill_test.py --events 100000 --kills 10 --json reward_kill.json
 """
@@ -106,6 +109,7 @@ def _worker_env(
             "RECSYS_TOPICS__EVENTS": topics["events"],
             "RECSYS_TOPICS__REWARDS": topics["rewards"],
             "RECSYS_TOPICS__DLQ": topics["dlq"],
+            "RECSYS_TOPICS__REWARD_STATE": topics.get("reward_state", f"{topics['events']}.state"),
             "RECSYS_TOPICS__PARTITIONS": str(partitions),
             "RECSYS_REWARDS__GROUP_ID": group,
             "RECSYS_METRICS__PORT": "0",
@@ -267,6 +271,8 @@ def run_kill_test(
             "lost": lost,
             "wrong": wrong,
             "duplicates_before_dedupe": reader.records - len(first),
+            "reemitted_per_restart": round((reader.records - len(first)) / max(1, done_kills), 1),
+            "max_batch": rs.max_batch,
             "conflicting_duplicates": reader.conflicting,
             "dlq_records": len(dlq),
             "dlq_missing": dlq_missing,

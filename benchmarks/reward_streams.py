@@ -4,6 +4,8 @@
 - :func:`synthetic_events`: seeded browsing sessions: slates of impressions, then clicks, dwell,
   add-to-cart, purchases, skips and ratings; some feedback without ``request_id``, some organic,
   some late; delivered with a bounded delay (out of order) and a few duplicate deliveries.
+- :func:`continuous_events`: hours of steady traffic (10% clicks, feedback minutes later), the
+  stream of the commit-progress fault tests.
 - :func:`poison_messages`: one bad message per rejection reason of the event contract, in turn,
   plus one 10 MB payload; each checked against the parser so the expected reason is exact.
 - :func:`sentinels`: one organic event per partition, far enough in event time to close every
@@ -133,6 +135,65 @@ def synthetic_events(
                         value=float(rng.randint(1, 5)),
                     )
                 )
+    timed.sort(key=lambda x: (x[0], x[1]))
+    return [e for _, _, e in timed]
+
+
+def continuous_events(
+    hours: float,
+    events_per_s: float,
+    seed: int = 0,
+    *,
+    start_ts: int = 1_700_000_000_000,
+    click_rate: float = 0.10,
+    max_feedback_delay_ms: int = 5 * 60 * 1000,
+    max_disorder_ms: int = 30_000,
+    n_users: int = 2000,
+    n_items: int = 500,
+    slate: int = 4,
+) -> list[Event]:
+    """Continuous traffic: ``hours`` of event time at ``events_per_s`` (impressions in slates
+    of ``slate``, ``click_rate`` of them clicked up to ``max_feedback_delay_ms`` later, half of
+    the clicks followed by a dwell), delivered in ts order with up to ``max_disorder_ms`` of
+    delay. The stream that kept the old commit point at the partition's start: some window is
+    always open, and every one overlaps the next."""
+    rng = random.Random(seed)
+    span = int(hours * 3600 * 1000)
+    per_slate = slate * (1 + click_rate * 1.5)  # events one request makes, on average
+    n_requests = max(1, round(hours * 3600 * events_per_s / per_slate))
+    timed: list[tuple[int, int, Event]] = []
+    for k in range(n_requests):
+        t = start_ts + (k * span) // n_requests
+        user = f"cu{rng.randrange(n_users)}"
+        req = f"c{seed}-r{k}"
+        for pos, item in enumerate(rng.sample(range(n_items), slate)):
+            imp = Event(
+                f"{req}:imp:{pos}",
+                "impression",
+                user,
+                f"ci{item}",
+                t,
+                request_id=req,
+                position=pos,
+                propensity=round(rng.uniform(0.05, 1.0), 4),
+                model_version="cont-v1",
+            )
+            timed.append((t + rng.randrange(max_disorder_ms + 1), len(timed), imp))
+            if rng.random() < click_rate:
+                ct = t + rng.randrange(500, max_feedback_delay_ms + 1)
+                click = _fb(f"{req}:click:{pos}", "click", imp, ct, False)
+                timed.append((ct + rng.randrange(max_disorder_ms + 1), len(timed), click))
+                if rng.random() < 0.5:
+                    dwell = _fb(
+                        f"{req}:dwell:{pos}",
+                        "dwell",
+                        imp,
+                        ct + 1000,
+                        False,
+                        value=float(rng.randrange(1, 300)),
+                    )
+                    arrival = ct + 1000 + rng.randrange(max_disorder_ms + 1)
+                    timed.append((arrival, len(timed), dwell))
     timed.sort(key=lambda x: (x[0], x[1]))
     return [e for _, _, e in timed]
 

@@ -198,7 +198,8 @@ def fold(
 def read_partition(
     consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """Every ``(key, value)`` of one partition, from its beginning to its end now, in order.
+    """Every ``(key, value)`` of one partition, from its beginning to its end now, in order
+    (records that arrive meanwhile may be included: the caller owns the partition's writes).
 
     ``consumer`` is a group-less consumer of this sink's own (it is re-assigned to ``tp``).
     """
@@ -207,11 +208,15 @@ def read_partition(
     end = consumer.end_offsets([tp])[tp]
     out: list[tuple[bytes | None, bytes | None]] = []
     deadline = time.monotonic() + timeout_s
-    while consumer.position(tp) < end:
+    drained = False
+    # Past the reported end, read on until a poll comes back empty: the embedded broker (Tansu)
+    # reports the base offset of the last record batch as the end, not one past its last record.
+    while consumer.position(tp) < end or not drained:
         if time.monotonic() > deadline:
             raise TimeoutError(f"reading {tp.topic}:{tp.partition} did not reach {end}")
-        for recs in consumer.poll(timeout_ms=200, max_records=10_000).values():
-            out.extend((r.key, r.value) for r in recs if r.offset < end)
+        polled = consumer.poll(timeout_ms=200, max_records=10_000).get(tp, [])
+        out.extend((r.key, r.value) for r in polled)
+        drained = consumer.position(tp) >= end and not polled
     return out
 
 

@@ -4,6 +4,8 @@
   rewards topic (deduplicated by reward_id) equals the offline oracle;
 - 1% poison input, a 10 MB payload among it: every bad message lands in the DLQ with its
   reason, the worker keeps going, and ``recsys_events_rejected_total{reason}`` matches.
+
+The durable state's fault tests (commit progress, restarts) are in test_reward_state.py.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def test_two_worker_processes_share_the_partitions(broker, kafka_settings, topic
                 p.wait()
         reader.stop()
     # Both did work: each process produced rewards for its own partitions.
-    assert all(b"state rebuilt from offset" in p.read_bytes() for p in logs)
+    assert all(b"state restored from" in p.read_bytes() for p in logs)
     assert reader.conflicting == 0
     assert {k: reader.first[k] for k in oracle} == oracle
     assert reader.first.keys() == oracle.keys()
