@@ -308,8 +308,8 @@ class RewardSettings(_Section):
         10 * 60 * 1000,
         ge=0,
         description="How long after its window an impression is remembered to recognise late "
-        "feedback; later feedback counts as organic (also delays commits: a restart re-reads "
-        "window + lateness + this much event time)",
+        "feedback; later feedback counts as organic (the reward state topic holds about "
+        "window + lateness + this much event time of impressions)",
     )
     dedupe_horizon_ms: int = Field(
         10 * 60 * 1000, ge=0, description="How long (event time) an event_id is remembered"
