@@ -118,7 +118,8 @@ class ModelStore:
         Data files go first, ``manifest.json`` last. A name already taken remotely (a learner
         that lost its local directory writes the same step again) gets a ``-<n>`` suffix, as
         :func:`~recsys.checkpoint.write_checkpoint` does locally, so a published version is
-        never overwritten in place. Then the remote versions are pruned to ``keep``.
+        never overwritten in place. Then the remote versions are pruned to ``keep`` (the one
+        just published is spared, as :func:`~recsys.checkpoint.prune` spares it locally).
         """
         path = Path(version_dir)
         manifest = ckpt.read_manifest(path)
@@ -132,11 +133,11 @@ class ModelStore:
         )
         log.info("model version %s published to %s", name, self.url)
         if self.keep is not None:
-            self.prune(self.keep)
+            self.prune(self.keep, protect=name)
         return name
 
-    def prune(self, keep: int) -> list[str]:
-        """Keep the newest ``keep`` complete versions; returns the versions deleted.
+    def prune(self, keep: int, protect: str | None = None) -> list[str]:
+        """Keep the newest ``keep`` complete versions (and ``protect``); returns those deleted.
 
         Older complete versions lose their manifest first (so no reader lists them any more),
         then their data files. Incomplete versions older than the newest complete one are left
@@ -147,7 +148,7 @@ class ModelStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         objects = self._objects()
         complete = _newest_first(v for v, names in objects.items() if ckpt.MANIFEST in names)
-        doomed = complete[keep:]
+        doomed = [v for v in complete[keep:] if v != protect]
         if complete:
             newest = _sort_key(complete[0])
             doomed += [

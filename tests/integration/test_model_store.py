@@ -286,6 +286,9 @@ def test_prune_keeps_the_newest_and_clears_dead_uploads(store: ModelStore, tmp_p
         "v000000000012",
         "v000000000011",
     ]
+    # A learner whose steps restarted below the stored versions keeps what it just published.
+    assert store.publish(make_checkpoint(tmp_path / "restarted", 2, ITEMS)) == "v000000000002"
+    assert store.versions() == ["v000000000013", "v000000000012", "v000000000011", "v000000000002"]
 
 
 def test_a_republished_step_never_overwrites_a_version(store: ModelStore, tmp_path: Path) -> None:
