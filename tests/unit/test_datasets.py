@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import tomllib
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from recsys import datasets
+from recsys.cli import build_parser
 from recsys.data.movielens import load_movielens
 from recsys.data.obd import load_obd
 from recsys.errors import DataError, RecsysError
+from recsys.eval import offline, ope, prequential
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,3 +66,16 @@ def test_every_packaged_file_is_package_data_in_pyproject() -> None:
     assert len(files) == 7
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert missing == []
+
+
+def test_commands_default_to_the_packaged_copies() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).data == datasets.path("ml-latest-small")
+    # replay's default depends on the data set, so the flag stays None and the handler resolves.
+    assert parser.parse_args(["replay", "obd"]).path is None
+    assert parser.parse_args(["replay", "obd", "--path", str(REPO)]).path == REPO
+    evaluations = {offline: "ml-latest-small", prequential: "ml-latest-small", ope: "obd"}
+    for module, name in evaluations.items():
+        p = argparse.ArgumentParser()
+        module.add_arguments(p)
+        assert p.parse_args([]).path == datasets.path(name), module.__name__
