@@ -30,6 +30,7 @@ from kafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from recsys import checkpoint as ckpt
+from recsys import datasets
 from recsys.broker import EmbeddedBroker, free_port
 from recsys.config import KafkaSettings, TopicSettings
 from recsys.data.backfill import replay, replay_items
@@ -58,7 +59,7 @@ class DemoConfig:
 
     minutes: float = 4.0
     out: Path = Path("demo-report")
-    data: Path = Path("../shared/data")
+    data: Path = field(default_factory=lambda: datasets.path("ml-latest-small"))
     visits_per_s: float = 15.0
     k: int = 10
     n_items: int = 1000
