@@ -310,3 +310,83 @@ def test_settings_refuse_credentials_in_urls() -> None:
     assert "hunter22" not in str(exc.value)
     with pytest.raises(ConfigError, match="empty"):
         ModelStore.from_settings(load_settings())
+
+
+@pytest.mark.slow
+def test_learner_and_publisher_workers_hand_models_over_through_s3(
+    store: ModelStore, kafka_settings, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The Kubernetes situation: learner and publisher as real worker processes, each with its
+    own checkpoint directory, sharing only the S3 model store. The publisher serves what the
+    learner trains."""
+    from recsys.demo.supervisor import WorkerProcess, wait_for
+    from recsys.events import Event, RewardRecord, Slate
+    from recsys.kafka import create_topics, make_producer
+    from tests.integration.publisher_helpers import read_topic
+
+    p = topic_prefix
+    topics = {name: f"{p}.{name}" for name in ("events", "rewards", "vectors", "recs", "dlq")}
+    create_topics(kafka_settings, list(topics.values()), partitions=2)
+    env = {
+        "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "RECSYS_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "RECSYS_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        "RECSYS_TOPICS__EVENTS": topics["events"],
+        "RECSYS_TOPICS__REWARDS": topics["rewards"],
+        "RECSYS_TOPICS__ITEM_VECTORS": topics["vectors"],
+        "RECSYS_TOPICS__RECOMMENDATIONS": topics["recs"],
+        "RECSYS_TOPICS__DLQ": topics["dlq"],
+        "RECSYS_METRICS__PORT": "0",
+        "RECSYS_MODEL_STORE__URL": store.url,
+        "RECSYS_MODEL_STORE__ENDPOINT_URL": store.client.meta.endpoint_url,
+        "RECSYS_MODEL_STORE__REGION": "us-east-1",
+        "RECSYS_MODEL_STORE__ADDRESSING_STYLE": "path",
+        "RECSYS_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"),
+        "RECSYS_LEARNER__CHECKPOINT_EVERY_S": "0.5",
+        "RECSYS_LEARNER__GROUP_ID": f"{p}.learner",
+        "RECSYS_LEARNER__DEVICE": "cpu",
+        "RECSYS_LEARNER__BATCH_SIZE": "32",
+        "RECSYS_LEARNER__DIM": "16",
+        "RECSYS_LEARNER__KEEP_CHECKPOINTS": "3",
+        "RECSYS_PUBLISHER__CHECKPOINT_DIR": str(tmp_path / "publisher"),
+        "RECSYS_PUBLISHER__WATCH_INTERVAL_S": "0.3",
+        "RECSYS_PUBLISHER__GROUP_ID": f"{p}.publisher",
+        "RECSYS_PUBLISHER__DEVICE": "cpu",
+        "RECSYS_STORE__URL": f"sqlite:///{tmp_path / 'store.db'}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    producer = make_producer(kafka_settings)
+    for k in range(400):
+        user, item = f"u{k % 20}", ITEMS[k % len(ITEMS)]
+        r = RewardRecord(f"r{k}", user, item, float(k % 3 == 0), 1_000 + k, "joined",
+                         None, 0, "v0", f"q{k}")  # fmt: skip
+        producer.send(topics["rewards"], key=user.encode(), value=r.to_bytes())
+    producer.flush()
+    learner = WorkerProcess("learner", env, tmp_path / "learner.log").start()
+    publisher = WorkerProcess("publisher", env, tmp_path / "publisher.log").start()
+    try:
+        assert wait_for(lambda: store.versions(), 180, 0.3), learner.tail()
+        assert wait_for(
+            lambda: "serving model version" in (tmp_path / "publisher.log").read_text(), 120, 0.3
+        ), publisher.tail()
+        synced = ckpt.list_checkpoints(tmp_path / "publisher")
+        assert synced, "the publisher's own directory holds the synced versions"
+        now = int(time.time() * 1000)
+        for n in range(20):
+            ev = Event(f"e{n}", "click", f"u{n}", ITEMS[n], now + n)
+            producer.send(topics["events"], key=ev.user_id.encode(), value=ev.to_bytes())
+        producer.flush()
+
+        def served() -> list[Slate]:
+            recs = read_topic(kafka_settings, topics["recs"], timeout=5)
+            return [Slate.from_bytes(r.value) for r in recs]
+
+        assert wait_for(lambda: any(s.model_version.startswith("v") for s in served()), 60, 0.5)
+        remote = set(store.versions())
+        assert any(s.model_version in remote | {c.name for c in synced} for s in served())
+    finally:
+        publisher.stop()
+        learner.stop()
+    # Pruned on both sides to RECSYS_LEARNER__KEEP_CHECKPOINTS.
+    assert len(store.versions()) <= 3
+    assert len(ckpt.list_checkpoints(tmp_path / "publisher")) <= 3
