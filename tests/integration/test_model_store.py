@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from recsys import checkpoint as ckpt
-from recsys.broker import free_port
 from recsys.config import load_settings
 from recsys.errors import ConfigError
 from recsys.learner.config import LearnerConfig
@@ -35,39 +29,6 @@ from tests.checkpoints import make_checkpoint
 from tests.integration.publisher_helpers import ITEMS
 
 pytest.importorskip("boto3")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto_server subprocess on a free loopback port; yields its endpoint URL."""
-    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(binary).is_file():
-        pytest.fail("moto_server not found: pip install 'moto[server]' (the dev extra has it)")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
