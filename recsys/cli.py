@@ -210,6 +210,7 @@ EVALUATIONS = {
     "offline": ("recsys.eval.offline", "leave-one-out, full ranking, against baselines"),
     "prequential": ("recsys.eval.prequential", "test-then-learn on the time-ordered stream"),
     "ope": ("recsys.eval.ope", "IPS / SNIPS / DM / DR on logged bandit data"),
+    "sim": ("recsys.eval.sim", "closed loop in one process: recsys, its peers and ablations"),
 }
 
 

@@ -124,3 +124,35 @@ def test_run_ope_on_obd(tmp_path: Path) -> None:
     for row in result["learned_policy"]["estimates"]:
         assert row["ci95"][0] <= row["estimate"] <= row["ci95"][1]
     assert out.read_text().startswith("{")
+
+
+def test_first_slot_ope_on_recsys_logs_recovers_the_greedy_value() -> None:
+    # Logging: recsys's own Boltzmann policy (its logged propensity is the single-draw
+    # probability, i.e. P(slot 0 = a)). Target: greedy. IPS, SNIPS and DR of the target's
+    # slot-0 CTR must cover the true value; a wrong propensity (the Plackett–Luce conditional
+    # of a later slot, or k/n) would not.
+    import torch
+
+    from recsys.eval.ope import first_slot_ope
+    from recsys.policy import rank
+
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    n_ctx, n_items, rounds = 20, 15, 30_000
+    states = torch.randn(n_ctx, 4, generator=g)
+    items = torch.randn(n_items, 4, generator=g)
+    ctr = rng.uniform(0.01, 0.3, (n_ctx, n_items))
+    ctx = rng.integers(0, n_ctx, rounds)
+    r = rank(states[ctx], items, 3, exploration="boltzmann", temperature=0.7, generator=g)
+    first = r.items[:, 0].numpy()
+    prop = r.propensities[:, 0].numpy()
+    reward = (rng.random(rounds) < ctr[ctx, first]).astype(float)
+    greedy = (states @ items.T).argmax(1).numpy()
+    target = greedy[ctx]
+    true = float(ctr[ctx, target].mean())
+    est = first_slot_ope(reward, prop, first == target, first, target)
+    for name in ("ips", "snips", "dr"):
+        assert est[name]["low"] <= true <= est[name]["high"], (name, est[name], true)
+    assert est["rounds"]["matches"] > 100
+    with pytest.raises(ValueError, match="propensity"):
+        first_slot_ope(reward, np.zeros(rounds), first == target)
