@@ -6,5 +6,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 "$here/scripts/setup.sh"
+# The vw arm (Vowpal Wabbit's cb_explore_adf) runs in the default demo: the `vw` extra.
+"${RECSYS_VENV:-$here/.venv}/bin/python" -m pip install -q -e ".[vw]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "${RECSYS_VENV:-$here/.venv}/bin/recsys" demo "$@"
