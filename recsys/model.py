@@ -8,9 +8,15 @@ capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model widt
 - :class:`UserEncoder`: a small causal transformer (or GRU) over the last ``N`` item vectors
   behind a learned begin token -> user state ``[B, d]``; an empty history is served from the
   begin token alone (a new user).
-- :class:`PolicyNet`: policy logits ``state @ items.T / temperature`` and the behaviour head
-  ``β`` on ``state.detach()`` (Chen et al., WSDM 2019), which estimates the logging policy
-  when propensities are not logged.
+- :class:`PolicyNet`: policy logits ``state @ items.T / temperature + bias`` (a learned
+  per-item bias, so popularity survives the item LayerNorm) and the behaviour head ``β`` on
+  ``state.detach()`` (Chen et al., WSDM 2019), which estimates the logging policy when
+  propensities are not logged.
+
+Scoring space: :meth:`PolicyNet.item_vectors` is ``[I, d+1]`` (the tower's output and the bias
+times the temperature) and :meth:`PolicyNet.user_state` ``[B, d+1]`` (the encoder's state and a
+constant 1), so ``user_state @ item_vectors.T / temperature`` is exactly the policy logits:
+serving ranks with the same scores as training, bias included.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class ModelConfig:
     adaptor_hidden: int = 256
     use_text: bool = True
     use_id_embedding: bool = True
+    item_bias: bool = True  # a learned per-item bias (needs use_id_embedding: it is an id table)
     encoder: Literal["transformer", "gru"] = "transformer"
     num_layers: int = 2
     num_heads: int = 2
@@ -98,7 +105,7 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.encoder must be 'transformer' or 'gru', got {self.encoder!r}"
             )
-        for name in ("use_text", "use_id_embedding"):
+        for name in ("use_text", "use_id_embedding", "item_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("dropout", "temperature"):
@@ -296,11 +303,17 @@ class UserEncoder(nn.Module):
 class PolicyNet(nn.Module):
     """Item tower + user encoder + policy head + behaviour head.
 
-    - ``item_vectors()`` -> ``[I, d]``
-    - ``user_state(items [B, N], item_vecs [I, d] | None)`` -> ``[B, d]``
-    - ``logits(state [B, d], item_vecs [I, d])`` -> ``[B, I]`` policy logits (divided by T)
+    Scoring space (what serving and evaluations use; see the module docstring):
+
+    - ``item_vectors()`` -> ``[I, d+1]``: ``[tower output, T·bias]``
+    - ``user_state(items [B, N], item_vecs [I, d+1] | None)`` -> ``[B, d+1]``: ``[state, 1]``
+    - ``logits(state [B, d+1], item_vecs [I, d+1])`` -> ``[B, I]``: ``s·v/T + bias``
     - ``behaviour_logits(state, item_vecs)`` -> ``[B, I]``, gradient stopped into state and items
     - ``forward(items [B, N])`` -> ``[B, I]`` policy logits (inference)
+
+    Model space (what training uses, width ``d``): ``item_embeddings()`` ``[I, d]``,
+    ``item_biases()`` ``[I]``, ``user_states_all(items, emb)`` -> (``[B, d]``, ``[B, N, d]``),
+    ``policy_logits(state, emb, bias)``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -315,37 +328,76 @@ class PolicyNet(nn.Module):
             self.beta_proj.weight.copy_(torch.eye(cfg.dim) / cfg.temperature)
             self.beta_proj.bias.zero_()
         self.beta_bias = nn.Parameter(torch.zeros(cfg.item_capacity))
+        # Policy item bias; always allocated (zero and unused when cfg.item_bias is off, or with
+        # no id embedding) so that checkpoints keep one layout. Checkpoints written before it
+        # existed load with a zero bias: the same scores as before.
+        self.item_bias = nn.Parameter(torch.zeros(cfg.item_capacity))
+        self.register_load_state_dict_pre_hook(_default_item_bias)
+
+    @property
+    def uses_bias(self) -> bool:
+        return self.cfg.item_bias and self.cfg.use_id_embedding
 
     @property
     def num_items(self) -> int:
         return self.items.n_active
 
-    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+    # --- model space (width d) ---------------------------------------------------------------
+
+    def item_embeddings(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The item tower's output: ``[I, d]``, or ``idx.shape + [d]``."""
         return self.items(idx)
 
-    def user_state(
-        self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
+    def item_biases(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Policy bias per item: ``[I]``, or ``idx.shape``; zeros when the bias is off."""
+        b = self.item_bias[: self.num_items] if idx is None else self.item_bias[idx]
+        return b if self.uses_bias else torch.zeros_like(b)
+
+    def policy_logits(
+        self, state: torch.Tensor, emb: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
-        """``items [B, N]`` (PAD/MASK allowed) -> ``[B, d]``; ``item_vecs`` reuses ``[I, d]``."""
-        safe = items.clamp(min=0)
-        vecs = self.items(safe) if item_vecs is None else item_vecs[safe]
-        return self.encoder(vecs, items)
+        """``s·e/T + b``: ``state [..., d]``, ``emb [I, d]``, ``bias [I]`` -> ``[..., I]``."""
+        return state @ emb.T / self.cfg.temperature + bias.to(state.dtype)
+
+    def _model_space(self, item_vecs: torch.Tensor) -> torch.Tensor:
+        """Encoder inputs from item vectors of either width (d, or the scoring d+1)."""
+        return item_vecs[..., : self.cfg.dim]
 
     def user_states_all(
         self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``items [B, N]`` -> (state ``[B, d]``, per-position states ``[B, N, d]``)."""
         safe = items.clamp(min=0)
-        vecs = self.items(safe) if item_vecs is None else item_vecs[safe]
+        vecs = self.items(safe) if item_vecs is None else self._model_space(item_vecs)[safe]
         return self.encoder.forward_all(vecs, items)
 
+    # --- scoring space (width d+1) --------------------------------------------------------------
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Scoring vectors ``[I, d+1]`` (or ``idx.shape + [d+1]``): ``[embedding, T·bias]``."""
+        emb = self.items(idx)
+        bias = self.item_biases(idx).to(emb.dtype) * self.cfg.temperature
+        return torch.cat([emb, bias.unsqueeze(-1)], dim=-1)
+
+    def user_state(
+        self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``items [B, N]`` (PAD/MASK allowed) -> scoring state ``[B, d+1]`` (last column 1);
+        ``item_vecs`` (``[I, d+1]`` or ``[I, d]``) reuses precomputed vectors."""
+        safe = items.clamp(min=0)
+        vecs = self.items(safe) if item_vecs is None else self._model_space(item_vecs)[safe]
+        state = self.encoder(vecs, items)
+        return torch.cat([state, state.new_ones((*state.shape[:-1], 1))], dim=-1)
+
     def logits(self, state: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """Policy logits from scoring-space ``state [B, d+1]`` and ``item_vecs [I, d+1]``."""
         return state @ item_vecs.T / self.cfg.temperature
 
     def behaviour_logits(self, state: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """β logits ``[B, I]`` from states and item vectors of either width."""
         n = item_vecs.shape[0]
-        h = self.beta_proj(state.detach())
-        return h @ item_vecs.detach().T + self.beta_bias[:n].to(h.dtype)
+        h = self.beta_proj(self._model_space(state).detach())
+        return h @ self._model_space(item_vecs).detach().T + self.beta_bias[:n].to(h.dtype)
 
     def behaviour_sampled_logits(
         self,
@@ -362,7 +414,8 @@ class PolicyNet(nn.Module):
         gradient stopped into state and items."""
         from recsys.objectives import sampled_softmax_logits
 
-        h = self.beta_proj(state.detach())
+        h = self.beta_proj(self._model_space(state).detach())
+        pos_vecs, neg_vecs = self._model_space(pos_vecs), self._model_space(neg_vecs)
         logits = sampled_softmax_logits(
             h, pos_vecs.detach(), neg_vecs.detach(), pos_ids, neg_ids, pos_log_q, neg_log_q
         )
@@ -401,7 +454,7 @@ class PolicyNet(nn.Module):
 
     def item_parameters(self) -> list[torch.Tensor]:
         """Parameters whose first dimension is the item capacity (grown together)."""
-        out: list[torch.Tensor] = [self.beta_bias]
+        out: list[torch.Tensor] = [self.beta_bias, self.item_bias]
         if self.items.id_embedding is not None:
             out.append(self.items.id_embedding.weight)
         return out
@@ -419,10 +472,11 @@ class PolicyNet(nn.Module):
         text[:old_cap] = self.items.text_vectors
         self.items.text_vectors = text
         mapping: dict[torch.Tensor, torch.Tensor] = {}
-        old_bias = self.beta_bias
-        new_bias = nn.Parameter(F.pad(old_bias.detach(), (0, capacity - old_cap)))
-        self.beta_bias = new_bias
-        mapping[old_bias] = new_bias
+        for name in ("beta_bias", "item_bias"):
+            old_bias = getattr(self, name)
+            new_bias = nn.Parameter(F.pad(old_bias.detach(), (0, capacity - old_cap)))
+            setattr(self, name, new_bias)
+            mapping[old_bias] = new_bias
         if self.items.id_embedding is not None:
             old_w = self.items.id_embedding.weight
             extra = torch.randn(capacity - old_cap, self.cfg.dim, device=dev) * 0.02
@@ -435,6 +489,13 @@ class PolicyNet(nn.Module):
         self.items.cfg = self.cfg
         self.encoder.cfg = self.cfg
         return mapping
+
+
+def _default_item_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints from before the item bias load with a zero one (unchanged scores)."""
+    key = prefix + "item_bias"
+    if key not in state_dict and prefix + "beta_bias" in state_dict:
+        state_dict[key] = torch.zeros_like(state_dict[prefix + "beta_bias"])
 
 
 def _replace_capacity(cfg: ModelConfig, capacity: int) -> ModelConfig:

@@ -172,19 +172,129 @@ def info_nce(
     return (w * per_row).sum() / w.sum().clamp(min=1e-12)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
     """NT-Xent between two views (CL4SRec): each of the 2B views has 1 positive, 2B−2 negatives.
 
-    ``z1, z2 [B, d]`` -> scalar.
+    Cosine similarity over ``temperature``. ``z1, z2 [B, d]`` -> scalar. ``same [B, B]`` (bool)
+    marks pairs of rows that are not true negatives of each other (e.g. the same next item, or
+    the same user): both views of such a row are removed from the other's negatives.
     """
     bsz = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
     logits = z @ z.T / temperature
-    logits = logits.masked_fill(
-        torch.eye(2 * bsz, dtype=torch.bool, device=z.device), float("-inf")
-    )
+    blocked = torch.eye(2 * bsz, dtype=torch.bool, device=z.device)
+    if same is not None:
+        s = same.to(device=z.device, dtype=torch.bool)
+        s = s & ~torch.eye(bsz, dtype=torch.bool, device=z.device)  # the positive stays
+        blocked = blocked | s.repeat(2, 2)
+    logits = logits.masked_fill(blocked, float("-inf"))
     target = torch.arange(2 * bsz, device=z.device).roll(bsz)
     return F.cross_entropy(logits, target)
+
+
+def false_negative_pairs(*keys: torch.Tensor) -> torch.Tensor:
+    """``[B, B]`` bool: rows equal on any of the keys (each ``[B]``; negative keys never match)."""
+    out: torch.Tensor | None = None
+    for k in keys:
+        eq = (k.unsqueeze(0) == k.unsqueeze(1)) & (k >= 0).unsqueeze(0)
+        out = eq if out is None else out | eq
+    assert out is not None
+    return out
+
+
+# --- the allowed set: history items masked, as in serving ------------------------------------
+
+
+def mask_seen(
+    logits: torch.Tensor, history: torch.Tensor, upto: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Mask items already in the history, as the publisher excludes them from slates.
+
+    ``logits [R, I]``; ``history [R, N]`` the history of each row's user (PAD < 0); ``upto [R]``:
+    row ``r`` masks the items in history columns ``< upto[r]`` (the items before the position it
+    predicts; ``N`` for the state after the whole history); ``target [R]`` is never masked (an
+    item engaged again). Out of place; O(R·N) index work, no ``[R, I]`` mask. -> ``[R, I]``.
+    """
+    n = history.shape[1]
+    cols = torch.arange(n, device=history.device).unsqueeze(0)
+    hit = (cols < upto.unsqueeze(1)) & (history >= 0) & (history != target.unsqueeze(1))
+    rows, k = hit.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return logits
+    fill = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    return logits.index_put((rows, history[rows, k].long()), fill)
+
+
+def mask_seen_sampled(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    rows_b: torch.Tensor,
+    upto: torch.Tensor,
+    neg_ids: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`mask_seen` for sampled-softmax logits ``[R, 1+S]`` (column 0 the positive).
+
+    ``history [B, N]``, ``rows_b [R]`` each row's history, ``upto [R]`` as in :func:`mask_seen`,
+    ``neg_ids [S]`` the shared negatives: a negative that row ``r``'s user has already seen
+    (history columns ``< upto[r]``) is masked. O(B·N·S) comparisons. -> ``[R, 1+S]``.
+    """
+    n = history.shape[1]
+    eq = history.unsqueeze(2) == neg_ids.view(1, 1, -1)  # [B, N, S]
+    cols = torch.arange(n, device=history.device).view(1, n, 1)
+    first = torch.where(eq, cols, n).amin(dim=1)  # [B, S]: first column holding it, or N
+    seen = first[rows_b] < upto.unsqueeze(1)  # [R, S]
+    seen = torch.cat([torch.zeros_like(seen[:, :1]), seen], dim=1)
+    return logits.masked_fill(seen, float("-inf"))
+
+
+def advantage(rewards: torch.Tensor, baseline: bool) -> torch.Tensor:
+    """``R − mean(R)`` over the batch (REINFORCE with a baseline), or ``R`` without.
+
+    With the baseline a reward below the batch's mean (an impression shown and ignored, reward
+    0) gets a negative advantage, so it moves probability *away* from that item; without it a
+    zero reward teaches nothing.
+    """
+    r = rewards.float()
+    return r - r.mean().detach() if baseline else r
+
+
+def advantage_loss(
+    log_pi_a: torch.Tensor, adv: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """REINFORCE with an advantage, bounded: ``−mean(w·(A⁺·log π(a) + A⁻·log(1 − π(a))))``.
+
+    ``A⁺ = max(A, 0)``, ``A⁻ = max(−A, 0)``. For a positive advantage this is the policy
+    gradient ``−A·log π``. For a negative one, ``+|A|·log π`` is unbounded below (an off-policy
+    sample keeps pushing log π towards −∞ however unlikely the item already is), so it takes
+    the unlikelihood form ``−|A|·log(1 − π)`` (Welleck et al., ICLR 2020): the same direction,
+    probability moved away from the ignored item, vanishing once π(a) is small.
+    ``log_pi_a, adv, weights [B]`` -> scalar; ``adv`` and ``weights`` are constants.
+    """
+    a = adv.detach().float()
+    w = weights.detach().float()
+    log_not = torch.log1p(-log_pi_a.exp().clamp(max=1.0 - 1e-6))
+    return -(w * (a.clamp(min=0) * log_pi_a + (-a).clamp(min=0) * log_not)).mean()
+
+
+def correction_weights(
+    pi: torch.Tensor, propensity: torch.Tensor, k: int, cap: float, enabled: bool
+) -> torch.Tensor:
+    """Top-K off-policy weight where the propensity was logged, 1 where it was not. ``[B]``.
+
+    Without a logged propensity there is no logging policy to correct for (organic behaviour,
+    e.g. MovieLens ratings): a behaviour-head estimate ``β̂`` trained on the same data as ``π``
+    gives ``π/β̂ ≈ 1`` plus noise, so such rows are weighted 1 (plain on-policy REINFORCE).
+    """
+    known = torch.isfinite(propensity)
+    if not enabled:
+        return torch.ones_like(pi, dtype=torch.float32)
+    w = topk_correction(pi, torch.where(known, propensity.float(), torch.ones_like(pi)), k, cap)
+    return torch.where(known, w, torch.ones_like(w))
 
 
 def cosine_hinge(

@@ -1,26 +1,35 @@
-"""Offline evaluation on MovieLens: chronological leave-one-out, full ranking, vs baselines.
+"""Offline evaluation on MovieLens: chronological leave-one-out, full ranking, recsys vs peers.
 
 Protocol: each user's ratings in time order (ties keep file order); the last is the test item,
 the second-last the validation item, the rest train (users with fewer than 3 ratings train
 only). Every catalogue item is ranked, the user's already-seen items excluded (train, and the
 validation item for the test ranking). Reported: HR@10, NDCG@10, HR@20, NDCG@20 on test (and
-validation), mean ± std over seeds.
+validation), mean ± std over seeds; the same on the users whose test item is *cold* (fewer than
+5 training interactions); for each ablation the paired per-user bootstrap 95% CI of its NDCG@10
+difference to the full model.
 
 Rewards: every rating is an interaction the user chose (a positive), weighted by how much the
 user liked it compared to their own average: ``R = clip(1 + 0.5·(rating − user mean), 0.1, 2)``
 (user mean over training ratings). So the history (positive items, recsys.history) is the user's
-rated items, and the policy gradient leans towards items rated above the user's mean.
+rated items, and the policy gradient (with its batch-mean baseline) leans towards items rated
+above the batch's mean. MovieLens logs no propensity, so the off-policy weight is 1 (see
+:func:`recsys.objectives.correction_weights`).
 
-Compared in one run: most-popular, item-kNN (cosine over the train interaction matrix, user
-score = sum of similarities to the user's items), the full model (top-K off-policy REINFORCE,
-β from the behaviour head since MovieLens logs no propensity, plus InfoNCE / CL4SRec contrastive
-terms), the same network trained with plain cross-entropy (no PG, no contrastive: the ablation),
-and a text-only variant (no id embeddings). Each network is trained through the public
-:class:`~recsys.learner.Learner` API: ``observe`` the training ratings in time order, then
-``step`` (500 steps of 256 samples, about 1.3 passes over the training ratings, so that the
-whole comparison, 9 trainings, fits in ~15 minutes on 2 CPU cores; two training processes of
-one thread each). Item vectors come from the packaged all-MiniLM-L6-v2 through the on-disk
-cache (about a minute to encode the 9,742 titles the first time).
+Compared in one run, on the same split, candidates and seen-item masking: recsys (kind
+``ours``), its ablations (``ablation``: the same network with cross-entropy instead of the policy
+gradient and the same contrastive term; without the contrastive term; without the text tower;
+without id embeddings) and the peers of :mod:`recsys.eval.peers` (``peer``: most-popular,
+item-kNN, EASE, implicit's ALS and BPR, SASRec with cross-entropy at every position).
+
+recsys is the shipped learner: ``ModelConfig`` defaults and the learner worker's
+``LearnerConfig`` (``LearnerConfig.from_settings`` of the default settings), trained through
+:meth:`~recsys.learner.Learner.step` on per-user sequence windows (each user's training
+sequence cut into non-overlapping windows of ``max_history + 1`` items, put in the replay
+buffer: every item is a prediction target once per epoch). Training runs whole epochs and
+stops early when validation NDCG@10 has not improved for ``patience`` epochs; the best epoch's
+weights are kept and the test set is read once, at the end. SASRec gets the same epochs and
+early stopping. Peers are tuned on validation over the grids in :mod:`recsys.eval.peers`;
+recsys and SASRec are not tuned beyond early stopping.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -44,16 +54,19 @@ import torch
 from recsys.data.movielens import MovieLens, load_movielens
 from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.text import TextEncoder
-from recsys.events import RewardRecord
+from recsys.eval import peers
 from recsys.history import pad_histories
 from recsys.learner.config import LearnerConfig
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
+from recsys.replay_buffer import Transitions
 
 log = logging.getLogger(__name__)
 
 KS = (10, 20)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("HR", "NDCG"))
+COLD_BELOW = 5  # a test item with fewer training interactions is cold
+Scorer = peers.Scorer
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,18 @@ class Split:
     val: list[int]  # per evaluated user
     test: list[int]
     num_items: int
+
+    def train_items(self) -> list[list[int]]:
+        """Training items of every user, the evaluated users first (in ``users`` order)."""
+        rest = [u for u in self.train if u not in set(self.users)]
+        return [[i for i, _, _ in self.train[u]] for u in [*self.users, *rest]]
+
+    def train_counts(self) -> np.ndarray:
+        counts = np.zeros(self.num_items, dtype=np.int64)
+        for seq in self.train.values():
+            for i, _, _ in seq:
+                counts[i] += 1
+        return counts
 
 
 def make_split(data: MovieLens, catalog: ItemCatalog, reward_scale: float = 0.5) -> Split:
@@ -91,20 +116,44 @@ def make_split(data: MovieLens, catalog: ItemCatalog, reward_scale: float = 0.5)
     return Split(users, train, val, test, len(catalog))
 
 
-def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, exclude: list[list[int]]) -> dict:
-    """Per-metric means over users. ``scores [U, I]``; excluded items never outrank the target."""
+# --- ranking ---------------------------------------------------------------------------------
+
+
+def target_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, exclude: list[list[int]]
+) -> np.ndarray:
+    """0-based rank of each user's target among the non-excluded items. ``scores [U, I]``;
+    excluded items never outrank the target; ties are broken in the target's favour (add a
+    random tie-break first, see :func:`evaluate`)."""
     scores = scores.clone().float()
     for u, items in enumerate(exclude):
         if items:
             scores[u, items] = float("-inf")
     tgt = scores.gather(1, targets.unsqueeze(1))
-    rank = (scores > tgt).sum(1).float()  # 0-based; ties broken in the target's favour
+    return (scores > tgt).sum(1).numpy()
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """HR@k and NDCG@k (k in :data:`KS`) means over users; NaN for no users."""
+    ranks = np.asarray(ranks, dtype=np.float64)
     out = {}
     for k in KS:
-        hit = rank < k
-        out[f"HR@{k}"] = hit.float().mean().item()
-        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(rank + 2.0), 0.0).mean().item()
+        hit = ranks < k
+        out[f"HR@{k}"] = float(hit.mean()) if len(ranks) else math.nan
+        gain = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+        out[f"NDCG@{k}"] = float(gain.mean()) if len(ranks) else math.nan
     return out
+
+
+def ndcg_at(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k from 0-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, exclude: list[list[int]]) -> dict:
+    """Per-metric means over users. ``scores [U, I]``; excluded items never outrank the target."""
+    return metrics_from_ranks(target_ranks(scores, targets, exclude))
 
 
 def _tiebreak(scores: torch.Tensor, seed: int) -> torch.Tensor:
@@ -112,77 +161,67 @@ def _tiebreak(scores: torch.Tensor, seed: int) -> torch.Tensor:
     return scores.double() + 1e-6 * torch.rand(scores.shape, generator=g, dtype=torch.float64)
 
 
-def evaluate(
-    score_fn: Callable[[list[list[int]]], torch.Tensor], split: Split, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of a scorer ``histories -> [U, I]``."""
+def eval_histories(split: Split, part: str) -> list[list[int]]:
+    """What each evaluated user's history is when ``part`` ('val' or 'test') is ranked."""
     train_items = [[i for i, _, _ in split.train[u]] for u in split.users]
-    res = {}
-    for name, targets, hist in (
-        ("val", split.val, train_items),
-        ("test", split.test, [[*h, v] for h, v in zip(train_items, split.val, strict=True)]),
-    ):
-        scores = _tiebreak(score_fn(hist), seed)
-        res[name] = rank_metrics(scores, torch.tensor(targets), hist)
-    return res
+    if part == "val":
+        return train_items
+    return [[*h, v] for h, v in zip(train_items, split.val, strict=True)]
 
 
-def popularity_scorer(split: Split) -> Callable[[list[list[int]]], torch.Tensor]:
-    counts = torch.zeros(split.num_items)
+def evaluate_part(scorer: Scorer, split: Split, part: str, seed: int = 0) -> np.ndarray:
+    """Ranks ``[U]`` of the ``part`` targets ('val' or 'test'), seen items excluded."""
+    hist = eval_histories(split, part)
+    scores = _tiebreak(scorer(range(len(split.users)), hist), seed)
+    targets = torch.tensor(split.val if part == "val" else split.test)
+    return target_ranks(scores, targets, hist)
+
+
+def evaluate(
+    score_fn: Scorer, split: Split, seed: int = 0, test_fn: Scorer | None = None
+) -> dict[str, Any]:
+    """Validation and test metrics (and per-user test ranks) of scorers ``(users, hists)``."""
+    val = evaluate_part(score_fn, split, "val", seed)
+    test = evaluate_part(test_fn or score_fn, split, "test", seed)
+    return {
+        "val": metrics_from_ranks(val),
+        "test": metrics_from_ranks(test),
+        "test_ranks": test.tolist(),
+    }
+
+
+# --- recsys: the shipped learner, trained on per-user sequence windows ------------------------
+
+
+def sequence_windows(split: Split, max_history: int) -> Transitions:
+    """Each user's training sequence as non-overlapping windows of ``max_history + 1`` items:
+    the history (left-padded) and its next item with that rating's reward; the last window
+    ends at the user's last training item."""
+    hists: list[list[int]] = []
+    items: list[int] = []
+    rewards: list[float] = []
+    n = max_history + 1
     for seq in split.train.values():
-        for i, _, _ in seq:
-            counts[i] += 1
-    return lambda hists: counts.unsqueeze(0).expand(len(hists), -1).clone()
+        end = len(seq)
+        while end > 0:
+            start = max(0, end - n)
+            w = seq[start:end]
+            hists.append([i for i, _, _ in w[:-1]])
+            items.append(w[-1][0])
+            rewards.append(w[-1][1])
+            end = start
+    h, _ = pad_histories(hists, max_history)
+    return Transitions(
+        history=h,
+        item=torch.tensor(items),
+        reward=torch.tensor(rewards, dtype=torch.float32),
+        propensity=torch.full((len(items),), math.nan),
+        position=torch.full((len(items),), -1),
+    )
 
 
-def item_knn_scorer(split: Split) -> Callable[[list[list[int]]], torch.Tensor]:
-    """Cosine item-item similarity on the binary train matrix; score = Σ sim to the history."""
-    users = list(split.train)
-    rows = [ui for ui, u in enumerate(users) for _ in split.train[u]]
-    cols = [i for u in users for i, _, _ in split.train[u]]
-    x = torch.zeros(len(users), split.num_items)
-    x[rows, cols] = 1.0
-    norms = x.sum(0).sqrt().clamp(min=1e-12)
-    sim = (x.T @ x) / norms.unsqueeze(0) / norms.unsqueeze(1)
-    sim.fill_diagonal_(0.0)
-
-    def score(hists: list[list[int]]) -> torch.Tensor:
-        h = torch.zeros(len(hists), split.num_items)
-        for b, items in enumerate(hists):
-            h[b, items] = 1.0
-        return h @ sim
-
-    return score
-
-
-def train_network(
-    split: Split,
-    catalog: ItemCatalog,
-    model_cfg: ModelConfig,
-    learner_cfg: LearnerConfig,
-    steps: int,
-    progress: Callable[[str], None] | None = None,
-) -> Learner:
-    """Train a Learner on the split's training ratings (observed in global time order)."""
-    learner = Learner(model_cfg, learner_cfg, catalog)
-    records = [
-        RewardRecord(f"{u}:{k}", u, catalog.ids[i], r, t, "organic")
-        for u, seq in split.train.items()
-        for k, (i, r, t) in enumerate(seq)
-    ]
-    records.sort(key=lambda rec: rec.ts)  # stable: per-user order kept
-    for start in range(0, len(records), 4096):
-        learner.observe(records[start : start + 4096])
-    t0 = time.time()
-    for s in range(steps):
-        out = learner.step()
-        if progress and out and (s + 1) % max(1, steps // 5) == 0:
-            progress(f"    step {s + 1}/{steps} loss {out['loss']:.3f} ({time.time() - t0:.0f}s)")
-    return learner
-
-
-def network_scorer(learner: Learner) -> Callable[[list[list[int]]], torch.Tensor]:
-    def score(hists: list[list[int]]) -> torch.Tensor:
+def network_scorer(learner: Learner) -> Scorer:
+    def score(users: Sequence[int], hists: Sequence[Sequence[int]]) -> torch.Tensor:
         n = learner.model_cfg.max_history
         out = []
         for start in range(0, len(hists), 512):
@@ -193,45 +232,202 @@ def network_scorer(learner: Learner) -> Callable[[list[list[int]]], torch.Tensor
     return score
 
 
+def early_stopping(
+    run_epoch: Callable[[], None],
+    val_ndcg: Callable[[], float],
+    get_state: Callable[[], Any],
+    set_state: Callable[[Any], None],
+    max_epochs: int,
+    patience: int,
+) -> tuple[int, list[float]]:
+    """Run epochs until validation NDCG@10 has not improved for ``patience`` epochs (or
+    ``max_epochs``); restore the best epoch's state -> (best epoch, 1-based; curve)."""
+    best, best_epoch, best_state, curve = -1.0, 0, get_state(), []
+    for epoch in range(1, max_epochs + 1):
+        run_epoch()
+        v = val_ndcg()
+        curve.append(v)
+        if v > best:
+            best, best_epoch, best_state = v, epoch, get_state()
+        elif epoch - best_epoch >= patience:
+            break
+    set_state(best_state)
+    return best_epoch, curve
+
+
+def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_network(
+    split: Split,
+    catalog: ItemCatalog,
+    model_cfg: ModelConfig,
+    learner_cfg: LearnerConfig,
+    max_epochs: int,
+    patience: int = 3,
+) -> tuple[Learner, dict[str, Any]]:
+    """Train a Learner on the split's per-user sequence windows with early stopping."""
+    learner = Learner(model_cfg, learner_cfg, catalog)
+    learner.sync_items()
+    windows = sequence_windows(split, model_cfg.max_history)
+    learner.buffer.add(windows)
+    steps = max(1, math.ceil(len(windows) / learner_cfg.batch_size))
+
+    def run_epoch() -> None:
+        for _ in range(steps):
+            learner.step()
+
+    def val_ndcg() -> float:
+        ranks = evaluate_part(network_scorer(learner), split, "val", learner_cfg.seed)
+        return float(ndcg_at(ranks).mean())
+
+    best, curve = early_stopping(
+        run_epoch,
+        val_ndcg,
+        lambda: _state_copy(learner.model),
+        learner.model.load_state_dict,
+        max_epochs,
+        patience,
+    )
+    return learner, {
+        "best_epoch": best,
+        "epochs": len(curve),
+        "steps_per_epoch": steps,
+        "val_curve": curve,
+    }
+
+
+def train_sasrec(
+    split: Split, model_cfg: ModelConfig, learner_cfg: LearnerConfig, max_epochs: int, patience: int
+) -> tuple[peers.SASRec, dict[str, Any]]:
+    """The SASRec peer with recsys's width, depth, history, batch, lr, negatives and epochs."""
+    rec = peers.SASRec(
+        split.num_items,
+        dim=model_cfg.dim,
+        max_len=model_cfg.max_history,
+        layers=model_cfg.num_layers,
+        heads=model_cfg.num_heads,
+        dropout=model_cfg.dropout,
+        lr=learner_cfg.lr,
+        batch_size=learner_cfg.batch_size,
+        num_negatives=learner_cfg.num_negatives,
+        seed=learner_cfg.seed,
+    )
+    chunks = peers.sequence_chunks(
+        [[i for i, _, _ in s] for s in split.train.values()], model_cfg.max_history + 1
+    )
+    steps = max(1, math.ceil(len(chunks) / learner_cfg.batch_size))
+
+    def run_epoch() -> None:
+        for _ in range(steps):
+            rec.step(chunks)
+
+    def val_ndcg() -> float:
+        ranks = evaluate_part(lambda u, h: rec.scores(h), split, "val", learner_cfg.seed)
+        return float(ndcg_at(ranks).mean())
+
+    best, curve = early_stopping(
+        run_epoch,
+        val_ndcg,
+        lambda: _state_copy(rec.net),
+        rec.net.load_state_dict,
+        max_epochs,
+        patience,
+    )
+    return rec, {
+        "best_epoch": best,
+        "epochs": len(curve),
+        "steps_per_epoch": steps,
+        "val_curve": curve,
+    }
+
+
+# --- what is compared ------------------------------------------------------------------------
+
+OURS = "recsys"
+SASREC = "SASRec (CE, every position)"
+
+
 def variants(
     model_cfg: ModelConfig, learner_cfg: LearnerConfig
-) -> dict[str, tuple[ModelConfig, LearnerConfig]]:
-    """The networks compared: full model, its cross-entropy ablation, text-only."""
+) -> dict[str, tuple[str, ModelConfig, LearnerConfig]]:
+    """The networks compared: the full model and one ablation per idea -> name: (kind, cfgs)."""
     return {
-        "full (PG+contrastive)": (model_cfg, learner_cfg),
-        "CE ablation": (model_cfg, replace(learner_cfg, objective="ce", contrastive="none")),
-        "text-only (no id emb)": (replace(model_cfg, use_id_embedding=False), learner_cfg),
+        OURS: ("ours", model_cfg, learner_cfg),
+        "CE + same contrastive (no PG)": (
+            "ablation",
+            model_cfg,
+            replace(learner_cfg, objective="ce"),
+        ),
+        "no contrastive": ("ablation", model_cfg, replace(learner_cfg, contrastive="none")),
+        "no text (id only)": ("ablation", replace(model_cfg, use_text=False), learner_cfg),
+        "no id (text only)": ("ablation", replace(model_cfg, use_id_embedding=False), learner_cfg),
     }
+
+
+def shipped_learner_config(device: str) -> LearnerConfig:
+    """The learner worker's configuration (its default settings), on ``device``."""
+    from recsys.config import LearnerSettings
+
+    from_settings = getattr(LearnerConfig, "from_settings", None)
+    if from_settings is not None:
+        cfg: LearnerConfig = from_settings(LearnerSettings())
+    else:  # pragma: no cover - older trees: the same fields the worker passes
+        s = LearnerSettings()
+        cfg = LearnerConfig(
+            batch_size=s.batch_size, lr=s.lr, alpha=s.alpha, topk=s.topk,
+            weight_cap=s.weight_cap, buffer_capacity=s.buffer_capacity,
+        )  # fmt: skip
+    return replace(cfg, device=device)
 
 
 def default_configs(
     num_items: int, text_dim: int, quick: bool, device: str
 ) -> tuple[ModelConfig, LearnerConfig, int]:
+    """``(ModelConfig, LearnerConfig, max epochs)``: the shipped defaults, sized to the data."""
+    from recsys.config import LearnerSettings
+
+    s = LearnerSettings()
     model_cfg = ModelConfig(
         text_dim=text_dim,
-        dim=64,
-        max_history=50,
+        dim=s.dim,
+        num_layers=s.layers,
+        max_history=s.max_history,
         item_capacity=max(num_items, 1),
-        adaptor_hidden=64,
-        num_layers=2,
-        num_heads=2,
-        dropout=0.1,
+        use_id_embedding=s.id_embeddings,
     )
-    learner_cfg = LearnerConfig(
-        batch_size=256,
-        lr=1e-3,
-        buffer_capacity=200_000,
-        recent_capacity=0,
-        recent_fraction=0.0,
-        softmax="full",
-        alpha=1.0,
-        augment_weight=0.1,
-        augment_rows=32,
-        augment_views=2,
-        device=device,
-    )
-    steps = 60 if quick else 500
-    return model_cfg, learner_cfg, steps
+    return model_cfg, shipped_learner_config(device), 2 if quick else 40
+
+
+def peer_models(seed: int = 0) -> dict[str, Any]:
+    return {
+        "most-popular": peers.MostPopular(),
+        "item-kNN (cosine)": peers.ItemKNN(),
+        "EASE": peers.EASE(),
+        "ALS (implicit)": peers.ImplicitMF("als", seed),
+        "BPR (implicit)": peers.ImplicitMF("bpr", seed),
+    }
+
+
+def fit_peer(model: Any, split: Split, seed: int = 0) -> dict[str, Any]:
+    """Tune ``model`` over its grid on validation, then rank the test items once."""
+    rows = split.train_items()
+    best: tuple[float, dict[str, Any], Any] | None = None
+    for params in model.grid:
+        scorer = model.fit(rows, split.num_items, **params)
+        v = float(ndcg_at(evaluate_part(scorer, split, "val", seed)).mean())
+        if best is None or v > best[0]:
+            best = (v, params, scorer)
+    assert best is not None
+    _, params, scorer = best
+    test_scorer = scorer
+    if isinstance(model, peers.ImplicitMF):  # a user vector needs refitting to see the val item
+        with_val = [[*r, v] for r, v in zip(rows, split.val, strict=False)] + rows[len(split.val) :]
+        test_scorer = model.fit(with_val, split.num_items, **params)
+    res = evaluate(scorer, split, seed, test_fn=test_scorer)
+    res["params"] = params
+    return res
 
 
 def _subset_quick(data: MovieLens, max_users: int = 40) -> MovieLens:
@@ -249,6 +445,9 @@ def _subset_quick(data: MovieLens, max_users: int = 40) -> MovieLens:
     )
 
 
+Job = tuple[str, str, ModelConfig, LearnerConfig, int, int]  # name, kind, cfgs, epochs, patience
+
+
 def run_offline(
     path: str | Path,
     quick: bool = False,
@@ -257,14 +456,18 @@ def run_offline(
     cache_dir: str | Path | None = None,
     model_path: str | Path | None = None,
     device: str = "cpu",
-    steps: int | None = None,
+    max_epochs: int | None = None,
+    patience: int = 3,
     workers: int | None = None,
     out: Callable[[str], None] = print,
+    batch_size: int | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """Run the whole comparison; prints a table and returns (and optionally writes) the figures.
 
     ``workers`` > 1 trains the networks in that many processes with one thread each (on a
-    2-core machine, two single-thread trainings beat one two-thread training).
+    2-core machine, two single-thread trainings beat one two-thread training); the peers are
+    fitted in this process meanwhile.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -286,60 +489,111 @@ def run_offline(
         f"cache {cache})"
     )
     split = make_split(data, catalog)
-    out(f"split: {len(split.users)} users evaluated, {split.num_items} items ranked")
-    model_cfg, learner_cfg, default_steps = default_configs(
+    counts = split.train_counts()
+    cold = np.array([counts[t] < COLD_BELOW for t in split.test])
+    out(
+        f"split: {len(split.users)} users evaluated, {split.num_items} items ranked, "
+        f"{int(cold.sum())} cold test items (< {COLD_BELOW} training interactions)"
+    )
+    model_cfg, learner_cfg, default_epochs = default_configs(
         len(catalog), catalog.dim, quick, device
     )
-    steps = default_steps if steps is None else steps
+    max_epochs = default_epochs if max_epochs is None else max_epochs
+    if batch_size is not None:
+        learner_cfg = replace(learner_cfg, batch_size=batch_size)
+    if lr is not None:
+        learner_cfg = replace(learner_cfg, lr=lr)
 
-    results: dict[str, list[dict[str, dict[str, float]]]] = {}
-    results["most-popular"] = [evaluate(popularity_scorer(split), split)]
-    results["item-kNN (cosine)"] = [evaluate(item_knn_scorer(split), split)]
-    jobs = [
-        (name, mcfg, replace(lcfg, seed=seed), steps)
-        for name, (mcfg, lcfg) in variants(model_cfg, learner_cfg).items()
-        for seed in range(seeds)
+    kinds: dict[str, str] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    jobs: list[Job] = []
+    for name, (kind, mcfg, lcfg) in variants(model_cfg, learner_cfg).items():
+        kinds[name] = kind
+        jobs += [
+            (name, kind, mcfg, replace(lcfg, seed=s), max_epochs, patience) for s in range(seeds)
+        ]
+    kinds[SASREC] = "peer"
+    jobs += [
+        (SASREC, "peer", model_cfg, replace(learner_cfg, seed=s), max_epochs, patience)
+        for s in range(seeds)
     ]
+    for name in kinds:
+        runs[name] = []
     if workers is None:
         workers = 1 if quick else min(2, os.cpu_count() or 1)
     workers = max(1, min(workers, len(jobs)))
-    out(f"training {len(jobs)} networks ({steps} steps each, {workers} worker(s))")
-    for name, _, _, _ in jobs:
-        results.setdefault(name, [])
-    if workers == 1:
-        for job in jobs:
+    out(
+        f"training {len(jobs)} networks (<= {max_epochs} epochs, patience {patience}, "
+        f"{workers} worker(s))"
+    )
+
+    def record(job: Job, res: dict[str, Any]) -> None:
+        runs[job[0]].append(res)
+        out(
+            f"  {job[0]} seed {job[3].seed}: {_fmt_one(res['test'])} "
+            f"(best epoch {res['info']['best_epoch']}/{res['info']['epochs']}, "
+            f"{res['seconds']:.0f}s; {time.time() - t_start:.0f}s elapsed)"
+        )
+
+    def fit_peers() -> None:
+        for name, model in peer_models().items():
             t1 = time.time()
-            name, res = _train_and_evaluate(split, catalog, *job)
-            results[name].append(res)
-            out(f"  {name} seed {job[2].seed}: {_fmt_one(res['test'])} ({time.time() - t1:.0f}s)")
+            res = fit_peer(model, split)
+            res["seconds"] = time.time() - t1
+            kinds[name] = "peer"
+            runs[name] = [res]
+            out(f"  {name} {res['params']}: {_fmt_one(res['test'])} ({res['seconds']:.0f}s)")
+
+    if workers == 1:
+        fit_peers()
+        for job in jobs:
+            record(job, _train_and_evaluate(split, catalog, *job))
     else:
         ctx = multiprocessing.get_context("spawn")
         state = (split, catalog.ids, np.ascontiguousarray(catalog.vectors))
         with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=state) as ex:
             futures = {ex.submit(_worker_job, *job): job for job in jobs}
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                fit_peers()
+            finally:
+                torch.set_num_threads(threads)
             for fut in as_completed(futures):
-                name, res = fut.result()
-                results[name].append(res)
-                job = futures[fut]
-                out(
-                    f"  {name} seed {job[2].seed}: {_fmt_one(res['test'])} "
-                    f"({time.time() - t_start:.0f}s elapsed)"
-                )
-    summary = _summarise(results)
+                record(futures[fut], fut.result())
+    summary = _summarise(runs, kinds, cold)
+    ablations = ablation_intervals(runs, kinds, seed=0)
     out("")
     out(format_table(summary))
+    out("")
+    out(format_ablations(ablations))
+    best_peer = max(
+        (n for n, r in summary.items() if r["kind"] == "peer"),
+        key=lambda n: summary[n]["test"]["NDCG@10"]["mean"],
+    )
+    ratio = summary[OURS]["test"]["NDCG@10"]["mean"] / max(
+        summary[best_peer]["test"]["NDCG@10"]["mean"], 1e-12
+    )
+    out(f"\nrecsys NDCG@10 / best peer ({best_peer}): {ratio:.3f}")
     report = {
         "dataset": str(path),
         "quick": quick,
         "seeds": seeds,
-        "steps": steps,
+        "max_epochs": max_epochs,
+        "patience": patience,
         "users": len(split.users),
         "items": split.num_items,
+        "cold_test_users": int(cold.sum()),
+        "cold_below": COLD_BELOW,
         "reward": "clip(1 + 0.5*(rating - user mean), 0.1, 2)",
         "model_config": model_cfg.to_dict(),
         "learner_config": learner_cfg.to_dict(),
         "seconds": round(time.time() - t_start, 1),
         "results": summary,
+        "ablations": ablations,
+        "best_peer": best_peer,
+        "ratio_to_best_peer": ratio,
+        "paired_vs_best_peer": paired_interval(runs[OURS], runs[best_peer], seed=0),
     }
     out(f"total {report['seconds']:.0f}s")
     if json_out:
@@ -351,12 +605,23 @@ def _train_and_evaluate(
     split: Split,
     catalog: ItemCatalog,
     name: str,
+    kind: str,
     model_cfg: ModelConfig,
     learner_cfg: LearnerConfig,
-    steps: int,
-) -> tuple[str, dict[str, dict[str, float]]]:
-    learner = train_network(split, catalog, model_cfg, learner_cfg, steps)
-    return name, evaluate(network_scorer(learner), split, learner_cfg.seed)
+    max_epochs: int,
+    patience: int,
+) -> dict[str, Any]:
+    t0 = time.time()
+    seed = learner_cfg.seed
+    if name == SASREC:
+        rec, info = train_sasrec(split, model_cfg, learner_cfg, max_epochs, patience)
+        res = evaluate(lambda u, h: rec.scores(h), split, seed)
+    else:
+        learner, info = train_network(split, catalog, model_cfg, learner_cfg, max_epochs, patience)
+        res = evaluate(network_scorer(learner), split, seed)
+    res["info"] = info
+    res["seconds"] = time.time() - t0
+    return res
 
 
 _WORKER: dict[str, Any] = {}
@@ -370,10 +635,22 @@ def _init_worker(split: Split, ids: list[str], vectors: np.ndarray) -> None:
 
 
 def _worker_job(
-    name: str, model_cfg: ModelConfig, learner_cfg: LearnerConfig, steps: int
-) -> tuple[str, dict[str, dict[str, float]]]:
+    name: str,
+    kind: str,
+    model_cfg: ModelConfig,
+    learner_cfg: LearnerConfig,
+    max_epochs: int,
+    patience: int,
+) -> dict[str, Any]:
     return _train_and_evaluate(
-        _WORKER["split"], _WORKER["catalog"], name, model_cfg, learner_cfg, steps
+        _WORKER["split"],
+        _WORKER["catalog"],
+        name,
+        kind,
+        model_cfg,
+        learner_cfg,
+        max_epochs,
+        patience,
     )
 
 
@@ -382,20 +659,62 @@ def _default_cache_dir() -> Path:
     return Path(base) / "recsys" / "item-vectors"
 
 
-def _summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str, Any]:
+# --- summaries and statistics ----------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def _summarise(
+    runs: dict[str, list[dict[str, Any]]], kinds: dict[str, str], cold: np.ndarray
+) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for name, runs in results.items():
-        summary[name] = {}
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        entry: dict[str, Any] = {"kind": kinds[name], "runs": len(rs)}
         for part in ("test", "val"):
-            summary[name][part] = {
-                m: {
-                    "mean": float(np.mean([r[part][m] for r in runs])),
-                    "std": float(np.std([r[part][m] for r in runs])),
-                }
-                for m in METRICS
-            }
-        summary[name]["runs"] = len(runs)
+            entry[part] = {m: _mean_std([r[part][m] for r in rs]) for m in METRICS}
+        cold_m = [metrics_from_ranks(np.asarray(r["test_ranks"])[cold]) for r in rs]
+        entry["cold"] = {m: _mean_std([c[m] for c in cold_m]) for m in METRICS}
+        if "info" in rs[0]:
+            entry["best_epochs"] = [r["info"]["best_epoch"] for r in rs]
+        if "params" in rs[0]:
+            entry["params"] = rs[0]["params"]
+        entry["seconds"] = [round(r.get("seconds", 0.0), 1) for r in rs]
+        summary[name] = entry
     return summary
+
+
+def paired_interval(
+    a: list[dict[str, Any]],
+    b: list[dict[str, Any]],
+    seed: int = 0,
+    resamples: int = 2000,
+    k: int = 10,
+) -> dict[str, float]:
+    """Paired per-user bootstrap of mean NDCG@k(a) − NDCG@k(b) (each user's NDCG averaged
+    over a model's seeds) -> ``{"diff", "lo", "hi"}`` (95% percentile interval)."""
+    na = np.mean([ndcg_at(np.asarray(r["test_ranks"]), k) for r in a], axis=0)
+    nb = np.mean([ndcg_at(np.asarray(r["test_ranks"]), k) for r in b], axis=0)
+    d = na - nb
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(resamples, len(d)))
+    boot = d[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def ablation_intervals(
+    runs: dict[str, list[dict[str, Any]]], kinds: dict[str, str], seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """recsys minus each ablation: paired per-user bootstrap CI of the NDCG@10 difference."""
+    return {
+        name: paired_interval(runs[OURS], rs, seed)
+        for name, rs in runs.items()
+        if kinds.get(name) == "ablation" and rs and runs.get(OURS)
+    }
 
 
 def _fmt_one(metrics: dict[str, float]) -> str:
@@ -403,13 +722,33 @@ def _fmt_one(metrics: dict[str, float]) -> str:
 
 
 def format_table(summary: dict[str, Any], part: str = "test") -> str:
-    head = f"{'model':<24}" + "".join(f"{m:>18}" for m in METRICS) + f"{'runs':>6}"
-    lines = [f"{part} (mean ± std over runs)", head, "-" * len(head)]
-    for name, res in summary.items():
-        cells = "".join(
-            f"{res[part][m]['mean']:>11.4f} ± {res[part][m]['std']:.3f}" for m in METRICS
+    cols = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+    head = (
+        f"{'model':<32}{'kind':<10}"
+        + "".join(f"{m:>17}" for m in cols)
+        + f"{'cold HR@10':>17}{'cold NDCG@10':>17}{'runs':>6}"
+    )
+    lines = [f"{part} (mean ± std over runs; cold: users whose test item is cold)", head]
+    lines.append("-" * len(head))
+    order = sorted(summary, key=lambda n: ("ours", "ablation", "peer").index(summary[n]["kind"]))
+    for name in order:
+        res = summary[name]
+        cells = "".join(f"{res[part][m]['mean']:>10.4f} ± {res[part][m]['std']:.3f}" for m in cols)
+        cold = "".join(
+            f"{res['cold'][m]['mean']:>10.4f} ± {res['cold'][m]['std']:.3f}"
+            for m in ("HR@10", "NDCG@10")
         )
-        lines.append(f"{name:<24}{cells}{res['runs']:>6}")
+        lines.append(f"{name:<32}{res['kind']:<10}{cells}{cold}{res['runs']:>6}")
+    return "\n".join(lines)
+
+
+def format_ablations(ablations: dict[str, dict[str, float]]) -> str:
+    lines = ["recsys minus ablation, test NDCG@10 (paired per-user bootstrap, 95% CI)"]
+    for name, ci in ablations.items():
+        verdict = "helps" if ci["lo"] > 0 else ("hurts" if ci["hi"] < 0 else "no clear effect")
+        lines.append(
+            f"  {name:<32} {ci['diff']:+.4f}  [{ci['lo']:+.4f}, {ci['hi']:+.4f}]  ({verdict})"
+        )
     return "\n".join(lines)
 
 
@@ -421,13 +760,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=datasets.path("ml-latest-small"),
         help="MovieLens folder (ml-latest, ml-1m or ml-100k; default: the packaged latest-small)",
     )
-    p.add_argument("--quick", action="store_true", help="a small user subset, few steps (tests)")
+    p.add_argument("--quick", action="store_true", help="a small user subset, 2 epochs (tests)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per network (>= 1)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
     p.add_argument("--cache-dir", default=None, help="item vector cache (default ~/.cache/recsys)")
     p.add_argument("--model-path", default=None, help="text encoder dir (default: packaged MiniLM)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--steps", type=int, default=None, help="gradient steps per network")
+    p.add_argument("--max-epochs", type=int, default=None, help="epoch cap (default 40; 2 quick)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better val NDCG@10")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="override the worker's batch size (all nets)"
+    )
+    p.add_argument("--lr", type=float, default=None, help="override the worker's learning rate")
     p.add_argument(
         "--workers",
         type=int,
@@ -445,8 +789,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         model_path=args.model_path,
         device=args.device,
-        steps=args.steps,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
         workers=args.workers,
+        batch_size=args.batch_size,
+        lr=args.lr,
     )
     return 0
 

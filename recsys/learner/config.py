@@ -46,13 +46,13 @@ class LearnerConfig:
     alpha: float = 1.0
     contrastive: Literal["infonce", "hinge", "none"] = "infonce"
     augment_views: int = 2
-    augment_rows: int = 256
+    augment_rows: int = 64
     normalize_weights: bool = True
     contrast_temperature: float = 0.1
     hinge_margin: float = 0.5
     softmax: Literal["auto", "full", "sampled"] = "auto"
-    sampled_above: int = 50_000
-    num_negatives: int = 2048
+    sampled_above: int = 4096
+    num_negatives: int = 1024
     behaviour_negatives: int = 2048
     buffer_capacity: int = 100_000
     recent_capacity: int | None = None

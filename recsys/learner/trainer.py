@@ -199,7 +199,14 @@ class Learner:
         positive = (rewards > 0).float()
         n_items = model.num_items
         sampled = self.use_sampled_softmax()
-        emb = None if sampled else model.item_embeddings()  # [I, d]
+        neg_ids = None
+        if sampled:
+            # uniform negatives shared by the batch; log-Q term log(S·q) = log(S / I)
+            num = cfg.num_negatives
+            neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
+            emb = self._needed_embeddings(torch.cat([hist.reshape(-1), actions, neg_ids]))
+        else:
+            emb = model.item_embeddings()  # [I, d]
         state, seq = model.user_states_all(hist, emb)  # [B, d], [B, N, d]
         seq_on = cfg.sequence_weight > 0
         if seq_on:
@@ -210,13 +217,10 @@ class Learner:
         rows_b = torch.cat([b_idx, torch.arange(bsz, device=hist.device)])
         queries = torch.cat([seq[b_idx, j_idx], state])  # [R, d], R = n_seq + B
         targets = torch.cat([hist[b_idx, j_idx], actions])
-        if sampled:
-            # uniform negatives shared by the batch; log-Q term log(S·q) = log(S / I)
-            num = cfg.num_negatives
-            neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
+        if neg_ids is not None:
+            num = len(neg_ids)
             neg_lq = torch.full((num,), math.log(num / n_items), device=self.device)
-            cand = model.item_embeddings(torch.cat([targets, neg_ids]))
-            pos_e, neg_e = cand[: len(targets)], cand[len(targets) :]
+            pos_e, neg_e = emb[targets], emb[neg_ids]
             logits = obj.sampled_softmax_logits(
                 queries,
                 pos_e,
@@ -227,9 +231,11 @@ class Learner:
                 neg_lq - model.item_biases(neg_ids),
                 model.cfg.temperature,
             )
+            if cfg.mask_history:
+                upto = torch.cat([j_idx, torch.full((bsz,), n, device=hist.device)])
+                logits = obj.mask_seen_sampled(logits, hist, rows_b, upto, neg_ids)
             ce = F.cross_entropy(logits.float(), torch.zeros_like(targets), reduction="none")
         else:
-            assert emb is not None
             logits = model.policy_logits(queries, emb, model.item_biases()).float()
             if cfg.mask_history:
                 upto = torch.cat([j_idx, torch.full((bsz,), n, device=hist.device)])
@@ -249,7 +255,7 @@ class Learner:
             if cfg.normalize_weights:
                 w = w / w_mean.clamp(min=1e-12)
             adv = obj.advantage(rewards, cfg.impression_baseline)
-            pg = -(w.detach() * adv * log_pi_a).mean()
+            pg = obj.advantage_loss(log_pi_a, adv, w)
         else:
             pg = -(log_pi_a * positive).sum() / positive.sum().clamp(min=1.0)
             w_mean = torch.ones((), device=self.device)
@@ -261,11 +267,15 @@ class Learner:
             if cfg.contrastive == "infonce":
                 contrast = self._view_nce(hist, actions, emb)
             else:
-                pos_e = emb[actions] if emb is not None else model.item_embeddings(actions)
+                pos_e = emb[actions]
                 contrast = obj.cosine_hinge(state, pos_e, pos_e.roll(1, 0), cfg.hinge_margin)
+        # Each softmax row weighs the same: the after-history row is one position among the
+        # history's (weighting the means 1:1 would give it ~N times a history position's weight
+        # and overfit the windows' last items).
+        f_seq = n_seq / (n_seq + bsz)
         loss = (
-            cfg.sequence_weight * seq_loss
-            + cfg.pg_weight * pg
+            cfg.sequence_weight * f_seq * seq_loss
+            + cfg.pg_weight * (1.0 - f_seq) * pg
             + cfg.alpha * contrast
             + cfg.behaviour_weight * behaviour
         )
@@ -278,20 +288,26 @@ class Learner:
             "weight_mean": w_mean,
         }
 
+    def _needed_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[I, d]`` item embeddings with only the rows of ``ids`` computed (zeros elsewhere):
+        with a sampled softmax a step needs the batch's items and the negatives, not all."""
+        uniq = ids[ids >= 0].unique()
+        rows = self.model.item_embeddings(uniq)
+        full = rows.new_zeros((self.model.num_items, rows.shape[-1]))
+        return full.index_put((uniq,), rows)
+
     def _behaviour_loss(
-        self, state: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor | None
+        self, state: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor
     ) -> torch.Tensor:
         """The behaviour head's own cross-entropy on the logged items (gradient stopped into
         the state and items): exact up to ``behaviour_negatives`` items, sampled above."""
         model, n_items = self.model, self.model.num_items
-        if emb is not None and n_items <= self.cfg.behaviour_negatives:
+        if not self.use_sampled_softmax() and n_items <= self.cfg.behaviour_negatives:
             return obj.behaviour_loss(model.behaviour_logits(state, emb), actions)
         num = self.cfg.behaviour_negatives
         neg_ids, _ = obj.sample_negatives(n_items, num, self.generator, device=self.device)
         neg_lq = torch.full((num,), math.log(num / n_items), device=self.device)
-        vecs = emb if emb is not None else None
-        pos_e = vecs[actions] if vecs is not None else model.item_embeddings(actions)
-        neg_e = vecs[neg_ids] if vecs is not None else model.item_embeddings(neg_ids)
+        pos_e, neg_e = model.item_embeddings(actions), model.item_embeddings(neg_ids)
         zero_lq = torch.zeros(len(actions), device=self.device)
         logits = model.behaviour_sampled_logits(
             state, pos_e, neg_e, actions, neg_ids, zero_lq, neg_lq
@@ -299,7 +315,7 @@ class Learner:
         return obj.behaviour_loss(logits, torch.zeros_like(actions))
 
     def _view_nce(
-        self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor | None
+        self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor
     ) -> torch.Tensor:
         """InfoNCE (cosine / ``contrast_temperature``) between two views of each history.
 

@@ -121,7 +121,10 @@ def test_steps_learn_a_predictable_sequence() -> None:
         {"softmax": "sampled", "num_negatives": 16},
         {"contrastive": "hinge"},
         {"objective": "ce", "contrastive": "none"},
-        {"augment_views": 1, "contrast_all_positions": False},
+        {"augment_views": 1},
+        {"mask_history": False, "behaviour_weight": 1.0},
+        {"impression_baseline": False, "off_policy_correction": False},
+        {"sequence_weight": 0.0},
     ],
 )
 def test_variants_take_finite_steps(kw: dict[str, object]) -> None:
@@ -209,3 +212,36 @@ def test_sampled_behaviour_estimate_matches_exact_softmax() -> None:
         est_a = torch.softmax(est, -1)[:, 0]
     ratio = est_a / exact_a
     assert (ratio - 1).abs().mean() < 0.15
+
+
+def _ctr_ratio(baseline: bool) -> float:
+    """π(b) / π(a) where a and b were clicked equally often but a was shown 4x as often."""
+    lr = _learner(impression_baseline=baseline, contrastive="none", sequence_weight=0.0)
+    recs = []
+    for rep in range(8):  # each impression a different new user: the same (empty) context
+        for item, shown, clicked in (("a", 8, 2), ("b", 2, 2)):
+            for k in range(shown):
+                user = f"u{rep}-{item}-{k}"
+                recs.append(_rec(len(recs), user, item, len(recs), reward=float(k < clicked)))
+    lr.observe(recs)
+    for _ in range(80):
+        lr.step()
+    scores = lr.scores([[]])[0]
+    return math.exp(float(scores[lr.catalog.index["b"]] - scores[lr.catalog.index["a"]]))
+
+
+def test_ignored_impressions_lose_probability_only_with_the_baseline() -> None:
+    with_baseline, without = _ctr_ratio(True), _ctr_ratio(False)
+    # without a baseline a zero reward has no gradient: equal clicks, about equal probability;
+    # with it the six ignored impressions of a move probability to b (higher click rate)
+    assert 0.5 < without < 2.0
+    assert with_baseline > 2 * without
+
+
+def test_retired_fields_of_old_checkpoints_are_dropped() -> None:
+    old = {**LearnerConfig().to_dict(), "augment_weight": 0.1, "contrast_all_positions": True}
+    assert LearnerConfig.from_dict(old) == LearnerConfig()
+    with pytest.raises(ConfigError, match="unknown"):
+        LearnerConfig.from_dict({"not_a_field": 1})
+    with pytest.raises(ConfigError, match=r"LearnerConfig\.impression_baseline"):
+        LearnerConfig(impression_baseline=1)  # type: ignore[arg-type]

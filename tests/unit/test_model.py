@@ -38,14 +38,17 @@ def test_shapes_and_empty_history(encoder: Any) -> None:
     logits = net(items)
     assert logits.shape == (3, 10)
     assert torch.isfinite(logits).all()
-    assert net.item_vectors().shape == (10, 16)
-    assert net.item_vectors(torch.tensor([[1, 2]])).shape == (1, 2, 16)
+    # scoring space: [embedding, T·bias] and [state, 1]
+    assert net.item_vectors().shape == (10, 17)
+    assert net.item_vectors(torch.tensor([[1, 2]])).shape == (1, 2, 17)
     last, seq = net.user_states_all(items)
     assert last.shape == (3, 16)
     assert seq.shape == (3, 6, 16)
     # a new user (empty history) is served from the begin token, the same for everyone
     a = net.user_state(pad_histories([[]], 6)[0])
-    torch.testing.assert_close(a, last[:1])
+    assert a.shape == (1, 17)
+    assert a[0, -1] == 1.0
+    torch.testing.assert_close(a[:, :16], last[:1])
 
 
 @pytest.mark.parametrize("encoder", ["transformer", "gru"])
@@ -95,6 +98,40 @@ def test_temperature_scales_logits() -> None:
     cold = _net(temperature=1.0)
     items, _ = pad_histories([[1, 2]], 6)
     torch.testing.assert_close(hot(items) * 2.0, cold(items))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_item_bias_is_in_the_serving_scores(temperature: float) -> None:
+    """Serving ranks with user_state @ item_vectors.T / T: that must equal the training logits,
+    bias included (what the publisher loads is what the learner trained)."""
+    net = _net(temperature=temperature)
+    with torch.no_grad():
+        net.item_bias.copy_(torch.linspace(-2.0, 2.0, net.item_bias.shape[0]))
+    net.eval()
+    items, _ = pad_histories([[1, 2], [3]], 6)
+    emb = net.item_embeddings()
+    state, _ = net.user_states_all(items, emb)
+    train = net.policy_logits(state, emb, net.item_biases())
+    vecs = net.item_vectors()
+    served = net.user_state(items, vecs) @ vecs.T / temperature
+    torch.testing.assert_close(served, train, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(items), train, atol=1e-5, rtol=1e-5)
+    without = net.policy_logits(state, emb, torch.zeros(10))
+    assert not torch.allclose(train, without)  # the bias does move the scores
+    off = _net(item_bias=False)
+    with torch.no_grad():
+        off.item_bias.fill_(3.0)
+    assert off.item_vectors()[:, -1].abs().sum() == 0  # switched off: no effect
+
+
+def test_checkpoint_without_item_bias_loads_with_zero_bias() -> None:
+    net = _net()
+    state = {k: v for k, v in net.state_dict().items() if k != "item_bias"}
+    fresh = _net()
+    with torch.no_grad():
+        fresh.item_bias.fill_(1.0)
+    fresh.load_state_dict(state)
+    assert fresh.item_bias.abs().sum() == 0
 
 
 def test_text_only_and_id_only_variants() -> None:
@@ -150,6 +187,6 @@ def test_serving_state_equals_the_training_path(layers: int) -> None:
     items, _ = pad_histories([[], [2], [1, 2, 3], [4, MASK, 6, 7, 8, 9], [5, 5, 5, 5]], 6)
     served = net.user_state(items)
     last, _ = net.user_states_all(items)
-    torch.testing.assert_close(served, last, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served[:, :-1], last, atol=1e-5, rtol=1e-5)
     net.train()  # dropout is 0: the training path must agree too
     torch.testing.assert_close(net.user_state(items), served, atol=1e-5, rtol=1e-5)

@@ -206,3 +206,93 @@ def test_full_softmax_gradient_matches_autograd_of_formula() -> None:
     onehot = F.one_hot(actions, 7).float()
     manual = -(w * rewards).unsqueeze(1) * (onehot - p) / 4
     torch.testing.assert_close(logits.grad, manual)
+
+
+def test_mask_seen_masks_earlier_history_items_but_never_the_target() -> None:
+    from recsys.objectives import mask_seen
+
+    logits = torch.zeros(3, 6)
+    history = torch.tensor([[-1, 2, 4, 5], [-1, 2, 4, 5], [1, 3, 1, 0]])
+    upto = torch.tensor([2, 4, 4])  # row 0 predicts column 2: only item 2 was seen before
+    target = torch.tensor([4, 0, 1])  # row 2 engages item 1 again: not masked
+    out = mask_seen(logits, history, upto, target)
+    inf = float("-inf")
+    assert out[0].tolist() == [0, 0, inf, 0, 0, 0]
+    assert out[1].tolist() == [0, 0, inf, 0, inf, inf]
+    assert out[2].tolist() == [inf, 0, 0, inf, 0, 0]
+    assert logits.eq(0).all()  # out of place
+
+
+def test_mask_seen_sampled_agrees_with_the_full_mask() -> None:
+    from recsys.objectives import mask_seen, mask_seen_sampled
+
+    torch.manual_seed(0)
+    history = torch.randint(0, 12, (4, 5))
+    history[0, :2] = -1
+    rows_b = torch.tensor([0, 1, 2, 3, 3])
+    upto = torch.tensor([5, 3, 0, 2, 5])
+    neg = torch.arange(12)
+    target = torch.full((5,), 99)  # a target outside the negatives
+    full = mask_seen(torch.zeros(5, 12), history[rows_b], upto, target)
+    sampled = mask_seen_sampled(torch.zeros(5, 13), history, rows_b, upto, neg)
+    assert torch.equal(sampled[:, 1:].isinf(), full.isinf())
+    assert not sampled[:, 0].isinf().any()  # the positive column is never masked
+
+
+def test_advantage_loss_moves_probability_away_from_ignored_items() -> None:
+    from recsys.objectives import advantage, advantage_loss
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    adv = advantage(rewards, baseline=True)
+    assert adv.tolist() == [0.75, -0.25, -0.25, -0.25]
+    assert advantage(rewards, baseline=False).tolist() == rewards.tolist()
+    logits = torch.zeros(4, 5, requires_grad=True)
+    actions = torch.tensor([0, 1, 2, 3])
+    log_pi = torch.log_softmax(logits, -1).gather(1, actions.unsqueeze(1)).squeeze(1)
+    advantage_loss(log_pi, adv, torch.ones(4)).backward()
+    assert logits.grad is not None
+    assert logits.grad[0, 0] < 0  # clicked: its logit goes up (gradient descent)
+    for b in (1, 2, 3):
+        assert logits.grad[b, b] > 0  # shown and ignored: its logit goes down
+    # bounded: a negative-advantage row's loss cannot go below 0 however unlikely the item
+    tiny = torch.tensor([-30.0])
+    assert advantage_loss(tiny, torch.tensor([-1.0]), torch.ones(1)).item() >= 0.0
+    # without a baseline a zero reward has no gradient at all
+    logits.grad = None
+    log_pi = torch.log_softmax(logits, -1).gather(1, actions.unsqueeze(1)).squeeze(1)
+    advantage_loss(log_pi, advantage(rewards, baseline=False), torch.ones(4)).backward()
+    assert logits.grad[1:].abs().sum() == 0
+
+
+def test_correction_weights_only_where_the_propensity_was_logged() -> None:
+    from recsys.objectives import correction_weights
+
+    pi = torch.tensor([0.2, 0.2, 0.5])
+    prop = torch.tensor([0.1, float("nan"), 0.5])
+    w = correction_weights(pi, prop, k=1, cap=10.0, enabled=True)
+    assert w.tolist() == pytest.approx([2.0, 1.0, 1.0])
+    off = correction_weights(pi, prop, k=1, cap=10.0, enabled=False)
+    assert off.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_nt_xent_false_negative_mask_removes_those_negatives() -> None:
+    from recsys.objectives import false_negative_pairs, nt_xent
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    same = false_negative_pairs(torch.tensor([7, 7, 3, 4]))
+    assert same.tolist()[0] == [True, True, False, False]
+    masked = nt_xent(z1, z2, 0.5, same)
+    # by hand: rows 0 and 1 do not see each other's views as negatives
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=-1)
+    logits = z @ z.T / 0.5
+    block = torch.eye(8, dtype=torch.bool)
+    for a, b in ((0, 1), (1, 0)):
+        for da in (0, 4):
+            for db in (0, 4):
+                block[a + da, b + db] = True
+    logits = logits.masked_fill(block, float("-inf"))
+    target = torch.arange(8).roll(4)
+    want = torch.nn.functional.cross_entropy(logits, target)
+    assert masked.item() == pytest.approx(want.item(), rel=1e-5)
+    assert masked.item() != pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-3)

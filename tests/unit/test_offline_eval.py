@@ -64,19 +64,50 @@ def test_rank_metrics_by_hand() -> None:
     assert tiny["HR@20"] == 0.0  # an excluded target is never a hit
 
 
-def test_baselines_on_a_tiny_case() -> None:
-    rows = [(u, it, 4.0, 10 * u + k) for u in range(1, 5) for k, it in enumerate([1, 2, 3, 4])]
-    rows += [(5, 1, 4.0, 100), (5, 9, 4.0, 101), (5, 2, 4.0, 102), (5, 3, 4.0, 103)]
+def test_windows_cover_every_training_item_once() -> None:
+    rows = [(1, it, 4.0, k) for k, it in enumerate(range(10, 17))]  # 7 ratings: 5 train
+    rows += [(2, 20, 3.0, 1), (2, 21, 5.0, 2)]  # train only
     cat = ItemCatalog(dim=4)
     split = offline.make_split(_data(rows), cat)
-    pop = offline.popularity_scorer(split)([[0]])
-    assert pop[0, cat.index["1"]] == 5
-    assert pop[0, cat.index["9"]] == 1
-    knn = offline.item_knn_scorer(split)
-    s = knn([[cat.index["1"]]])[0]
-    # item 2 always co-occurs with item 1 in training: maximal cosine, above item 9
-    assert s[cat.index["2"]] > s[cat.index["9"]] > 0
-    assert s[cat.index["1"]] == 0  # no self-similarity
+    w = offline.sequence_windows(split, max_history=2)
+    seen = sorted([x for row in w.history.tolist() for x in row if x >= 0] + w.item.tolist())
+    train = sorted(i for seq in split.train.values() for i, _, _ in seq)
+    assert seen == train
+    i = cat.index
+    # user 1's last window ends at its last training item: history [12, 13] -> 14
+    assert [i["12"], i["13"]] in w.history.tolist()
+    assert i["14"] in w.item.tolist()
+    assert bool(w.propensity.isnan().all())  # MovieLens logs no propensity
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    curve = iter([0.1, 0.3, 0.2, 0.25, 0.29, 0.5])
+    state = {"epoch": 0}
+    kept: list[int] = []
+    best, seen = offline.early_stopping(
+        lambda: state.update(epoch=state["epoch"] + 1),
+        lambda: next(curve),
+        lambda: state["epoch"],
+        kept.append,
+        max_epochs=10,
+        patience=3,
+    )
+    assert best == 2  # 0.3 at epoch 2; epochs 3-5 did not beat it
+    assert seen == [0.1, 0.3, 0.2, 0.25, 0.29]  # stopped before the 0.5
+    assert kept == [2]
+
+
+def test_paired_interval_detects_a_real_difference() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 40, size=400)
+    better = np.maximum(base - 5, 0)  # every user's target ranked 5 places higher
+    a = [{"test_ranks": better.tolist()}]
+    b = [{"test_ranks": base.tolist()}]
+    ci = offline.paired_interval(a, b)
+    assert ci["lo"] > 0
+    same = offline.paired_interval(b, b)
+    assert same["diff"] == 0.0
+    assert same["lo"] == 0.0 == same["hi"]
 
 
 @pytest.mark.slow
@@ -86,28 +117,40 @@ def test_quick_run_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     lines: list[str] = []
     report = offline.run_offline(
         data_dir / "ml-latest-small", quick=True, seeds=2, json_out=out,
-        cache_dir=tmp_path / "cache", model_path=model, steps=15, out=lines.append,
+        cache_dir=tmp_path / "cache", model_path=model, max_epochs=1, out=lines.append,
     )  # fmt: skip
     assert json.loads(out.read_text()) == report
-    names = set(report["results"])
-    assert names == {
-        "most-popular", "item-kNN (cosine)", "full (PG+contrastive)", "CE ablation",
-        "text-only (no id emb)",
-    }  # fmt: skip
+    kinds = {name: res["kind"] for name, res in report["results"].items()}
+    assert kinds == {
+        "recsys": "ours",
+        "CE + same contrastive (no PG)": "ablation",
+        "no contrastive": "ablation",
+        "no text (id only)": "ablation",
+        "no id (text only)": "ablation",
+        "SASRec (CE, every position)": "peer",
+        "most-popular": "peer",
+        "item-kNN (cosine)": "peer",
+        "EASE": "peer",
+        "ALS (implicit)": "peer",
+        "BPR (implicit)": "peer",
+    }
     for name, res in report["results"].items():
-        assert res["runs"] == (1 if name in ("most-popular", "item-kNN (cosine)") else 2)
+        assert res["runs"] == (1 if "params" in res else 2), name
         for part in ("test", "val"):
             for metric in offline.METRICS:
                 assert 0.0 <= res[part][metric]["mean"] <= 1.0
                 assert res[part][metric]["std"] >= 0.0
+    assert set(report["ablations"]) == {n for n, k in kinds.items() if k == "ablation"}
+    for ci in report["ablations"].values():
+        assert ci["lo"] <= ci["diff"] <= ci["hi"]
     table = "\n".join(lines)
-    assert "HR@10" in table
     assert "NDCG@20" in table
-    assert "CE ablation" in table
+    assert "EASE" in table
+    assert "paired per-user bootstrap" in table
     # the second run reads every item vector from the cache
     report2 = offline.run_offline(
         data_dir / "ml-latest-small", quick=True, seeds=1, cache_dir=tmp_path / "cache",
-        model_path=model, steps=2, out=lines.append,
+        model_path=model, max_epochs=1, out=lines.append,
     )  # fmt: skip
     assert report2["results"]["most-popular"] == report["results"]["most-popular"]
 
