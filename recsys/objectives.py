@@ -1,17 +1,26 @@
-"""Objectives: off-policy top-K REINFORCE, sampled softmax, contrastive terms, augmentations.
+"""Objectives: off-policy top-K REINFORCE with a baseline, sampled softmax, contrastive terms,
+the allowed-set masks, augmentations.
 
-The learner minimises (DESIGN.md, "The learning problem")::
+The learner (see :mod:`recsys.learner.trainer` for how they combine) uses:
 
-    L(θ) = −(1/B) Σ_b w_b · R_b · log π_θ(a_b | u_b)  +  α · L_contrast(θ)  (+ behaviour CE)
+- :func:`mask_seen` / :func:`mask_seen_sampled`: π over the allowed set (history items masked,
+  as in serving), so that π and a logged propensity β are over the same items.
+- :func:`advantage`, :func:`advantage_loss`: REINFORCE with a batch-mean baseline, bounded for
+  negative advantages, so impressions with reward 0 teach something.
+- :func:`correction_weights`: the correction of Chen et al. (WSDM 2019), detached::
 
-with the correction weight of Chen et al. (WSDM 2019), detached from the graph::
+      w = min(π/β, c) · K · (1 − π)^(K−1)
 
-    w = min(π/β, c) · K · (1 − π)^(K−1)
+  where β was logged, 1 where it was not. What it can and cannot do: with a logged β it
+  reweights samples drawn by an older policy towards the current one; without one (organic
+  feedback such as MovieLens ratings) there is no logging policy to correct for, and a behaviour
+  head trained on the same data as π only estimates β̂ ≈ π, so π/β̂ is 1 plus noise.
+- :func:`nt_xent` with :func:`false_negative_pairs`: InfoNCE on cosine similarity between two
+  views, false negatives masked.
 
-where ``π = π_θ(a|u)`` and ``β`` the logging policy's probability of ``a`` (the logged propensity,
-or the behaviour head's estimate). Losses are means over the batch, so a learning rate does not
-depend on the batch size. Shapes: ``B`` batch, ``I`` items, ``S`` sampled negatives, ``d`` width,
-``N`` history length. Histories are left-padded ``[B, N]`` LongTensors (see :mod:`recsys.history`).
+Losses are means over rows, so a learning rate does not depend on the batch size. Shapes: ``B``
+batch, ``I`` items, ``S`` sampled negatives, ``d`` width, ``N`` history length. Histories are
+left-padded ``[B, N]`` LongTensors (see :mod:`recsys.history`).
 """
 
 from __future__ import annotations

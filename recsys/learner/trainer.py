@@ -7,25 +7,36 @@ Typical use (the learner worker wraps exactly this around a consumer)::
     metrics = learner.step()          # one gradient step, or None while the buffer is empty
     learner.save_checkpoint(dir, offsets={"recsys.rewards:0": 1234})
 
-Each step minimises ``pg_weight·L_PG + α·L_contrast + behaviour_weight·L_β`` (see
-:mod:`recsys.objectives`):
+Each step minimises ``f·sequence_weight·L_seq + (1−f)·pg_weight·L_PG + α·L_contrast
+(+ behaviour_weight·L_β)`` (see :mod:`recsys.objectives`), ``f`` the share of softmax rows that
+are history positions (so every row weighs the same). All softmaxes are over the **allowed set**
+when ``mask_history`` (the items the user has already engaged are masked, as the publisher
+excludes them from slates), with the policy logits ``s·v/T + b`` (item bias ``b``); full softmax,
+or above ``sampled_above`` items a sampled softmax over ``num_negatives`` shared uniform
+negatives with the log-Q correction (seen negatives masked too):
 
-- ``L_PG``: off-policy top-K REINFORCE, ``−mean(w·R·log π(a|u))`` with
-  ``w = min(π/β, weight_cap)·K(1−π)^(K−1)`` (detached; divided by its batch mean when
-  ``normalize_weights``), β the logged propensity or, when unknown, the behaviour head's estimate.
-  Full softmax, or sampled softmax with log-Q correction above ``sampled_above`` items.
-- ``L_contrast`` (``contrastive="infonce"``): InfoNCE between user state and next positive item
-  with in-batch negatives (the batch's logged items, log-Q corrected), taken at the state after
-  the history and, with ``contrast_all_positions``, at every causal position inside it (the
-  history items are positives by definition), plus ``augment_weight`` × NT-Xent between two
-  CL4SRec augmentations (crop / mask / reorder) of ``augment_rows`` histories.
-  ``contrastive="hinge"`` uses the seed's cosine hinge instead of the InfoNCE term.
-- ``L_β``: the behaviour head's own cross-entropy on the logged items (exact softmax up to
-  ``behaviour_negatives`` items, sampled above), its gradient stopped into the state.
+- ``L_seq``: cross-entropy at every real position of every history: the causal state before
+  position ``j`` predicts the item at ``j`` (SASRec's objective; the history holds positives).
+- ``L_PG``: the logged item at the state after the history: REINFORCE with advantage
+  ``A = R − mean_batch(R)`` (``impression_baseline``; an impression shown and ignored, R = 0,
+  moves probability away from its item) in the bounded form of
+  :func:`recsys.objectives.advantage_loss`, weighted by the top-K off-policy correction
+  ``min(π/β, weight_cap)·K(1−π)^(K−1)`` where a propensity β was logged
+  (``off_policy_correction``; π over the same allowed set as β) and 1 where it was not (organic
+  feedback has no logging policy to correct for). Weights are divided by their batch mean
+  (``normalize_weights``). ``objective="ce"`` uses plain cross-entropy on the positive logged
+  items instead.
+- ``L_contrast`` (``contrastive="infonce"``): InfoNCE on cosine similarity over
+  ``contrast_temperature`` between two views of each of the first ``augment_rows`` histories
+  (two CL4SRec augmentations with ``augment_views=2``; dropout views with 1), rows with the same
+  next item or the same last item masked as false negatives. ``"hinge"``: the seed's cosine
+  hinge.
+- ``L_β`` (``behaviour_weight`` > 0; off by default): the behaviour head's own cross-entropy,
+  gradient stopped into the state; a diagnostic estimate of the logging policy, not used by
+  ``L_PG``.
 
-``objective="ce"`` swaps the policy gradient for plain cross-entropy on positive samples (the
-ablation of the offline evaluation). Steps run under bf16 autocast on CUDA (``amp``); a
-non-finite loss or gradient skips the update and is counted.
+Steps run under bf16 autocast on CUDA (``amp``); a non-finite loss or gradient skips the update
+and is counted.
 """
 
 from __future__ import annotations
