@@ -21,7 +21,13 @@ T = late retention):
   - otherwise F is **late** (after the window, or arrived after the window closed): counted in
     ``late`` and, by ``late_rule``, emitted as ``organic`` or dropped.
 
-- **The clock** of the partition is the largest ``ts`` seen in it. I's window closes when the
+- An impression that arrives when the clock is already past ``I.ts + W + L + T`` (later than
+  anything still remembered: e.g. a re-send of an impression that was joined and forgotten) gets
+  no outcome at all, counted in ``late_impressions``: a second outcome could contradict the first.
+
+- **The clock** of the partition is the largest ``ts`` seen in it (each event's capped by its
+  ``clock_cap``, the worker's Kafka record timestamp, so a client stamping events ahead cannot
+  close other users' windows early). I's window closes when the
   clock reaches ``I.ts + W + L``; an impression that got no ``joined`` record by then emits
   one ``default`` record (reward 0). So every impression ends with exactly one outcome: one or
   more ``joined`` records, or one ``default`` record, never both. I is remembered for T more
@@ -248,6 +254,7 @@ class RewardJoin:
         self._reported_offset: int | None = None  # _next_offset at the last changes()
         self.duplicates = 0
         self.late = 0
+        self.late_impressions = 0
         self.forced_closes = 0
 
     @classmethod
@@ -296,11 +303,15 @@ class RewardJoin:
         return self._next_offset
 
     # -- the one-event API -----------------------------------------------------------------------
-    def update(self, event: Event, offset: int | None = None) -> list[RewardRecord]:
+    def update(
+        self, event: Event, offset: int | None = None, clock_cap: int | None = None
+    ) -> list[RewardRecord]:
         """Take one event (at ``offset`` in the partition; default: the next one).
 
         Returns the records it makes final: its own joined/organic record, and the defaults of
-        the windows its ``ts`` closed. Offsets must increase.
+        the windows its ``ts`` closed. Offsets must increase. ``clock_cap`` (e.g. the Kafka
+        record's timestamp) bounds how far this event may move the clock: an event stamped
+        minutes ahead by a skewed client then cannot close everyone else's windows early.
         """
         if offset is None:
             offset = 0 if self._next_offset is None else self._next_offset
@@ -317,8 +328,9 @@ class RewardJoin:
             self._duplicate(imp.offset, offset)
             return out
         ts = event.ts
-        if clock is None or ts > clock:
-            self._clock = clock = ts
+        t = ts if clock_cap is None or ts <= clock_cap else clock_cap
+        if clock is None or t > clock:
+            self._clock = clock = t
             self._clock_offset = offset
             self._advance(clock, out)
         self._remember(eid, ts + self.dedupe_horizon_ms, offset)
@@ -547,6 +559,13 @@ class RewardJoin:
                 del seen[eid]
 
     def _open_window(self, event: Event, offset: int, clock: int, out: list[RewardRecord]) -> None:
+        if event.ts + self.window_ms + self.allowed_lateness_ms + self.late_retention_ms <= clock:
+            # Older than any impression still remembered: it may be a re-send of one that had
+            # its outcome (joined, or a default) and was forgotten; a second outcome would
+            # contradict the first, so it gets none (counted in late_impressions).
+            self.late_impressions += 1
+            self._deps.append((self._clock_offset, offset))
+            return
         imp = _Impression(
             event, offset, self.window_ms, self.allowed_lateness_ms, self.late_retention_ms
         )
@@ -564,8 +583,6 @@ class RewardJoin:
             # Arrived after its window closed (by another event's clock): default at once.
             self._deps.append((self._clock_offset, offset))
             self._close(imp, out)
-            if imp.expire_at <= clock:
-                self._forget(imp)
             return
         heapq.heappush(self._closing, (imp.close_at, offset, imp))
         while self._open > self.max_open_windows and self._closing:

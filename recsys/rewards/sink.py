@@ -3,7 +3,9 @@
 Per batch: parse each message (rejects go to the DLQ with their reason and are counted), feed
 the event to its partition's :class:`~recsys.rewards.RewardJoin` (dedupe by ``event_id``,
 attribution window), produce the records it makes final and the join's state changes (to the
-compacted state topic, :mod:`recsys.rewards.state`). The flush then waits in two steps: first
+compacted state topic, :mod:`recsys.rewards.state`). Event-time checks read the record's
+Kafka timestamp, never the wall clock: the future-timestamp check and the join's clock cap give
+the same answer on every read. The flush then waits in two steps: first
 for every reward, dead letter and state delta of the batch, then for each partition's clock
 record, which says "the state is complete up to this offset". Only then is the consumer position
 committed, so the committed offset follows the position (one batch behind at most).
@@ -71,8 +73,11 @@ class RewardSink(Sink):
         )
         self.producer = producer
         self.consumer: KafkaConsumer | None = None
-        self.parser = parser or EventParser(
-            settings.events.max_bytes, settings.events.max_clock_skew_ms
+        # "Now" for the future-timestamp check is the record's own Kafka timestamp, so every
+        # read of a record (a restart's re-read included) gives the same verdict.
+        self._record_ms = 0
+        self.parser = parser or EventParser.from_settings(
+            settings.events, clock_ms=lambda: self._record_ms
         )
         self.rules = RewardRules.from_settings(settings.rewards)
         self.dlq = DeadLetterWriter(producer, settings.topics.dlq, WORKER)
@@ -97,6 +102,7 @@ class RewardSink(Sink):
             self._changed.update(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        log.info("reward worker revoked partitions %s", sorted(p.partition for p in partitions))
         with self._lock:
             self._changed.update(partitions)
 
@@ -210,6 +216,7 @@ class RewardSink(Sink):
         starts: dict[int, int] = {}  # first offset of each partition in this batch
         cur = -1
         join: RewardJoin | None = None
+        wall_ms = int(time.time() * 1000)  # for records without a timestamp
         for r in records:
             if r.partition != cur:
                 cur = r.partition
@@ -218,12 +225,15 @@ class RewardSink(Sink):
                     raise RuntimeError(f"partition {cur} has records but no restored state")
                 starts.setdefault(cur, r.offset)
             assert join is not None
+            rts = getattr(r, "timestamp", None)
+            cap = rts if rts is not None and rts >= 0 else None
+            self._record_ms = wall_ms if cap is None else cap
             ev = parse(r.value)
             if isinstance(ev, Rejection):
                 futures.append(self.on_bad_record(r, ev.reason.value, ev.detail))
                 join.skip(r.offset)
                 continue
-            for rec in join.update(ev, r.offset):
+            for rec in join.update(ev, r.offset, cap):
                 # Keyed by user: the producer's partitioner keeps one user's rewards in order.
                 key = rec.user_id.encode("utf-8", "surrogatepass")
                 futures.append(send(topic, value=encode_reward(rec), key=key))

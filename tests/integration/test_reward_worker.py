@@ -49,11 +49,16 @@ def _oracle(events, rs: RewardSettings) -> dict[str, RewardRecord]:
     )
 
 
-def _assigned(log: str) -> list[int] | None:
-    found = re.findall(r"reward worker assigned partitions \[([0-9, ]*)\]", log)
-    if not found:
-        return None
-    return [int(p) for p in found[-1].split(",") if p.strip()]
+def _assigned(log: str) -> list[int]:
+    """The partitions a worker holds now, from its log (cooperative rebalancing logs what was
+    added and what was revoked)."""
+    held: set[int] = set()
+    for verb, parts in re.findall(
+        r"reward worker (assigned|revoked) partitions \[([0-9, ]*)\]", log
+    ):
+        ps = {int(p) for p in parts.split(",") if p.strip()}
+        held = held | ps if verb == "assigned" else held - ps
+    return sorted(held)
 
 
 def test_two_worker_processes_share_the_partitions(broker, kafka_settings, topic_prefix, tmp_path):

@@ -239,7 +239,13 @@ def test_duplicates_are_dropped_and_counted() -> None:
     # An impression is recognised for as long as it is remembered, beyond the dedupe horizon.
     assert feed(j, [fb("z", "skip", 900, user="v"), imp("i", 0)]) == [
         RewardRecord(
-            feedback_reward_id("z"), "v", "a", pytest.approx(-0.2), 900, "organic", request_id="r"
+            feedback_reward_id("z"),
+            "v",
+            "a",
+            pytest.approx(-0.2),  # type: ignore[arg-type]
+            900,
+            "organic",
+            request_id="r",
         )
     ]
     assert j.duplicates == 3
@@ -388,3 +394,32 @@ def test_oracle_small_example() -> None:
     assert offline_join(events, window_ms=W, late_retention_ms=T, late_rule="drop").keys() == (
         got.keys() - {feedback_reward_id("l")}
     )
+
+
+# -- edge cases: late re-sends, skewed clocks ---------------------------------------------------
+def test_an_impression_re_sent_after_it_was_forgotten_changes_nothing() -> None:
+    j = join()
+    first = feed(j, [imp("i", 0), fb("c", "click", 10)])
+    assert [r.kind for r in first] == ["joined"]
+    feed(j, [fb("x", "click", 5000, user="v", item="b", req=None)])  # forgets i (W+L+T < 5000)
+    assert j.remembered_impressions == 0
+    again = feed(j, [imp("i", 0)])  # the same impression, re-sent much later
+    assert again == []  # no zero default contradicting the joined record
+    assert j.late_impressions == 1
+    # A late impression still inside its retention gets its default at once, as before.
+    assert [r.kind for r in feed(j, [imp("k", 5000 - W - L - 10)])] == ["default"]
+
+
+def test_a_client_stamping_events_ahead_cannot_close_other_windows_early() -> None:
+    """The record timestamp caps the clock: an event 5 minutes ahead moves it only to its
+    record's time, so the click that comes later still joins."""
+    ahead = 5 * 60 * 1000
+    capped, uncapped = join(), join()
+    for j, cap in ((capped, 100), (uncapped, None)):
+        j.update(imp("i", 0), 0, 0)
+        j.update(fb("f", "click", ahead, user="v", item="b", req=None), 1, cap)
+    assert capped.clock == 100
+    assert capped.open_windows == 1
+    assert uncapped.open_windows == 0  # the skewed event closed i's window
+    got = capped.update(fb("c", "click", 500), 2, 500)
+    assert [r.kind for r in got] == ["joined"]

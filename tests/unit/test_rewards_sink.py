@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from recsys.config import load_settings
 from recsys.events import Event, Reason, RewardRecord
-from recsys.rewards import RewardRules, offline_join
+from recsys.rewards import RewardRules, feedback_reward_id, offline_join
 from recsys.rewards.sink import RewardSink
 
 SRC = "ev"
@@ -395,3 +395,29 @@ def test_first_assignment_without_commit_starts_at_the_beginning() -> None:
     sink.write(_records([Event("g", "click", "u", "a", T0 + 5)], partitions=1))
     assert consumer.seeks == []  # already at offset 0
     assert sink.flush() == {tp: 1}
+
+
+def test_the_future_check_reads_the_record_timestamp_so_every_read_agrees() -> None:
+    """An event 10 minutes ahead of its record's timestamp is ts_in_future on every read, and
+    one within the skew of its record is accepted on every read, whatever the wall clock."""
+    sink, _ = _sink()
+    before = _rejected("ts_in_future")
+    stamped = 1_800_000_000_000  # record timestamps: any fixed time, not the wall clock
+    skew = 5 * 60 * 1000
+    records = [
+        SimpleNamespace(
+            topic=SRC,
+            partition=0,
+            offset=k,
+            key=b"u",
+            value=Event(f"e{k}", "click", "u", "a", stamped + ahead).to_bytes(),
+            timestamp=stamped,
+        )
+        for k, ahead in enumerate([2 * skew, skew // 2])
+    ]
+    sink.write(records)
+    sink.flush()
+    assert _rejected("ts_in_future") == before + 1
+    (rec,) = _produced(sink.producer).values()
+    assert rec.reward_id == feedback_reward_id("e1")
+    assert sink.joins[0].clock == stamped  # capped at the record's time

@@ -182,7 +182,7 @@ def _compact(log: list[tuple[bytes, bytes | None]], rng: random.Random) -> list:
     last = {k: i for i, (k, _) in enumerate(log)}
     kept = [(k, v) for i, (k, v) in enumerate(log) if last[k] == i or rng.random() >= 0.7]
     older: Counter[bytes] = Counter(k for k, _ in kept)
-    out = []
+    out: list[tuple[bytes, bytes | None]] = []
     for k, v in kept:
         older[k] -= 1
         if v is None and older[k] == 0 and not any(o == k for o, _ in out) and rng.random() < 0.7:
