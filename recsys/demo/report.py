@@ -23,12 +23,29 @@ class ArmSeries:
     impressions: list[int] = field(default_factory=list)
     clicks: list[int] = field(default_factory=list)
     expected: list[float] = field(default_factory=list)
+    new_impressions: list[int] = field(default_factory=list)  # of items released live
+    new_expected: list[float] = field(default_factory=list)
 
-    def add(self, t: float, impressions: int, clicks: int, expected: float) -> None:
+    def add(
+        self,
+        t: float,
+        impressions: int,
+        clicks: int,
+        expected: float,
+        new_impressions: int = 0,
+        new_expected: float = 0.0,
+    ) -> None:
         self.t.append(t)
         self.impressions.append(impressions)
         self.clicks.append(clicks)
         self.expected.append(expected)
+        self.new_impressions.append(new_impressions)
+        self.new_expected.append(new_expected)
+
+    def new_item_ctr(self) -> float:
+        """Expected CTR of the impressions of items released during the run (cold start)."""
+        n = sum(self.new_impressions)
+        return sum(self.new_expected) / n if n else math.nan
 
     def ctr(self, since: float = 0.0, expected: bool = True) -> float:
         """CTR over the intervals at or after ``since`` (NaN with no impressions)."""
@@ -65,6 +82,10 @@ class DemoResult:
             for name, v in ctr_last.items()
             if name != "recsys"
         }
+        first_third = elapsed / 3
+        ctr_first = {name: _ctr_between(arm, 0.0, first_third) for name, arm in self.arms.items()}
+        oracle_first = ctr_first.get("oracle", math.nan)
+        oracle_last = ctr_last.get("oracle", math.nan)
         fresh = np.asarray(self.freshness_s, dtype=float)
         pct = {f"p{q}": float(np.percentile(fresh, q)) for q in (50, 95, 99)} if fresh.size else {}
         return {
@@ -76,6 +97,15 @@ class DemoResult:
             "ctr_expected_last_third": ctr_last,
             "ctr_sampled_last_third": clicks_last,
             "ratios_last_third": ratios,
+            "ctr_expected_first_third": ctr_first,
+            "recsys_over_oracle_first_third": ctr_first.get("recsys", math.nan) / oracle_first
+            if oracle_first
+            else math.nan,
+            "recsys_over_oracle_last_third": ours / oracle_last if oracle_last else math.nan,
+            "new_item_ctr_expected": {n: a.new_item_ctr() for n, a in self.arms.items()},
+            "new_item_impression_share": {
+                n: sum(a.new_impressions) / max(sum(a.impressions), 1) for n, a in self.arms.items()
+            },
             "freshness_s": {**pct, "n": int(fresh.size)},
             "model_versions": len(set(self.model_versions)),
             "last_model_version": self.model_versions[-1] if self.model_versions else None,
@@ -137,6 +167,21 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "| ratio (last third) | value |", "|---|---|"]
     for name, value in summary["ratios_last_third"].items():
         lines.append(f"| {name} | {_fmt(value, 3)} |")
+    lines += [
+        "",
+        "recsys / oracle: first third "
+        f"{_fmt(summary.get('recsys_over_oracle_first_third'), 3)}, last third "
+        f"{_fmt(summary.get('recsys_over_oracle_last_third'), 3)}.",
+        "",
+        "| policy | new-item CTR | new-item share of impressions |",
+        "|---|---|---|",
+    ]
+    for name, v in summary.get("new_item_ctr_expected", {}).items():
+        share = summary.get("new_item_impression_share", {}).get(name, math.nan)
+        lines.append(f"| {name} | {_fmt(v)} | {_fmt(100 * share, 1)}% |")
+    ope = summary.get("ope")
+    if ope:
+        lines += ["", _ope_line(ope)]
     ceilings = summary.get("ceilings_at_start")
     if ceilings:
         fixed = ceilings["best_fixed_slate"] / ceilings["oracle"]
@@ -170,6 +215,20 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _ope_line(ope: dict[str, Any]) -> str:
+    parts = [
+        f"{n.upper()} {_fmt(ope[n]['value'])} [{_fmt(ope[n]['low'])}, {_fmt(ope[n]['high'])}]"
+        for n in ("ips", "snips", "dr")
+        if n in ope
+    ]
+    return (
+        "OPE on recsys's own logs (last third): slot-0 CTR of the greedy policy of the model "
+        f"at the start of the last third: true {_fmt(ope['true']['value'])}; "
+        + "; ".join(parts)
+        + f" ({int(ope['rounds']['matches'])} of {int(ope['rounds']['value'])} rounds match)."
+    )
+
+
 def _plot(result: DemoResult, out: Path) -> list[str]:
     import matplotlib
 
@@ -199,6 +258,50 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
     fig.savefig(out / "ctr.png", dpi=110)
     plt.close(fig)
     written.append("ctr.png")
+
+    oracle = result.arms.get("oracle")
+    if oracle is not None and oracle.t:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        _, ctr_o = _rolling_ctr(oracle)
+        for name, arm in result.arms.items():
+            if name == "oracle" or not arm.t:
+                continue
+            times, ctr = _rolling_ctr(arm)
+            n = min(len(ctr), len(ctr_o))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ax.plot(
+                    times[:n],
+                    ctr[:n] / ctr_o[:n],
+                    label=name,
+                    linewidth=2.2 if name == "recsys" else 1.4,
+                )
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel("CTR / oracle CTR (rolling)")
+        ax.set_title("Ratio to the oracle over time")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "ratio_to_oracle.png", dpi=110)
+        plt.close(fig)
+        written.append("ratio_to_oracle.png")
+
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        names = [n for n, a in result.arms.items() if a.t]
+        values = [result.arms[n].new_item_ctr() for n in names]
+        ax.bar(names, [0.0 if math.isnan(v) else v for v in values], color="tab:green")
+        shares = [sum(result.arms[n].new_impressions) / max(sum(result.arms[n].impressions), 1)
+                  for n in names]  # fmt: skip
+        for x, (v, sh) in enumerate(zip(values, shares, strict=True)):
+            label = "n/a" if math.isnan(v) else f"{v:.3f}\n{100 * sh:.1f}% imp."
+            ax.annotate(label, (x, 0.0 if math.isnan(v) else v), ha="center", va="bottom",
+                        fontsize=7)  # fmt: skip
+        ax.set_ylabel("expected CTR of new items")
+        ax.set_title("Cold start: items released during the run (CTR and share of impressions)")
+        ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "new_items.png", dpi=110)
+        plt.close(fig)
+        written.append("new_items.png")
 
     if result.freshness_s:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -232,6 +335,12 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
         plt.close(fig)
         written.append("loss.png")
     return written
+
+
+def _ctr_between(arm: ArmSeries, since: float, until: float) -> float:
+    imp = sum(n for t, n in zip(arm.t, arm.impressions, strict=True) if since <= t < until)
+    hits = sum(e for t, e in zip(arm.t, arm.expected, strict=True) if since <= t < until)
+    return hits / imp if imp else math.nan
 
 
 def _rolling_ctr(arm: ArmSeries, window: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -5,14 +5,17 @@ production) and a user simulator fitted on MovieLens. Users arrive at a set rate
 shows the newest slate the publisher pushed for that user (a random slate until there is one),
 and the simulator's impressions and feedback go back to the events topic.
 
-The same arrivals are served, each in its own copy of the simulated world, by random,
-most-popular and epsilon-greedy baselines and by the oracle, so every CTR in the report is
-measured in the same run. Before the live phase the system is warmed with the catalogue's
-MovieLens ratings (a backfill, as a deployment would start); most-popular gets the same counts.
+The same arrivals are served, each in its own copy of the simulated world, by the peers of
+:mod:`recsys.demo.arms` (random, most-popular, an ε-greedy bandit, LinUCB, Vowpal Wabbit) and by
+the oracle, so every CTR in the report is measured in the same run. Before the live phase the
+system is warmed with the catalogue's MovieLens ratings (a backfill, as a deployment would
+start); every peer warm-starts from the same events, and every arm masks what the user watched
+exactly as recsys does.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shutil
@@ -23,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from kafka import KafkaProducer
@@ -35,18 +39,20 @@ from recsys.broker import EmbeddedBroker, free_port
 from recsys.config import KafkaSettings, TopicSettings
 from recsys.data.backfill import replay, replay_items
 from recsys.data.movielens import MovieLens, load_movielens
-from recsys.demo.arms import EpsilonGreedyArm, MostPopularArm, RandomArm
+from recsys.demo.arms import Arm, reduce_vectors
 from recsys.demo.report import ArmSeries, DemoResult, write_report
 from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.demo.supervisor import WorkerProcess
 from recsys.errors import ConfigError, RecsysError
 from recsys.events import Event, Slate, SlateItem
 from recsys.kafka import create_topics, make_consumer, make_producer
+from recsys.serving.model import ServingModel, load_serving_model
 
 log = logging.getLogger(__name__)
 
 WORKER_NAMES = ("encoder", "reward", "learner", "publisher")
-ARMS = ("recsys", "random", "most_popular", "epsilon_greedy", "oracle")
+PEERS = ("random", "most_popular", "epsilon_greedy", "linucb", "vw")
+ARMS = ("recsys", *PEERS, "oracle")
 
 
 @dataclass(frozen=True)
@@ -124,15 +130,38 @@ class _Arm:
     impressions: int = 0
     clicks: int = 0
     expected: float = 0.0
+    new_impressions: int = 0
+    new_expected: float = 0.0
 
-    def record(self, slate: Slate, events: list[Event], expected: float) -> None:
-        self.impressions += len(slate.items)
+    def probabilities(self, slate: Slate, now_ms: int) -> np.ndarray:
+        """Each slot's true click probability; call before ``world.respond`` adds fatigue."""
+        ids = [s.item_id for s in slate.items]
+        attr = self.world.click_probabilities(slate.user_id, ids, now_ms)
+        return attr * self.world.examination(np.array([s.position for s in slate.items]))
+
+    def show(self, slate: Slate, now_ms: int, rng: np.random.Generator) -> list[Event]:
+        """Show a slate in this arm's world and count it; returns the world's events."""
+        p = self.probabilities(slate, now_ms)
+        events = self.world.respond(slate, now_ms, rng)
+        self.record(slate, events, p)
+        return events
+
+    def record(self, slate: Slate, events: list[Event], p: np.ndarray) -> None:
+        ids = [s.item_id for s in slate.items]
+        self.impressions += len(ids)
         self.clicks += sum(e.type == "click" for e in events)
-        self.expected += expected
+        self.expected += float(p.sum())
+        start = self.world.config.start_ms
+        new = self.world.release_ms[self.world.item_indices(ids)] > start
+        self.new_impressions += int(new.sum())
+        self.new_expected += float(p[new].sum())
 
     def close_interval(self, t: float) -> None:
-        self.series.add(t, self.impressions, self.clicks, self.expected)
+        self.series.add(
+            t, self.impressions, self.clicks, self.expected, self.new_impressions, self.new_expected
+        )
         self.impressions, self.clicks, self.expected = 0, 0, 0.0
+        self.new_impressions, self.new_expected = 0, 0.0
 
 
 class _Scraper:
@@ -199,6 +228,8 @@ def run_demo(cfg: DemoConfig) -> Path:
                     len(warm),
                     timeout_s=900,
                 )
+            print("warming the peers on the same backfill ...", flush=True)
+            peers = _peers(cfg, probe, [probe.item_ids[j] for j in initial], warm)
             # The live phase's clock starts now: release times and the shift count from here.
             live_ms = int(time.time() * 1000)
             shift_ms = None
@@ -207,7 +238,8 @@ def run_demo(cfg: DemoConfig) -> Path:
             sim_cfg = SimConfig(
                 seed=cfg.seed, n_items=cfg.n_items, start_ms=live_ms, shift_at_ms=shift_ms
             )
-            worlds = {arm: UserSimulator(ml, sim_cfg) for arm in ARMS}
+            first = UserSimulator(ml, sim_cfg)
+            worlds = {arm: copy.deepcopy(first) for arm in ARMS}
             watched: dict[str, list[str]] = {}
             for e in warm:
                 watched.setdefault(e.user_id, []).append(e.item_id)
@@ -215,7 +247,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                 for user_id, items in watched.items():
                     world.mark_consumed(user_id, items)  # nobody re-watches their history
             ceilings = worlds["oracle"].ceilings(cfg.k, live_ms)
-            result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports)
+            result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports, peers)
             result.extra["ceilings_at_start"] = ceilings
         except KeyboardInterrupt:
             print("\ninterrupted: stopping workers and writing the report", flush=True)
@@ -275,18 +307,11 @@ def _live(
     warm: list[Event],
     workers: list[WorkerProcess],
     ports: dict[str, int],
+    baselines: dict[str, Arm],
 ) -> DemoResult:
     sim = worlds["recsys"]
     arms = {name: _Arm(world) for name, world in worlds.items()}
-    live_items = [sim.item_ids[j] for j in sim.available(int(time.time() * 1000))]
-    popular = MostPopularArm(live_items, cfg.k, seed=cfg.seed)
-    counts = Counter(e.item_id for e in warm if (e.value or 0) >= 4.0)
-    popular.clicks = np.asarray([counts.get(i, 0) for i in popular.items], dtype=float)
-    baselines: dict[str, RandomArm | MostPopularArm | EpsilonGreedyArm] = {
-        "random": RandomArm(live_items, cfg.k, seed=cfg.seed),
-        "most_popular": popular,
-        "epsilon_greedy": EpsilonGreedyArm(live_items, cfg.k, seed=cfg.seed),
-    }
+    ope = _OPELog(cfg, sim, list(baselines["random"].items), warm)
     slates = _SlateFeed(kafka, topics.recommendations)
     learner, publisher = _Scraper(ports["learner"]), _Scraper(ports["publisher"])
     rng_arrival = np.random.default_rng(cfg.seed + 1)
@@ -324,25 +349,19 @@ def _live(
                 rid = f"demo-{visit}"
                 slate = slates.latest.get(user) or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
                 slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
-                expected = sim.expected_clicks(slate, now_ms)  # before respond() adds fatigue
-                events = sim.respond(slate, now_ms, rngs["recsys"])
-                arms["recsys"].record(slate, events, expected)
+                ope.before(slate, now_ms, elapsed)
+                events = arms["recsys"].show(slate, now_ms, rngs["recsys"])
+                ope.after(events)
                 for e in events:
                     producer.send(topics.events, key=e.key, value=e.to_bytes())
                 sent += len(events)
                 if any(e.type != "impression" for e in events):
                     last_event_wall[user] = time.time()
                 for name, policy in baselines.items():
-                    world = arms[name].world
                     s = policy.slate(user, now_ms, rid)
-                    expected = world.expected_clicks(s, now_ms)
-                    evs = world.respond(s, now_ms, rngs[name])
-                    policy.update(evs)
-                    arms[name].record(s, evs, expected)
-                oracle = arms["oracle"].world
-                s = oracle.oracle_slate(user, cfg.k, now_ms, rid)
-                expected = oracle.expected_clicks(s, now_ms)
-                arms["oracle"].record(s, oracle.respond(s, now_ms, rngs["oracle"]), expected)
+                    policy.update(arms[name].show(s, now_ms, rngs[name]))
+                s = arms["oracle"].world.oracle_slate(user, cfg.k, now_ms, rid)
+                arms["oracle"].show(s, now_ms, rngs["oracle"])
             if time.monotonic() >= next_tick:
                 next_tick += 1.0
                 t = time.monotonic() - started
@@ -362,6 +381,9 @@ def _live(
         result.shift_at_s = cfg.shift_at * cfg.minutes * 60
     result.extra["warm_start_ratings"] = len(warm)
     result.extra["visits"] = visit
+    est = ope.estimate()
+    if est:
+        result.extra["ope"] = est
     result.extra["visits_per_s"] = cfg.visits_per_s
     result.extra["slates_received"] = slates.received
     return result
@@ -396,6 +418,102 @@ class _SlateFeed:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class _OPELog:
+    """OPE on recsys's own logs: from the start of the last third, the greedy policy of the
+    model version then newest is the target; each recsys visit logs the shown slot-0 item, its
+    logged propensity, whether it was clicked, the target's slot-0 item for the user's state,
+    and the simulator's true click probability of that item at slot 0."""
+
+    def __init__(
+        self, cfg: DemoConfig, world: UserSimulator, items: list[str], warm: list[Event]
+    ) -> None:
+        from recsys.demo.arms import RandomArm
+
+        self.cfg = cfg
+        self.world = world
+        self.start_s = cfg.minutes * 60 * 2 / 3
+        self.tracker = RandomArm(items, cfg.k)  # bookkeeping only: histories and watched
+        self.tracker.warm_start(warm)
+        self.model: ServingModel | None = None
+        self.tried = False
+        self.rows: dict[str, list[Any]] = {k: [] for k in ("r", "p", "a", "t", "v")}
+        self._pending: str | None = None
+
+    def before(self, slate: Slate, now_ms: int, elapsed: float) -> None:
+        self._pending = None
+        if elapsed >= self.start_s and not self.tried:
+            self.tried = True
+            latest = ckpt.find_latest(self.cfg.out / "checkpoints")
+            if latest is not None:
+                try:
+                    self.model = load_serving_model(latest[0], {"device": "cpu"})
+                except RecsysError as exc:
+                    log.warning("OPE target not loaded: %s", exc)
+        if self.model is None or not slate.items:
+            return
+        from recsys.eval.sim import greedy_top1
+
+        u, tr = slate.user_id, self.tracker
+        top = greedy_top1(
+            self.model,
+            [tr.items[i] for i in tr.histories.get(u)],
+            [tr.items[i] for i in tr.watched.get(u)],
+        )
+        if top is None or top not in self.world._item_index:
+            return
+        first = slate.items[0]
+        exam0 = float(self.world.examination(np.array([0]))[0])
+        true = float(self.world.click_probabilities(u, [top], now_ms)[0]) * exam0
+        for key, val in zip("patv", (first.propensity, first.item_id, top, true), strict=True):
+            self.rows[key].append(val)
+        self._pending = first.item_id
+
+    def after(self, events: list[Event]) -> None:
+        if self._pending is not None:
+            clicked = any(e.type == "click" and e.position == 0 for e in events)
+            self.rows["r"].append(1.0 if clicked else 0.0)
+            self._pending = None
+        self.tracker.update(events)
+
+    def estimate(self) -> dict[str, Any]:
+        if not self.rows["r"]:
+            return {}
+        from recsys.eval.ope import first_slot_ope
+
+        a = np.asarray(self.rows["a"])
+        t = np.asarray(self.rows["t"])
+        est: dict[str, Any] = first_slot_ope(
+            np.asarray(self.rows["r"]), np.asarray(self.rows["p"]), a == t, a, t
+        )
+        est["true"] = {"value": float(np.mean(self.rows["v"]))}
+        if self.model is not None:
+            est["target_version"] = self.model.version
+        return est
+
+
+def _peers(
+    cfg: DemoConfig, sim: UserSimulator, live_items: list[str], warm: list[Event]
+) -> dict[str, Arm]:
+    """The peers of :mod:`recsys.demo.arms`, warm-started from recsys's own backfill, on the
+    frozen text encoder's item vectors and the demo workers' settings (history length, rules)."""
+    from recsys.eval.sim import SimRun, demo_settings, item_vectors, make_arm
+
+    vectors = item_vectors(sim)
+    ids = sim.item_ids
+    initial = set(live_items)
+    order = sorted(range(len(ids)), key=lambda j: (ids[j] not in initial, j))
+    reduced = reduce_vectors(np.stack([vectors[ids[j]] for j in order]), fit_rows=len(initial))
+    features = {ids[j]: reduced[n] for n, j in enumerate(order)}
+    run = SimRun(k=cfg.k, seed=cfg.seed)
+    settings = demo_settings()
+    peers = {}
+    for name in PEERS:
+        arm = make_arm(name, live_items, run, features, settings)
+        arm.warm_start(warm)
+        peers[name] = arm
+    return peers
 
 
 def _cold_slate(
@@ -449,6 +567,7 @@ def _progress(
     line = (
         f"[{t:5.0f}/{cfg.minutes * 60:.0f}s] {rate:6.0f} ev/s | CTR(30s) recsys {ctr['recsys']:.3f}"
         f" pop {ctr['most_popular']:.3f} eps {ctr['epsilon_greedy']:.3f}"
+        f" lin {ctr['linucb']:.3f} vw {ctr['vw']:.3f}"
         f" rand {ctr['random']:.3f} oracle {ctr['oracle']:.3f} | model {model}"
         f" | fresh p99 {fresh:.2f}s | drift {len(result.drift_marks)}"
     )

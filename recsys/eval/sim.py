@@ -276,26 +276,31 @@ class _Recsys:
 
     def greedy_top1(self, model: ServingModel, users: Sequence[str]) -> list[str | None]:
         """The greedy policy of ``model`` at slot 0 for each user, watched items masked."""
-        out: list[str | None] = []
-        lookup = {i: n for n, i in enumerate(model.item_ids)}
-        for u in users:
-            hist = [
-                model.index.get(self.publisher.item_ids[i], -1)
-                for i in self.publisher.histories.get(u)
-            ]
-            hist = [h for h in hist if h >= 0]
-            if not hist:
-                out.append(None)
-                continue
-            items, _ = pad_histories([hist], model.max_history)
-            with torch.inference_mode():
-                scores = (model.user_states(items) @ model.policy.item_matrix.T)[0]
-                for i in self.publisher.watched.get(u):
-                    j = lookup.get(self.publisher.item_ids[i])
-                    if j is not None:
-                        scores[j] = -math.inf
-                out.append(model.item_ids[int(scores.argmax())])
-        return out
+        ids = self.publisher.item_ids
+        return [
+            greedy_top1(
+                model,
+                [ids[i] for i in self.publisher.histories.get(u)],
+                [ids[i] for i in self.publisher.watched.get(u)],
+            )
+            for u in users
+        ]
+
+
+def greedy_top1(model: ServingModel, history: Sequence[str], watched: Sequence[str]) -> str | None:
+    """A model version's greedy slot-0 item for a history (item ids), watched items masked;
+    None when the history has no item the model knows (the cold-start policy serves it)."""
+    hist = [model.index[i] for i in history if i in model.index]
+    if not hist:
+        return None
+    items, _ = pad_histories([hist], model.max_history)
+    with torch.inference_mode():
+        scores = (model.user_states(items) @ model.policy.item_matrix.T)[0]
+        for i in watched:
+            j = model.index.get(i)
+            if j is not None:
+                scores[j] = -math.inf
+        return model.item_ids[int(scores.argmax())]
 
 
 def exploration_curve(
