@@ -807,6 +807,12 @@ def run_sim(
     return out
 
 
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several ``run_sim`` outputs (e.g. one process per seed)."""
+    seeds = [s for part in parts for s in part["seeds"]]
+    return {"run": parts[0]["run"], "seeds": seeds, "summary": summarise(seeds)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `recsys eval sim`."""
     from recsys import datasets
@@ -816,7 +822,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=datasets.path("ml-latest-small"),
         help="MovieLens folder (default: the packaged latest-small)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=3, help="seeds S..S+N-1")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed S")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="no run: merge these --json outputs (e.g. one per seed) into one table",
+    )
     p.add_argument("--seconds", type=float, default=240.0, help="simulated live seconds per run")
     p.add_argument("--visits-per-s", type=float, default=15.0)
     p.add_argument(
@@ -851,9 +864,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         if a not in ARMS:
             print(f"unknown arm {a!r}; choose from {ARMS}", file=sys.stderr)
             return 2
+    if args.merge:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        print(render(merged))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(merged, indent=1, default=float))
+        return 0
     run_sim(
         args.path,
-        range(args.seeds),
+        range(args.seed_start, args.seed_start + args.seeds),
         split(args.variants),
         split(args.arms),
         run,
