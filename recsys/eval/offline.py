@@ -507,16 +507,15 @@ def run_offline(
     kinds: dict[str, str] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     jobs: list[Job] = []
-    for name, (kind, mcfg, lcfg) in variants(model_cfg, learner_cfg).items():
-        kinds[name] = kind
-        jobs += [
-            (name, kind, mcfg, replace(lcfg, seed=s), max_epochs, patience) for s in range(seeds)
-        ]
-    kinds[SASREC] = "peer"
-    jobs += [
-        (SASREC, "peer", model_cfg, replace(learner_cfg, seed=s), max_epochs, patience)
-        for s in range(seeds)
-    ]
+    nets = dict(variants(model_cfg, learner_cfg))
+    nets[SASREC] = ("peer", model_cfg, learner_cfg)
+    # recsys and SASRec first: if a run is cut short, the headline comparison is there
+    order = [OURS, SASREC, *(n for n in nets if n not in (OURS, SASREC))]
+    for s in range(seeds):
+        for name in order:
+            kind, mcfg, lcfg = nets[name]
+            kinds[name] = kind
+            jobs.append((name, kind, mcfg, replace(lcfg, seed=s), max_epochs, patience))
     for name in kinds:
         runs[name] = []
     if workers is None:

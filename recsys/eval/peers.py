@@ -77,8 +77,12 @@ class ItemKNN:
     def fit(
         self, rows: Sequence[Sequence[int]], num_items: int, shrink: float = 0.0, **_: Any
     ) -> Scorer:
-        x = interaction_matrix(rows, num_items)
-        co = torch.from_numpy((x.T @ x).toarray().astype(np.float32))
+        key = (id(rows), len(rows), num_items)
+        if getattr(self, "_key", None) != key:  # the grid shares one co-occurrence matrix
+            x = interaction_matrix(rows, num_items)
+            self._co = torch.from_numpy((x.T @ x).toarray().astype(np.float32))
+            self._key = key
+        co = self._co
         n = co.diagonal().clone().sqrt()
         sim = co / (n.unsqueeze(0) * n.unsqueeze(1) + shrink).clamp(min=1e-12)
         sim.fill_diagonal_(0.0)
