@@ -17,7 +17,12 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, Ka
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import CommitFailedError, RebalanceInProgressError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
@@ -244,6 +249,13 @@ class ConsumerLoop:
     stall_after_s:
         :meth:`healthy` turns False when no poll has returned for this long (a wedged sink or
         a loop that stopped), so /healthz means "making progress".
+
+    A broker outage never ends the loop (a crash loop would only add restarts to it): a poll or
+    a commit that raises a :class:`~kafka.errors.KafkaError` is logged and retried with backoff
+    (kafka-python reconnects by itself), and when the sink's ``write`` or ``flush`` raises one
+    (e.g. sends that expired during the outage) the batch's effects are unknown, so every
+    assigned partition is handed back to the sink as if reassigned: ``on_revoke``, a seek to
+    the last committed offset, ``on_assign``; the sink rebuilds its state as after a rebalance.
     """
 
     def __init__(
@@ -281,6 +293,9 @@ class ConsumerLoop:
         self.last_poll = time.monotonic()
         self.running = False
         self.batches = 0
+        self.broker_errors = 0  # polls, commits and batches that failed on a KafkaError
+        self._failures = 0  # consecutive ones (backoff)
+        self._redo = False  # a batch failed: partitions to hand back to the sink
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -311,17 +326,27 @@ class ConsumerLoop:
         self.running = True
         try:
             while not self._stop.is_set():
-                self._apply_backpressure()
-                polled = self.consumer.poll(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
-                batch = [r for records in polled.values() for r in records]
-                now = self.last_poll = time.monotonic()
-                if not batch and now - last_flush < self.tick_interval_s:
-                    continue
-                self._process(batch)
-                last_flush = now
-            self._process([])  # a clean stop flushes and commits what is durable
+                try:
+                    if self._redo:
+                        self._hand_back()
+                    self._apply_backpressure()
+                    polled = self.consumer.poll(
+                        timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                    )
+                    batch = [r for records in polled.values() for r in records]
+                    now = self.last_poll = time.monotonic()
+                    if not batch and now - last_flush < self.tick_interval_s:
+                        continue
+                    self._process(batch)
+                    last_flush = now
+                    self._failures = 0
+                except KafkaError as exc:
+                    self._broker_error(exc)
+            if not self._redo:
+                try:
+                    self._process([])  # a clean stop flushes and commits what is durable
+                except KafkaError as exc:  # the next owner re-reads from the last commit
+                    log.warning("%s: final flush or commit not done: %s", self.worker, exc)
         finally:
             self.running = False
             # After a crash nothing more is committed: the next owner re-reads from the last
@@ -340,8 +365,13 @@ class ConsumerLoop:
                 counts[r.topic] = counts.get(r.topic, 0) + 1
             for topic, n in counts.items():
                 metrics.EVENTS_CONSUMED.labels(worker=self.worker, topic=topic).inc(n)
-        self.sink.write(batch)
-        self._commit(self.sink.flush())
+        try:
+            self.sink.write(batch)
+            safe = self.sink.flush()
+        except KafkaError:
+            self._redo = True  # what the batch did is unknown: redo from the last commit
+            raise
+        self._commit(safe)
         self.batches += 1
         metrics.BATCH_SECONDS.labels(worker=self.worker).observe(time.perf_counter() - started)
         if batch:
@@ -363,10 +393,49 @@ class ConsumerLoop:
             # from the last commit, and effects are idempotent: a repeat, never a loss.
             log.warning("commit not done (%s); retried with the next batch", exc)
             return
+        except KafkaError as exc:
+            # The coordinator is unreachable (a broker outage): nothing is lost by committing
+            # later; the offsets stay pending and go with the next batch.
+            self.broker_errors += 1
+            log.warning("commit not done (%s); retried with the next batch", exc)
+            return
         for tp, off in offsets.items():
             self._committed[tp] = off
             if self._uncommitted.get(tp) == off:
                 del self._uncommitted[tp]
+
+    def _broker_error(self, exc: KafkaError) -> None:
+        """Log a failed poll or batch and wait before the next try (0.5 s doubling to 10 s)."""
+        self.broker_errors += 1
+        self._failures += 1
+        delay = min(10.0, 0.5 * 2 ** min(self._failures - 1, 5))
+        log.warning(
+            "%s: %s (%s: %s); retrying in %.1fs",
+            self.worker,
+            "batch failed, partitions handed back to the sink" if self._redo else "poll failed",
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        self._stop.wait(delay)
+
+    def _hand_back(self) -> None:
+        """After a failed batch: every assigned partition back to its last commit, and to the
+        sink as if newly assigned (it drops and rebuilds what it held for them)."""
+        parts = list(self.consumer.assignment())
+        self.sink.on_revoke(parts)
+        for tp in parts:
+            committed = self._committed.get(tp)
+            if committed is None:
+                committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)  # nothing committed (make_consumer: earliest)
+            else:
+                self.consumer.seek(tp, committed)
+            self._uncommitted.pop(tp, None)
+        self.sink.on_assign(self.consumer, parts)
+        self._redo = False
+        log.info("%s: partitions %s handed back at their last commit", self.worker, parts)
 
     def _apply_backpressure(self) -> None:
         want_pause = self.sink.busy()

@@ -301,10 +301,12 @@ class RewardSink(Sink):
     def _wait(self) -> None:
         if self._futures:
             self.producer.flush()
-            for f in self._futures:
+            # Taken before raising: a failed send (e.g. expired in a broker outage) fails this
+            # batch once; the loop then hands the partitions back and they are restored.
+            futures, self._futures = self._futures, []
+            for f in futures:
                 if f is not None and f.failed():
                     raise f.exception
-            self._futures.clear()
 
     def close(self) -> None:
         self.reader.close()
