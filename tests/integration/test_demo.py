@@ -23,7 +23,7 @@ def test_short_demo_writes_a_complete_report(data_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events_sent"] > 100
     assert set(summary["ctr_expected_overall"]) == {
-        "recsys", "random", "most_popular", "epsilon_greedy", "oracle"
+        "recsys", "random", "most_popular", "epsilon_greedy", "linucb", "vw", "oracle"
     }  # fmt: skip
     # The oracle knows the true click probabilities: nothing may beat it in its own world.
     ctr = summary["ctr_expected_overall"]
