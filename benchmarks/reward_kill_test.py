@@ -4,9 +4,10 @@ The events topic receives the OBD sample plus synthetic sessions (``--events`` i
 poison messages (every rejection reason of the event contract, one of them a 10 MB payload)
 spread at random positions, then one sentinel event per partition that closes every window.
 A replay thread paces them over ``--replay-seconds``. Meanwhile a driver starts
-`recsys worker reward` as a subprocess, waits until it has partitions, lets it run for a random
-0.2–3 s and SIGKILLs it, ``--kills`` times; then one last worker runs until the rewards topic
-holds every reward of the oracle (the offline join of the same valid events).
+`recsys worker reward` as a subprocess, waits until it has partitions and has restored their
+state, lets it run for a random 0.2–3 s and SIGKILLs it, ``--kills`` times; then one last
+worker runs until the rewards topic holds every reward of the oracle (the offline join of the
+same valid events).
 
 Reported (JSON with ``--json``):
 
@@ -143,6 +144,16 @@ def wait_assigned(proc: subprocess.Popen[bytes], log_path: Path, timeout_s: floa
     return False
 
 
+def wait_restored(proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> bool:
+    """Wait until the worker restored a partition's state (or died, or timed out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if b"resuming at offset" in log_path.read_bytes():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def run_kill_test(
     n_events: int = 100_000,
     kills: int = 10,
@@ -215,6 +226,8 @@ def run_kill_test(
             procs.append(proc)
             if not wait_assigned(proc, log_path, 60):
                 raise RuntimeError(f"worker {len(procs) - 1} never got partitions; see {log_path}")
+            # From the end of its state restore, so the kill lands while it processes events.
+            wait_restored(proc, log_path, 60)
             time.sleep(rng.uniform(0.2, 3.0))
             if proc.poll() is not None:
                 raise RuntimeError(f"worker {len(procs) - 1} stopped by itself; see {log_path}")

@@ -130,9 +130,17 @@ class RewardSink(Sink):
         first: dict[int, int] = {}
         for r in records:
             first.setdefault(r.partition, r.offset)
+        committed = {tp: consumer.committed(tp) for tp in todo}
+        keep = {tp for tp in todo if self._can_keep(tp, committed[tp])}
+        # One read of all the changelog partitions to restore: they drain together.
+        raws = self.reader.read(sorted(tp.partition for tp in todo - keep))
         sought: set[int] = set()
         for tp in sorted(todo):
-            start = self._resume_point(consumer, tp)
+            if tp in keep:
+                start = self.logs[tp.partition].upto
+                assert start is not None
+            else:
+                start = self._restore(consumer, tp, committed[tp], raws[tp.partition])
             if first.get(tp.partition) != start:
                 consumer.seek(tp, start)
                 sought.add(tp.partition)
@@ -140,18 +148,25 @@ class RewardSink(Sink):
             return records
         return [r for r in records if r.partition not in sought]
 
-    def _resume_point(self, consumer: KafkaConsumer, tp: TopicPartition) -> int:
-        """Keep the in-memory state of a partition that stayed here with nothing undurable and
-        nobody else's commit since; otherwise restore it from the changelog."""
-        committed = consumer.committed(tp)
+    def _can_keep(self, tp: TopicPartition, committed: int | None) -> bool:
+        """A partition that stayed here keeps its in-memory state when nothing of it is
+        undurable and nobody else committed since; otherwise it is restored."""
         join, plog = self.joins.get(tp.partition), self.logs.get(tp.partition)
-        if (
+        return (
             join is not None
             and plog is not None
             and plog.upto is not None
             and join.next_offset == plog.upto == committed
-        ):
-            return plog.upto
+        )
+
+    def _restore(
+        self,
+        consumer: KafkaConsumer,
+        tp: TopicPartition,
+        committed: int | None,
+        raw: list[tuple[bytes | None, bytes | None]],
+    ) -> int:
+        """Rebuild a partition's join from its changelog records; returns where to resume."""
         self._drop(tp.partition)
         started = time.monotonic()
         # Restoring allocates a few objects per entry, hundreds of thousands in all: the
@@ -160,7 +175,6 @@ class RewardSink(Sink):
         gc_on = gc.isenabled()
         gc.disable()
         try:
-            raw = self.reader.read(tp.partition)
             entries, plog = fold(raw, key_prefix(self.group, self.source, tp.partition))
             join = RewardJoin.from_settings(self.settings, self.rules, track_changes=True)
             join.restore(entries)

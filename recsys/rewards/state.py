@@ -195,29 +195,40 @@ def fold(
     return list(entries.values()), log
 
 
+def read_partitions(
+    consumer: KafkaConsumer, tps: Sequence[TopicPartition], timeout_s: float = 120.0
+) -> dict[TopicPartition, list[tuple[bytes | None, bytes | None]]]:
+    """Every ``(key, value)`` of each partition, from its beginning to its end now, in order
+    (records that arrive meanwhile may be included: the caller owns the partitions' writes).
+    Read together, so a restore of many partitions waits for one final empty poll, not one each.
+
+    ``consumer`` is a group-less consumer of the caller's own (it is re-assigned to ``tps``).
+    """
+    out: dict[TopicPartition, list[tuple[bytes | None, bytes | None]]] = {tp: [] for tp in tps}
+    if not tps:
+        return out
+    consumer.assign(list(tps))
+    consumer.seek_to_beginning(*tps)
+    end = consumer.end_offsets(list(tps))
+    deadline = time.monotonic() + timeout_s
+    drained = False
+    # Past the reported ends, read on until a poll comes back empty: the embedded broker (Tansu)
+    # reports the base offset of the last record batch as the end, not one past its last record.
+    while not drained:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"reading {[str(tp) for tp in tps]} did not reach {end}")
+        polled = consumer.poll(timeout_ms=200, max_records=10_000)
+        for tp, recs in polled.items():
+            out[tp].extend((r.key, r.value) for r in recs)
+        drained = not polled and all(consumer.position(tp) >= end[tp] for tp in tps)
+    return out
+
+
 def read_partition(
     consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """Every ``(key, value)`` of one partition, from its beginning to its end now, in order
-    (records that arrive meanwhile may be included: the caller owns the partition's writes).
-
-    ``consumer`` is a group-less consumer of this sink's own (it is re-assigned to ``tp``).
-    """
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
-    out: list[tuple[bytes | None, bytes | None]] = []
-    deadline = time.monotonic() + timeout_s
-    drained = False
-    # Past the reported end, read on until a poll comes back empty: the embedded broker (Tansu)
-    # reports the base offset of the last record batch as the end, not one past its last record.
-    while consumer.position(tp) < end or not drained:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"reading {tp.topic}:{tp.partition} did not reach {end}")
-        polled = consumer.poll(timeout_ms=200, max_records=10_000).get(tp, [])
-        out.extend((r.key, r.value) for r in polled)
-        drained = consumer.position(tp) >= end and not polled
-    return out
+    """:func:`read_partitions` of one partition."""
+    return read_partitions(consumer, [tp], timeout_s)[tp]
 
 
 def ensure_state_topic(
@@ -272,8 +283,10 @@ class ChangelogReader:
             )
         return created
 
-    def read(self, partition: int) -> list[tuple[bytes | None, bytes | None]]:
-        return read_partition(self._client(), TopicPartition(self.topic, partition))
+    def read(self, partitions: Sequence[int]) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
+        """Each partition's records, read together (see :func:`read_partitions`)."""
+        got = read_partitions(self._client(), [TopicPartition(self.topic, p) for p in partitions])
+        return {tp.partition: recs for tp, recs in got.items()}
 
     def close(self) -> None:
         if self._consumer is not None:

@@ -62,8 +62,9 @@ class FakeReader:
         self.ensured.append(partitions)
         return False
 
-    def read(self, partition: int) -> list[tuple[bytes | None, bytes | None]]:
-        return [(k, v) for t, k, v, p, _ in self.producer.sent if t == STATE and p == partition]
+    def read(self, partitions: list[int]) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
+        sent = self.producer.sent
+        return {q: [(k, v) for t, k, v, p, _ in sent if t == STATE and p == q] for q in partitions}
 
     def close(self) -> None:
         pass
