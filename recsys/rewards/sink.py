@@ -290,14 +290,25 @@ class RewardSink(Sink):
         it (a restore trusts it), so it must never land while a reward of its batch could
         still fail.
         """
-        self._wait()
+        try:
+            self._wait()
+            if self._clock_records:
+                send = self.producer.send
+                for p, (rec, _, _) in self._clock_records.items():
+                    self._futures.append(
+                        send(self.state_topic, key=rec.key, value=rec.value, partition=p)
+                    )
+                self._wait()
+        except Exception:
+            # The batch failed: none of its clock records may be sent later, and the in-memory
+            # state of its partitions is ahead of the durable one, so each is restored (and
+            # sought back) before the next batch, whatever the caller does next.
+            self._clock_records.clear()
+            with self._lock:
+                self._changed.update(TopicPartition(self.source, p) for p in self.joins)
+            raise
         if self._clock_records:
             send = self.producer.send
-            for p, (rec, _, _) in self._clock_records.items():
-                self._futures.append(
-                    send(self.state_topic, key=rec.key, value=rec.value, partition=p)
-                )
-            self._wait()
             for p, (_, upto, clock) in self._clock_records.items():
                 # Tombstones of what is dead as of this durable clock; acked with the next batch.
                 for t in self.logs[p].durable(upto, clock):

@@ -297,6 +297,33 @@ def test_failed_send_raises_in_flush_so_nothing_is_committed() -> None:
         sink.flush()
 
 
+def test_after_a_failed_batch_the_state_is_restored_and_its_clock_never_sent() -> None:
+    tp = TopicPartition(SRC, 0)
+    consumer = FakeConsumer(assigned={tp})
+    producer = FakeProducer()
+    sink, _ = _sink(producer, consumer)
+    records = _imps(8)
+    sink.write(records[:3])
+    consumer.commits.update(sink.flush() or {})
+    producer.fail = True
+    sink.write(records[3:6])
+    with pytest.raises(RuntimeError, match="broker said no"):
+        sink.flush()
+    producer.fail = False
+
+    def clocks() -> int:
+        return sum(1 for t, k, *_ in producer.sent if t == STATE and k and k.endswith(b'"m"]'))
+
+    before = clocks()
+    sink.write(records[6:])  # the consumer went on at 6: the sink seeks back to 3 instead
+    assert consumer.seeks == [(tp, 3)]
+    assert sink.joins[0].open_windows == 3
+    assert sink.flush() == {tp: 3}
+    assert clocks() == before  # the failed batch's clock record was never sent
+    sink.write(records[3:])
+    assert sink.flush() == {tp: 8}
+
+
 def test_gauges_follow_the_state() -> None:
     sink, _ = _sink()
     sink.write(_records([Event("i", "impression", "u", "a", T0 + 5, request_id="r")]))
