@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
 from recsys.config import load_settings
@@ -39,6 +40,7 @@ from tests.unit.test_contract_fuzz import (
     SEED_ITEM,
     random_message,
 )
+from tests.unit.test_rewards_sink import FakeConsumer, FakeProducer, FakeReader
 from tests.unit.tiny_bert import make_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +103,7 @@ def _rejected(worker: str) -> Counter[str]:
     return out
 
 
-def _drive(sink: Sink, producer: Producer, topic_of: list[str], messages: list[bytes]) -> None:
+def _drive(sink: Sink, producer: Any, topic_of: list[str], messages: list[bytes]) -> None:
     """Feed ``messages`` in batches of 500; each on its topic, offsets per topic."""
     offsets: Counter[str] = Counter()
     for start in range(0, len(messages), 500):
@@ -142,13 +144,17 @@ def run_fuzz(n: int, tmp_path: Path) -> None:
     parser = EventParser.from_settings(settings.events)
     quarter = n // 4
 
-    # reward worker
+    # reward worker (its changelog read back from what the stand-in producer was sent)
     events = _events(rng, quarter)
     expected = Counter(r for raw in events if (r := _reason(parser.parse(raw))))
-    producer = Producer()
-    reward = RewardSink(settings, producer)  # type: ignore[arg-type]
+    fake = FakeProducer()
+    reward = RewardSink(settings, fake, reader=FakeReader(fake))  # type: ignore[arg-type]
+    tp = TopicPartition("ev", 0)
+    reward.on_assign(FakeConsumer(assigned={tp}), [tp])  # type: ignore[arg-type]
     before = _rejected("reward")
-    _drive(reward, producer, ["ev"] * len(events), events)
+    _drive(reward, fake, ["ev"] * len(events), events)
+    producer = Producer()
+    producer.sent = [(t, v, dict(h or ())) for t, _, v, _, h in fake.sent]
     _check("reward", before, producer, expected)
 
     # publisher (cold start: no model version yet)
