@@ -145,11 +145,13 @@ class SteadyProducer(threading.Thread):
     ) -> None:
         super().__init__(daemon=True, name="steady-producer")
         # Not idempotent: Tansu 0.6 answers an idempotent batch retried after its restart with
-        # offset -1 and drops it (acknowledged, never stored). At-least-once instead: a re-sent
-        # event is dropped by the reward join's event_id dedupe.
+        # offset -1 and drops it (acknowledged, never stored). At-least-once instead, one
+        # request in flight so that a retry cannot reorder a partition: a re-sent event is
+        # dropped by the reward join's event_id dedupe.
         self.producer = make_producer(
             kafka,
             enable_idempotence=False,
+            max_in_flight_requests_per_connection=1,
             linger_ms=20,
             delivery_timeout_ms=int(delivery_timeout_s * 1000),
             max_block_ms=int(delivery_timeout_s * 1000),
