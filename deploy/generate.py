@@ -207,9 +207,13 @@ def dashboards() -> dict[str, dict[str, Any]]:
             ),
             ts(
                 "Late feedback /s",
-                [(f"sum(rate(recsys_feedback_late_total[{RATE}]))", "late")],
+                [
+                    (f"sum(rate(recsys_feedback_late_total[{RATE}]))", "late feedback"),
+                    (f"sum(rate(recsys_impressions_late_total[{RATE}]))", "late impressions"),
+                ],
                 "ops",
-                "Feedback arriving after the attribution window plus allowed lateness.",
+                "Feedback arriving after the attribution window plus allowed lateness, and "
+                "impressions arriving after everything remembered of them (no outcome).",
             ),
             ts("Open attribution windows", [("sum(recsys_open_windows)", "open")]),
             ts("Dedupe memory (event_ids)", [("sum(recsys_dedupe_entries)", "event_ids")]),

@@ -62,6 +62,10 @@ REWARD_NEGATIVE = Counter(
 FEEDBACK_LATE = Counter(
     "recsys_feedback_late_total", "Feedback later than the attribution window plus lateness"
 )
+IMPRESSIONS_LATE = Counter(
+    "recsys_impressions_late_total",
+    "Impressions arriving after everything remembered of them (e.g. a re-send): no outcome",
+)
 OPEN_WINDOWS = Gauge("recsys_open_windows", "Impressions waiting for feedback in the window")
 DEDUPE_ENTRIES = Gauge("recsys_dedupe_entries", "event_ids remembered for deduplication")
 FEEDBACK_EVENTS = Counter(

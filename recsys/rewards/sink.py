@@ -88,7 +88,7 @@ class RewardSink(Sink):
         self._lock = threading.Lock()
         self._futures: list[Any] = []
         self._clock_records: dict[int, tuple[Record, int, int | None]] = {}
-        self._counted: dict[int, tuple[int, int]] = {}  # (late, duplicates) already in metrics
+        self._counted: dict[int, tuple[int, int, int]] = {}  # (late, dupes, late impressions)
         self._topic_checked = False
         self.events = 0
         self.rewards = 0
@@ -339,16 +339,19 @@ class RewardSink(Sink):
 
     # -- helpers -----------------------------------------------------------------------------
     def _update_gauges(self) -> None:
-        late = dupes = 0
+        late = dupes = late_impressions = 0
         for p, j in self.joins.items():
-            seen_late, seen_dupes = self._counted.get(p, (0, 0))
+            seen_late, seen_dupes, seen_impressions = self._counted.get(p, (0, 0, 0))
             late += j.late - seen_late
             dupes += j.duplicates - seen_dupes
-            self._counted[p] = (j.late, j.duplicates)
+            late_impressions += j.late_impressions - seen_impressions
+            self._counted[p] = (j.late, j.duplicates, j.late_impressions)
         if late > 0:
             metrics.FEEDBACK_LATE.inc(late)
         if dupes > 0:
             metrics.EVENTS_DUPLICATE.inc(dupes)
+        if late_impressions > 0:
+            metrics.IMPRESSIONS_LATE.inc(late_impressions)
         metrics.OPEN_WINDOWS.set(sum(j.open_windows for j in self.joins.values()))
         metrics.DEDUPE_ENTRIES.set(sum(j.dedupe_entries for j in self.joins.values()))
 
