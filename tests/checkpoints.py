@@ -12,19 +12,29 @@ from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
 
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """The small network the checkpoint and model-store tests save and load."""
+    fields: dict[str, Any] = {
+        "text_dim": 8,
+        "dim": 16,
+        "max_history": 10,
+        "item_capacity": 64,
+        "adaptor_hidden": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "use_text": False,
+    }
+    return ModelConfig(**{**fields, **overrides})
+
+
+def tiny_learner(seed: int = 0) -> Learner:
+    """An untrained learner over :func:`tiny_model_config`, on the CPU."""
+    return Learner(tiny_model_config(), LearnerConfig(device="cpu", seed=seed, keep_checkpoints=10))
+
+
 def make_checkpoint(root: Path, step: int, items: list[str], seed: int = 0) -> Path:
     """Save an untrained tiny model over catalogue ``items`` as version ``step`` under ``root``."""
-    cfg = ModelConfig(
-        text_dim=8,
-        dim=16,
-        max_history=10,
-        item_capacity=64,
-        adaptor_hidden=16,
-        num_layers=1,
-        num_heads=2,
-        use_text=False,
-    )
-    learner = Learner(cfg, LearnerConfig(device="cpu", seed=seed, keep_checkpoints=10))
+    learner = tiny_learner(seed)
     for i in items:
         learner.catalog.index_of(i)
     learner.step_count = step

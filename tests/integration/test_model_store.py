@@ -18,14 +18,11 @@ import pytest
 from recsys import checkpoint as ckpt
 from recsys.config import load_settings
 from recsys.errors import ConfigError
-from recsys.learner.config import LearnerConfig
 from recsys.learner.online import OnlineLearner
-from recsys.learner.trainer import Learner
-from recsys.model import ModelConfig
 from recsys.model_store import ModelStore
 from recsys.serving.model import load_serving_model
 from recsys.serving.watcher import ModelWatcher
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import make_checkpoint, tiny_learner
 from tests.integration.publisher_helpers import ITEMS
 
 pytest.importorskip("boto3")
@@ -107,17 +104,7 @@ def test_publish_then_sync_serves_the_new_version(store: ModelStore, tmp_path: P
 
 def test_the_online_learner_publishes_each_checkpoint(store: ModelStore, tmp_path: Path) -> None:
     """The wiring the learner worker uses: OnlineLearner(on_checkpoint=store.publish)."""
-    cfg = ModelConfig(
-        text_dim=8,
-        dim=16,
-        max_history=10,
-        item_capacity=64,
-        adaptor_hidden=16,
-        num_layers=1,
-        num_heads=2,
-        use_text=False,
-    )
-    learner = Learner(cfg, LearnerConfig(device="cpu", seed=0, keep_checkpoints=10))
+    learner = tiny_learner()
     for item in ITEMS:
         learner.catalog.index_of(item)
     learner.step_count = 42
@@ -144,19 +131,7 @@ def test_a_failing_store_neither_stops_the_learner_nor_the_watcher(
     assert "syncing model versions failed" in caplog.text
     assert "testing" not in caplog.text  # no credential in any log line
 
-    learner = Learner(
-        ModelConfig(
-            text_dim=8,
-            dim=16,
-            max_history=10,
-            item_capacity=64,
-            adaptor_hidden=16,
-            num_layers=1,
-            num_heads=2,
-            use_text=False,
-        ),
-        LearnerConfig(device="cpu", seed=0),
-    )
+    learner = tiny_learner()
     learner.catalog.index_of(ITEMS[0])
     learner.step_count = 3
     online = OnlineLearner(learner, tmp_path / "learner", on_checkpoint=gone.publish)

@@ -36,6 +36,7 @@ from recsys.store import Store
 from tests.unit.test_contract_fuzz import (
     EVENT_FIELDS,
     ITEM_FIELDS,
+    REWARD_FIELDS,
     SEED_EVENT,
     SEED_ITEM,
     random_message,
@@ -50,18 +51,6 @@ SEED_REWARD = RewardRecord(
     "r1", "u1", "i1", 1.0, 1_700_000_000_000, "joined", 0.25, 3, "v1", "q1"
 ).to_bytes()
 SEED_VECTOR = ItemVector("i1", "tiny", "k1", (0.5,) * 8).to_bytes()
-REWARD_FIELDS = [
-    "reward_id",
-    "user_id",
-    "item_id",
-    "reward",
-    "ts",
-    "kind",
-    "propensity",
-    "position",
-    "model_version",
-    "request_id",
-]
 
 
 class Future:
