@@ -45,6 +45,7 @@ from recsys.rewards.state import ChangelogReader, PartitionLog, Record, fold, ke
 log = logging.getLogger(__name__)
 
 WORKER = "reward"
+DAY_MS = 24 * 3600 * 1000
 
 
 class RewardSink(Sink):
@@ -357,9 +358,16 @@ class RewardSink(Sink):
 
 
 def build(settings: Settings) -> WorkerApp:
-    """The reward worker: its own producer (linger and compression from settings)."""
+    """The reward worker: its own producer (linger and compression from settings).
+
+    Its sends never expire (a day's delivery timeout): through a broker outage the flush
+    waits and the batch completes when the broker is back. An expiry would not help: once
+    kafka-python 3's idempotent producer expires a batch it had already sent, it resets its
+    producer id and then neither sends nor expires anything again (seen in a 5-minute outage,
+    benchmarks/broker_outage.py), so the worker would hang instead of failing the batch.
+    """
     s = settings.rewards
-    overrides: dict[str, Any] = {"linger_ms": s.linger_ms}
+    overrides: dict[str, Any] = {"linger_ms": s.linger_ms, "delivery_timeout_ms": DAY_MS}
     if s.compression != "none":
         overrides["compression_type"] = s.compression
     sink = RewardSink(settings, make_producer(settings.kafka, **overrides))
