@@ -772,7 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         good = pipeline_ok(r) if name == "pipeline" else encoder_ok(r)
         ok = ok and good
-        print(f"\n{name} ({'ok' if good else 'FAILED'})")
+        verdict = "ok" if good else "FAILED"
+        if name == "encoder" and r["encoder_send_failures"] == 0:
+            verdict += ": no send was pending when the broker stopped, the rewind never ran"
+        print(f"\n{name} ({verdict})")
         for k, v in r.items():
             print(f"  {k:<36} {v}")
     if args.json:
