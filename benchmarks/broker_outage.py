@@ -358,58 +358,62 @@ def run_pipeline_outage(
     say(f"{len(all_events):,} events at {rate:g}/s, {len(oracle):,} oracle rewards")
 
     broker = durable_broker(s3_endpoint)
-    kafka = outage_kafka_settings(broker.bootstrap)
-    p = f"out{uuid.uuid4().hex[:8]}"
-    topics = {n: f"{p}.{n}" for n in ("events", "rewards", "dlq", "state", "vectors")}
-    create_topics(kafka, [topics["events"], topics["rewards"], topics["state"]], partitions)
-    create_topics(kafka, [topics["dlq"], topics["vectors"]], 1)
+    try:  # set-up that fails must not leave the broker running
+        kafka = outage_kafka_settings(broker.bootstrap)
+        p = f"out{uuid.uuid4().hex[:8]}"
+        topics = {n: f"{p}.{n}" for n in ("events", "rewards", "dlq", "state", "vectors")}
+        create_topics(kafka, [topics["events"], topics["rewards"], topics["state"]], partitions)
+        create_topics(kafka, [topics["dlq"], topics["vectors"]], 1)
 
-    first: dict[str, RewardRecord] = {}
-    counts = {"records": 0}
+        first: dict[str, RewardRecord] = {}
+        counts = {"records": 0}
 
-    def on_reward(value: bytes) -> None:
-        rec = RewardRecord.from_bytes(value)
-        counts["records"] += 1
-        first.setdefault(rec.reward_id, rec)
+        def on_reward(value: bytes) -> None:
+            rec = RewardRecord.from_bytes(value)
+            counts["records"] += 1
+            first.setdefault(rec.reward_id, rec)
 
-    metrics_port = free_port()
-    reward = WorkerProcess(
-        "reward",
-        _reward_env(broker.bootstrap, topics, partitions, metrics_port),
-        log_dir / "reward.log",
-    )
-    settings = learner_settings(kafka, topics, log_dir / "checkpoints")
-    app = learner_sink.build(settings)
-    loop = make_loop(settings, app)
-    learner_thread = threading.Thread(target=loop.run, daemon=True, name="learner")
-    reader = TopicReader(kafka, topics["rewards"], partitions, on_reward)
-    producer = SteadyProducer(
-        kafka, topics["events"], messages, rate, delivery_timeout_s=outage_s + 300
-    )
-
-    def read(worker: str) -> tuple[float | None, float | None]:
-        if worker == "reward":
-            try:
-                s = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-            except OSError:
-                return None, None
-            return (
-                total(s, "recsys_events_consumed_total", worker="reward"),
-                total(s, "recsys_consumer_lag", worker="reward", topic=topics["events"]),
-            )
-        consumed = REGISTRY.get_sample_value(
-            "recsys_events_consumed_total", {"worker": "learner", "topic": topics["rewards"]}
+        metrics_port = free_port()
+        reward = WorkerProcess(
+            "reward",
+            _reward_env(broker.bootstrap, topics, partitions, metrics_port),
+            log_dir / "reward.log",
         )
-        lags = [
-            REGISTRY.get_sample_value(
-                "recsys_consumer_lag",
-                {"worker": "learner", "topic": topics["rewards"], "partition": str(q)},
-            )
-            for q in range(partitions)
-        ]
-        known = [x for x in lags if x is not None]
-        return consumed, (sum(known) if known else None)
+        settings = learner_settings(kafka, topics, log_dir / "checkpoints")
+        app = learner_sink.build(settings)
+        loop = make_loop(settings, app)
+        learner_thread = threading.Thread(target=loop.run, daemon=True, name="learner")
+        reader = TopicReader(kafka, topics["rewards"], partitions, on_reward)
+        producer = SteadyProducer(
+            kafka, topics["events"], messages, rate, delivery_timeout_s=outage_s + 300
+        )
 
+        def read(worker: str) -> tuple[float | None, float | None]:
+            if worker == "reward":
+                try:
+                    s = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+                except OSError:
+                    return None, None
+                return (
+                    total(s, "recsys_events_consumed_total", worker="reward"),
+                    total(s, "recsys_consumer_lag", worker="reward", topic=topics["events"]),
+                )
+            consumed = REGISTRY.get_sample_value(
+                "recsys_events_consumed_total", {"worker": "learner", "topic": topics["rewards"]}
+            )
+            lags = [
+                REGISTRY.get_sample_value(
+                    "recsys_consumer_lag",
+                    {"worker": "learner", "topic": topics["rewards"], "partition": str(q)},
+                )
+                for q in range(partitions)
+            ]
+            known = [x for x in lags if x is not None]
+            return consumed, (sum(known) if known else None)
+
+    except BaseException:
+        broker.stop()
+        raise
     report: dict[str, Any] = {"outage_s": outage_s, "rate": rate}
     try:
         reward.start()
@@ -597,47 +601,51 @@ def run_encoder_outage(
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     broker = durable_broker(s3_endpoint)
-    kafka = outage_kafka_settings(broker.bootstrap)
-    p = f"enc{uuid.uuid4().hex[:8]}"
-    topics = {n: f"{p}.{n}" for n in ("items", "vectors", "dlq")}
-    create_topics(kafka, [topics["items"], topics["vectors"]], partitions)
-    create_topics(kafka, [topics["dlq"]], 1)
-    group = f"{p}.encoder"
+    try:  # set-up that fails must not leave the broker running
+        kafka = outage_kafka_settings(broker.bootstrap)
+        p = f"enc{uuid.uuid4().hex[:8]}"
+        topics = {n: f"{p}.{n}" for n in ("items", "vectors", "dlq")}
+        create_topics(kafka, [topics["items"], topics["vectors"]], partitions)
+        create_topics(kafka, [topics["dlq"]], 1)
+        group = f"{p}.encoder"
 
-    n_items = int(items_per_s * (before_s + outage_s + after_s))
-    items = [
-        ItemRecord(f"it{i}", f"Item {i}: a film about {i % 17} things", 1, tags=(f"g{i % 5}",))
-        for i in range(n_items)
-    ]
-    messages = [(it.item_id.encode(), it.to_bytes()) for it in items]
+        n_items = int(items_per_s * (before_s + outage_s + after_s))
+        items = [
+            ItemRecord(f"it{i}", f"Item {i}: a film about {i % 17} things", 1, tags=(f"g{i % 5}",))
+            for i in range(n_items)
+        ]
+        messages = [(it.item_id.encode(), it.to_bytes()) for it in items]
 
-    request_timeout_ms = int(min(10_000, delivery_timeout_s * 1000 / 2))
-    enc_producer: KafkaProducer = make_producer(
-        kafka,
-        delivery_timeout_ms=int(delivery_timeout_s * 1000),
-        request_timeout_ms=request_timeout_ms,
-    )
-    sink = EncoderSink(
-        ItemCatalog(TextEncoder(device="cpu"), cache_dir=log_dir / "cache"),
-        enc_producer,
-        topics["vectors"],
-        DeadLetterWriter(enc_producer, topics["dlq"], "encoder"),
-    )
-    loop = ConsumerLoop(
-        make_consumer(kafka, group), [topics["items"]], sink, worker="encoder", max_records=50
-    )
-    thread = threading.Thread(target=loop.run, daemon=True, name="encoder")
-    vectors: set[str] = set()
-    counts = {"vectors": 0}
+        request_timeout_ms = int(min(10_000, delivery_timeout_s * 1000 / 2))
+        enc_producer: KafkaProducer = make_producer(
+            kafka,
+            delivery_timeout_ms=int(delivery_timeout_s * 1000),
+            request_timeout_ms=request_timeout_ms,
+        )
+        sink = EncoderSink(
+            ItemCatalog(TextEncoder(device="cpu"), cache_dir=log_dir / "cache"),
+            enc_producer,
+            topics["vectors"],
+            DeadLetterWriter(enc_producer, topics["dlq"], "encoder"),
+        )
+        loop = ConsumerLoop(
+            make_consumer(kafka, group), [topics["items"]], sink, worker="encoder", max_records=50
+        )
+        thread = threading.Thread(target=loop.run, daemon=True, name="encoder")
+        vectors: set[str] = set()
+        counts = {"vectors": 0}
 
-    def on_vector(value: bytes) -> None:
-        vectors.add(ItemVector.from_bytes(value).item_id)
-        counts["vectors"] += 1
+        def on_vector(value: bytes) -> None:
+            vectors.add(ItemVector.from_bytes(value).item_id)
+            counts["vectors"] += 1
 
-    reader = TopicReader(kafka, topics["vectors"], partitions, on_vector)
-    producer = SteadyProducer(
-        kafka, topics["items"], messages, items_per_s, delivery_timeout_s=outage_s + 300
-    )
+        reader = TopicReader(kafka, topics["vectors"], partitions, on_vector)
+        producer = SteadyProducer(
+            kafka, topics["items"], messages, items_per_s, delivery_timeout_s=outage_s + 300
+        )
+    except BaseException:
+        broker.stop()
+        raise
     report: dict[str, Any] = {
         "outage_s": outage_s,
         "delivery_timeout_s": delivery_timeout_s,
