@@ -752,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after-s", type=float, default=30.0, help="traffic after it")
     ap.add_argument("--encoder-outage-s", type=float, default=150.0, help="0 skips it")
     ap.add_argument("--encoder-delivery-timeout-s", type=float, default=120.0)
+    ap.add_argument("--encoder-items-per-s", type=float, default=5.0, help="items/s produced")
     ap.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: own moto_server)")
     ap.add_argument("--json", type=Path, help="write the report here too")
     args = ap.parse_args(argv)
@@ -774,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.encoder_outage_s,
                 s3_endpoint=endpoint,
                 delivery_timeout_s=args.encoder_delivery_timeout_s,
+                items_per_s=args.encoder_items_per_s,
                 log_dir=log_dir / "enc",
             )
     ok = True
