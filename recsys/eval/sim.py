@@ -633,6 +633,10 @@ def t_interval(x: Sequence[float]) -> dict[str, float]:
     return {"mean": m, "low": m - h, "high": m + h, "n": len(a)}
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(b) else math.nan
+
+
 def summarise(seeds: list[dict[str, Any]], metric: str = "expected_ctr") -> dict[str, Any]:
     """Ratios recsys(full) / arm per seed (paired), ablation deltas, and their intervals."""
     out: dict[str, Any] = {
@@ -647,17 +651,17 @@ def summarise(seeds: list[dict[str, Any]], metric: str = "expected_ctr") -> dict
         for arm in arms:
             for key, m in (("ratios_last_third", metric), ("ratios_last_third_observed", "ctr")):
                 per = [
-                    f[f"{m}_last"] / s["arms"][arm][f"{m}_last"]
+                    _ratio(f[f"{m}_last"], s["arms"][arm][f"{m}_last"])
                     for f, s in zip(full, seeds, strict=True)
                 ]
                 out[key][f"recsys_over_{arm}"] = t_interval(per) | {"per_seed": per}
         if "oracle" in arms:
             first = [
-                f[f"{metric}_first"] / s["arms"]["oracle"][f"{metric}_first"]
+                _ratio(f[f"{metric}_first"], s["arms"]["oracle"][f"{metric}_first"])
                 for f, s in zip(full, seeds, strict=True)
             ]
             last = [
-                f[f"{metric}_last"] / s["arms"]["oracle"][f"{metric}_last"]
+                _ratio(f[f"{metric}_last"], s["arms"]["oracle"][f"{metric}_last"])
                 for f, s in zip(full, seeds, strict=True)
             ]
             out["oracle_ratio_first_third"] = t_interval(first) | {"per_seed": first}
