@@ -705,8 +705,8 @@ def run_encoder_outage(
             thread.join(30)
         if reader.is_alive():
             reader.stop()
+        sink.close()  # while the broker is still up: nothing left to wait for
         broker.stop()
-        sink.close()
 
 
 def _committed(kafka: KafkaSettings, group: str, topic: str, partitions: int) -> dict[int, int]:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Large enough for the 10 MB poison payloads the DLQ must be able to carry verbatim.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: How long a sink's ``close`` waits for its producer: kafka-python waits forever by default,
+#: which would hang a worker stopped during a broker outage. What is not sent by then was not
+#: committed either, so the next owner re-reads it.
+CLOSE_TIMEOUT_S = 10.0
 
 
 def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:

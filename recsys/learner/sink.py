@@ -22,7 +22,14 @@ from recsys.config import Settings
 from recsys.drift import DriftMonitor, DriftReaction
 from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
-from recsys.kafka import DeadLetterWriter, Sink, make_producer, offsets_from_json, offsets_to_json
+from recsys.kafka import (
+    CLOSE_TIMEOUT_S,
+    DeadLetterWriter,
+    Sink,
+    make_producer,
+    offsets_from_json,
+    offsets_to_json,
+)
 from recsys.learner.config import LearnerConfig
 from recsys.learner.online import OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
@@ -102,7 +109,7 @@ class LearnerSink(Sink):
 
     def close(self) -> None:
         if self.dlq is not None:
-            self.dlq.producer.close()
+            self.dlq.producer.close(timeout=CLOSE_TIMEOUT_S)
 
     def _offsets(self) -> dict[str, int]:
         return offsets_to_json(self.consumed)
