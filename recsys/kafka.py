@@ -33,9 +33,7 @@ log = logging.getLogger(__name__)
 
 # Large enough for the 10 MB poison payloads the DLQ must be able to carry verbatim.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: How long a sink's ``close`` waits for its producer: kafka-python waits forever by default,
-#: which would hang a worker stopped during a broker outage. What is not sent by then was not
-#: committed either, so the next owner re-reads it.
+#: How long :func:`close_producer` waits for the producer's last sends.
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -51,6 +49,19 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     }
     kwargs.update(overrides)
     return KafkaProducer(**kwargs)
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``producer``, waiting at most ``timeout_s`` for its last sends.
+
+    kafka-python waits forever by default, and raises when a timed close cannot flush: either
+    would hang or crash a worker stopped during a broker outage. What is unsent by then was not
+    committed either, so the partitions' next owner re-reads it.
+    """
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError as exc:
+        log.warning("producer closed with sends pending (%s); they are re-read, not lost", exc)
 
 
 def make_consumer(

@@ -24,7 +24,7 @@ from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, ItemVector, Rejection, item_text, parse_item
-from recsys.kafka import CLOSE_TIMEOUT_S, DeadLetterWriter, Sink, make_producer
+from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class EncoderSink(Sink):
             self._written.pop(tp, None)
 
     def close(self) -> None:
-        self.producer.close(timeout=CLOSE_TIMEOUT_S)
+        close_producer(self.producer)
 
 
 def build(settings: Settings) -> WorkerApp:

@@ -23,9 +23,9 @@ from recsys.drift import DriftMonitor, DriftReaction
 from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
 from recsys.kafka import (
-    CLOSE_TIMEOUT_S,
     DeadLetterWriter,
     Sink,
+    close_producer,
     make_producer,
     offsets_from_json,
     offsets_to_json,
@@ -109,7 +109,7 @@ class LearnerSink(Sink):
 
     def close(self) -> None:
         if self.dlq is not None:
-            self.dlq.producer.close(timeout=CLOSE_TIMEOUT_S)
+            close_producer(self.dlq.producer)
 
     def _offsets(self) -> dict[str, int]:
         return offsets_to_json(self.consumed)

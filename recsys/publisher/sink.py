@@ -18,7 +18,7 @@ from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser
-from recsys.kafka import CLOSE_TIMEOUT_S, DeadLetterWriter, Sink, make_producer
+from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
 from recsys.model_store import ModelStore
 from recsys.publisher.core import Batch, Publisher, PublisherConfig
 from recsys.rewards.rules import RewardRules
@@ -138,7 +138,7 @@ class PublisherSink(Sink):
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        self.producer.close(timeout=CLOSE_TIMEOUT_S)
+        close_producer(self.producer)
         self.store.close()
 
 

@@ -37,7 +37,7 @@ from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser, Rejection
-from recsys.kafka import CLOSE_TIMEOUT_S, DeadLetterWriter, Sink, make_producer
+from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
 from recsys.rewards.join import RewardJoin, encode_reward
 from recsys.rewards.rules import RewardRules
 from recsys.rewards.state import ChangelogReader, PartitionLog, Record, fold, key_prefix
@@ -336,7 +336,7 @@ class RewardSink(Sink):
 
     def close(self) -> None:
         self.reader.close()
-        self.producer.close(timeout=CLOSE_TIMEOUT_S)
+        close_producer(self.producer)
 
     # -- helpers -----------------------------------------------------------------------------
     def _update_gauges(self) -> None:
