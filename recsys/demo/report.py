@@ -267,7 +267,7 @@ def _plot(result: DemoResult, out: Path) -> list[str]:
             if name == "oracle" or not arm.t:
                 continue
             times, ctr = _rolling_ctr(arm)
-            n = min(len(ctr), len(ctr_o))
+            n = min(len(times), len(ctr), len(ctr_o))
             with np.errstate(invalid="ignore", divide="ignore"):
                 ax.plot(
                     times[:n],
@@ -347,7 +347,7 @@ def _rolling_ctr(arm: ArmSeries, window: int = 10) -> tuple[np.ndarray, np.ndarr
     imp = np.convolve(np.asarray(arm.impressions, float), np.ones(window), mode="valid")
     exp = np.convolve(np.asarray(arm.expected, float), np.ones(window), mode="valid")
     t = np.asarray(arm.t[window - 1 :] if len(arm.t) >= window else arm.t[-1:], float)
-    if imp.size == 0:
+    if imp.size == 0 or len(arm.t) < window:  # fewer intervals than the window: one point
         total = max(sum(arm.impressions), 1)
         return np.asarray(arm.t[-1:]), np.asarray([sum(arm.expected) / total])
     with np.errstate(invalid="ignore", divide="ignore"):
