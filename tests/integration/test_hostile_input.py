@@ -175,9 +175,13 @@ def test_all_four_workers_survive_hostile_messages(kafka_settings, topic_prefix,
             return [RewardRecord.from_bytes(v) for _, _, v in got if v not in hostile]
 
         _wait(lambda: len(rewards()) >= expected_rewards, loops, 120)
-        got = read_topic(kafka_settings, t.item_vectors, idle_s=0.5)
-        vectors = [ItemVector.from_bytes(v) for _, _, v in got if v not in hostile]
-        assert {v.item_id for v in vectors} == {i.item_id for i in items}
+
+        def vector_ids() -> set[str]:
+            got = read_topic(kafka_settings, t.item_vectors, idle_s=0.5)
+            return {ItemVector.from_bytes(v).item_id for _, _, v in got if v not in hostile}
+
+        # the encoder runs beside the reward worker, not before it: wait for its vectors too
+        _wait(lambda: vector_ids() == {i.item_id for i in items}, loops, 120)
 
         def learned() -> int:
             found = ckpt.find_latest(settings.learner.checkpoint_dir)
