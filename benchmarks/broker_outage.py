@@ -47,13 +47,14 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kafka import KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
@@ -622,7 +623,19 @@ def run_encoder_outage(
             delivery_timeout_ms=int(delivery_timeout_s * 1000),
             request_timeout_ms=request_timeout_ms,
         )
-        sink = EncoderSink(
+        stop_now, stopped = threading.Event(), threading.Event()
+
+        class BrokerDiesMidBatch(EncoderSink):
+            """Stops the broker between a fetch and its sends, so the outage always catches
+            vectors in flight (a steady trickle would otherwise leave it idle at random)."""
+
+            def write(self, records: Sequence[ConsumerRecord]) -> None:
+                if stop_now.is_set() and not stopped.is_set():
+                    broker.stop()
+                    stopped.set()
+                super().write(records)
+
+        sink = BrokerDiesMidBatch(
             ItemCatalog(TextEncoder(device="cpu"), cache_dir=log_dir / "cache"),
             enc_producer,
             topics["vectors"],
@@ -657,8 +670,10 @@ def run_encoder_outage(
         if not wait_for(lambda: len(vectors) > 0, 120, 0.2):
             raise RuntimeError("the encoder produced no vector before the outage")
         time.sleep(before_s)
+        stop_now.set()
+        if not stopped.wait(60):
+            raise RuntimeError("the encoder got no batch to stop the broker in")
         say(f"{time.monotonic() - started:.0f}s: {len(vectors)} vectors; broker down")
-        broker.stop()
         time.sleep(outage_s)
         alive_during = thread.is_alive()
         broker.start()

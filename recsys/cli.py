@@ -280,6 +280,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         warm_start=not args.no_warm_start,
         seed=args.seed,
     )
+    # The workers log to their own files; the console is for the progress line.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     run_demo(cfg)
     return 0
 

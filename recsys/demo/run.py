@@ -190,8 +190,6 @@ def _backfill(ml: MovieLens, items: set[str]) -> list[Event]:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the closed loop for ``cfg.minutes`` and write the report; returns its path."""
-    # The workers log to their own files; the console is for the progress line.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     # A demo starts from nothing: the broker is in memory, so old state would not match it.

@@ -794,7 +794,6 @@ def run_sim(
     ``threads``: torch threads (1: on a shared machine more threads make steps much slower).
     """
     torch.set_num_threads(threads)
-    logging.getLogger("recsys").setLevel(logging.WARNING)
     base = run or SimRun()
     ml = load_movielens(path)
     vectors: dict[str, np.ndarray] | None = None
@@ -874,6 +873,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(merged, indent=1, default=float))
         return 0
+    # The learner and publisher log every checkpoint; the console is for the table.
+    logging.getLogger("recsys").setLevel(logging.WARNING)
     run_sim(
         args.path,
         range(args.seed_start, args.seed_start + args.seeds),

@@ -153,12 +153,21 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
     app = build(settings)
     loop, sink = make_loop(settings, app), app.sink
     assert isinstance(sink, RewardSink)
-    thread = threading.Thread(target=loop.run, daemon=True)
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run()
+        except BaseException as exc:
+            crashed.append(exc)
+            raise
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 120
         while sink.events < len(messages) and time.monotonic() < deadline:
-            assert thread.is_alive(), "the worker stopped on bad input"
+            assert thread.is_alive(), f"the worker stopped on bad input: {crashed!r}"
             time.sleep(0.1)
         assert sink.events >= len(messages)
         time.sleep(1.0)

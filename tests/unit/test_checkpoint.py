@@ -88,11 +88,17 @@ def test_round_trip_restores_everything(tmp_path: Path) -> None:
     torch.testing.assert_close(lr2.item_counts, lr.item_counts)
     hist = [[0, 1], [], [5]]
     torch.testing.assert_close(lr2.scores(hist), lr.scores(hist))
+    with_state = 0
     for p, p2 in zip(lr.model.parameters(), lr2.model.parameters(), strict=True):
+        # A parameter no loss term reached yet (a head whose weight is 0) has no AdamW state.
         s, s2 = lr.optimizer.state[p], lr2.optimizer.state[p2]
-        torch.testing.assert_close(s["exp_avg"], s2["exp_avg"])
-        torch.testing.assert_close(s["exp_avg_sq"], s2["exp_avg_sq"])
-        assert float(s["step"]) == float(s2["step"])
+        assert s.keys() == s2.keys()
+        if s:
+            with_state += 1
+            torch.testing.assert_close(s["exp_avg"], s2["exp_avg"])
+            torch.testing.assert_close(s["exp_avg_sq"], s2["exp_avg_sq"])
+            assert float(s["step"]) == float(s2["step"])
+    assert with_state > 0
     assert lr2.optimizer.param_groups[0]["betas"] == lr.optimizer.param_groups[0]["betas"]
     out = lr2.step()
     assert out is not None

@@ -166,6 +166,9 @@ def test_kafka_admin_debug_log_is_redacted(
     settings = load_settings()
     install_secret_filter(settings_secrets(settings))
     caplog.set_level(logging.DEBUG)
+    # Another test (or a CLI entry point run in-process) may have raised these loggers' levels.
+    caplog.set_level(logging.DEBUG, logger="kafka")
+    caplog.set_level(logging.DEBUG, logger="recsys")
     # The embedded broker speaks PLAINTEXT only, so the SASL handshake fails and bootstrap
     # times out; kafka-python has logged its whole configuration by then.
     try:
@@ -188,6 +191,9 @@ def test_filter_redacts_messages_arguments_and_tracebacks(
     install_secret_filter([SASL_PASSWORD])
     install_secret_filter([PG_PASSWORD])  # a second call adds to the filter already there
     caplog.set_level(logging.DEBUG)
+    # Another test (or a CLI entry point run in-process) may have raised these loggers' levels.
+    caplog.set_level(logging.DEBUG, logger="kafka")
+    caplog.set_level(logging.DEBUG, logger="recsys")
     log = logging.getLogger("recsys.test")
     log.info("connecting with %s", SASL_PASSWORD)
     log.info("store at %s", PG_URL)  # a known secret, and a URL password in any case
