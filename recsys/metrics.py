@@ -1,6 +1,7 @@
 """Every Prometheus metric recsys exports, defined once.
 
-Labels are bounded: topic, partition, reason, type, worker, signal, loss. Never a user or item id.
+Labels are bounded: topic, partition, reason, type, worker, signal, loss, cache. Never a user
+or item id.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ FRESHNESS_SECONDS = Histogram(
 )
 TOP_SCORE = Gauge("recsys_top_score_mean", "Mean top-1 score of the last published batch")
 MODEL_SWAPS = Counter("recsys_model_swaps_total", "Hot reloads of a new model version")
+
+# --- bounded in-memory state (recsys.lru) ---------------------------------------------------
+CACHE_ENTRIES = Gauge("recsys_cache_entries", "Entries held by a bounded cache", ["cache"])
+CACHE_CAPACITY = Gauge("recsys_cache_capacity", "The bound of a bounded cache", ["cache"])
+CACHE_EVICTIONS = Counter(
+    "recsys_cache_evictions_total", "Entries evicted from a bounded cache", ["cache"]
+)
 
 # --- drift -----------------------------------------------------------------------------------
 DRIFT_DETECTED = Counter("recsys_drift_detected_total", "Drift detections, by signal", ["signal"])
