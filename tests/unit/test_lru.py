@@ -23,7 +23,9 @@ def test_evicts_least_recently_used_and_reports_it() -> None:
     assert evicted == [("b", 1), ("c", 2)]
     assert cache.keys() == ["a", "d", "e"]
     assert cache.evictions == 2
-    assert cache.pop("a") == 0 and "a" not in cache and len(cache) == 2
+    assert cache.pop("a") == 0
+    assert "a" not in cache
+    assert len(cache) == 2
     gauge = metrics.CACHE_ENTRIES.labels(cache="test_lru")._value.get()
     assert gauge == 2
     assert metrics.CACHE_CAPACITY.labels(cache="test_lru")._value.get() == 3
