@@ -13,11 +13,14 @@ augmentations in :mod:`recsys.objectives` use :data:`MASK` (``-2``) for masked p
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import sys
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from recsys.lru import LRU
 
 PAD = -1
 """Padding index in history tensors (left padding)."""
@@ -25,16 +28,31 @@ MASK = -2
 """Masked-position index (CL4SRec item mask augmentation)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    ts: int
-    seq: int  # arrival order, breaks ties between equal timestamps stably
-    item: int
-    key: object = None  # dedupe key (e.g. ``(request_id, item_id)``), None: never a duplicate
+UNBOUNDED = sys.maxsize
+"""``max_users`` of a structure that never evicts (only for callers with their own bound)."""
+
+_NO_KEY = -1  # CPython's hash() never returns -1, so no real key collides with "no key"
+
+
+class _UserEntries:
+    """One user's retained entries as parallel int64 arrays, sorted by event time.
+
+    Arrays, not one object per entry: ~24 bytes an entry instead of ~250 (an object, three
+    ints and the key tuple), which is what bounds the learner's bytes per user.
+    """
+
+    __slots__ = ("items", "keys", "ts")
+
+    def __init__(self) -> None:
+        self.ts = array("q")
+        self.items = array("q")
+        # hash() of each entry's dedupe key: a per-process value, so never persisted; a 64-bit
+        # collision among one user's ~2N keys (which would drop a click) is negligible.
+        self.keys = array("q")
 
 
 class UserHistories:
-    """Per-user positive-item histories in event-time order.
+    """Per-user positive-item histories in event-time order, for at most ``max_users`` users.
 
     Parameters
     ----------
@@ -44,9 +62,28 @@ class UserHistories:
         How many entries per user are kept so that :meth:`as_of` can answer for events that
         arrive a little out of order; defaults to ``2 * max_len``. ``as_of`` is exact while the
         user's entries newer than ``ts`` number fewer than ``retain - max_len``.
+    max_users:
+        The bound on users held (a :class:`recsys.lru.LRU` by last event: :meth:`add`,
+        :meth:`get` and :meth:`as_of` mark a user used). The least recently active user is
+        evicted first, and a later event of theirs starts from an empty history unless
+        ``on_evict`` saved it somewhere the owner reloads it from. :data:`UNBOUNDED` never
+        evicts.
+    name:
+        The ``cache`` label of the ``recsys_cache_*`` gauges.
+    on_evict:
+        Called with each evicted user's id, after the user left the map (an owner with a store
+        behind it marks the user to reload on the next event).
     """
 
-    def __init__(self, max_len: int = 50, retain: int | None = None) -> None:
+    def __init__(
+        self,
+        max_len: int = 50,
+        retain: int | None = None,
+        *,
+        max_users: int = UNBOUNDED,
+        name: str = "histories",
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
         retain = 2 * max_len if retain is None else retain
@@ -54,9 +91,24 @@ class UserHistories:
             raise ValueError(f"retain must be an int >= max_len ({max_len}), got {retain!r}")
         self.max_len = max_len
         self.retain = retain
-        self._users: dict[str, list[_Entry]] = {}
-        self._keys: dict[str, set[object]] = {}  # dedupe keys of each user's retained entries
-        self._seq = 0
+        self.name = name
+        self._on_evict = on_evict
+        self._users: LRU[str, _UserEntries] = LRU(
+            max_users, name=name, on_evict=self._evicted if on_evict is not None else None
+        )
+
+    def _evicted(self, user_id: str, _entries: _UserEntries) -> None:
+        if self._on_evict is not None:
+            self._on_evict(user_id)
+
+    @property
+    def max_users(self) -> int:
+        return self._users.max_entries
+
+    @property
+    def evictions(self) -> int:
+        """Users evicted so far (also ``recsys_cache_evictions_total{cache=name}``)."""
+        return self._users.evictions
 
     def __len__(self) -> int:
         return len(self._users)
@@ -65,7 +117,8 @@ class UserHistories:
         return user_id in self._users
 
     def users(self) -> list[str]:
-        return list(self._users)
+        """Users held, least recently active first."""
+        return self._users.keys()
 
     def add(
         self, user_id: str, item_index: int, ts: int, reward: float, key: object = None
@@ -80,70 +133,88 @@ class UserHistories:
         """
         if not reward > 0:  # also rejects NaN
             return False
-        keys = self._keys.setdefault(user_id, set()) if key is not None else None
-        if keys is not None:
-            if key in keys:
-                return False
-            keys.add(key)
-        entries = self._users.setdefault(user_id, [])
-        entry = _Entry(int(ts), self._seq, int(item_index), key)
-        self._seq += 1
-        if not entries or entries[-1].ts <= entry.ts:
-            entries.append(entry)  # the common, in-order case
-        else:
-            bisect.insort(entries, entry, key=lambda e: (e.ts, e.seq))
-        if len(entries) > self.retain:
-            user_keys = self._keys.get(user_id)
-            for old in entries[: len(entries) - self.retain]:
-                if user_keys is not None and old.key is not None:
-                    user_keys.discard(old.key)
-            del entries[: len(entries) - self.retain]
+        entries = self._users.get(user_id)
+        h = _NO_KEY if key is None else hash(key)
+        if entries is None:
+            entries = _UserEntries()
+            self._users.put(user_id, entries)
+        elif h != _NO_KEY and h in entries.keys:
+            return False
+        t = int(ts)
+        if not entries.ts or entries.ts[-1] <= t:  # the common, in-order case
+            entries.ts.append(t)
+            entries.items.append(int(item_index))
+            entries.keys.append(h)
+        else:  # after any equal timestamps: arrival order breaks ties
+            pos = bisect.bisect_right(entries.ts, t)
+            entries.ts.insert(pos, t)
+            entries.items.insert(pos, int(item_index))
+            entries.keys.insert(pos, h)
+        excess = len(entries.ts) - self.retain
+        if excess > 0:
+            del entries.ts[:excess], entries.items[:excess], entries.keys[:excess]
         return True
 
     def get(self, user_id: str) -> list[int]:
         """The user's current history: last ``max_len`` positive items, oldest first."""
         entries = self._users.get(user_id)
-        if not entries:
+        if entries is None:
             return []
-        return [e.item for e in entries[-self.max_len :]]
+        return entries.items[-self.max_len :].tolist()
 
     def as_of(self, user_id: str, ts: int) -> list[int]:
         """The history as it was just before ``ts``: entries with event time ``< ts``."""
         entries = self._users.get(user_id)
-        if not entries:
+        if entries is None:
             return []
-        end = bisect.bisect_left(entries, int(ts), key=lambda e: e.ts)
-        return [e.item for e in entries[max(0, end - self.max_len) : end]]
+        end = bisect.bisect_left(entries.ts, int(ts))
+        return entries.items[max(0, end - self.max_len) : end].tolist()
 
     # --- persistence (flat arrays, for safetensors checkpoints; never pickle) ---------------
 
     def to_arrays(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        """Flatten to (user ids, arrays): counts [U], ts [E], items [E] (E = all entries)."""
-        users = list(self._users)
-        counts = np.array([len(self._users[u]) for u in users], dtype=np.int64)
-        flat = [e for u in users for e in self._users[u]]
-        ts = np.array([e.ts for e in flat], dtype=np.int64)
-        items = np.array([e.item for e in flat], dtype=np.int64)
-        return users, {"counts": counts, "ts": ts, "items": items}
+        """Flatten to (user ids, arrays): counts [U], ts [E], items [E] (E = all entries).
+
+        Users come least recently active first, so :meth:`from_arrays` restores the LRU order.
+        """
+        pairs = self._users.items()
+        users = [u for u, _ in pairs]
+        counts = np.array([len(e.ts) for _, e in pairs], dtype=np.int64)
+        ts = np.frombuffer(b"".join(e.ts.tobytes() for _, e in pairs), dtype=np.int64)
+        items = np.frombuffer(b"".join(e.items.tobytes() for _, e in pairs), dtype=np.int64)
+        return users, {"counts": counts, "ts": ts.copy(), "items": items.copy()}
 
     @classmethod
     def from_arrays(
-        cls, users: Sequence[str], arrays: dict[str, np.ndarray], max_len: int, retain: int
+        cls,
+        users: Sequence[str],
+        arrays: dict[str, np.ndarray],
+        max_len: int,
+        retain: int,
+        *,
+        max_users: int = UNBOUNDED,
+        name: str = "histories",
+        on_evict: Callable[[str], None] | None = None,
     ) -> UserHistories:
-        out = cls(max_len=max_len, retain=retain)
-        counts = arrays["counts"].tolist()
-        ts = arrays["ts"].tolist()
-        items = arrays["items"].tolist()
-        if len(counts) != len(users) or sum(counts) != len(ts) or len(ts) != len(items):
+        """The inverse of :meth:`to_arrays`; beyond ``max_users`` the least recent are dropped
+        (not counted as evictions: they were never loaded)."""
+        out = cls(max_len=max_len, retain=retain, max_users=max_users, name=name, on_evict=on_evict)
+        counts = np.asarray(arrays["counts"], dtype=np.int64)
+        ts = np.ascontiguousarray(arrays["ts"], dtype=np.int64)
+        items = np.ascontiguousarray(arrays["items"], dtype=np.int64)
+        if len(counts) != len(users) or int(counts.sum()) != len(ts) or len(ts) != len(items):
             raise ValueError("history arrays do not match the user list")
-        pos = 0
-        for user, n in zip(users, counts, strict=True):
-            entries = []
-            for k in range(pos, pos + n):
-                entries.append(_Entry(ts[k], out._seq, items[k]))
-                out._seq += 1
-            out._users[user] = entries
-            pos += n
+        if (counts < 0).any() or len(set(users)) != len(users):
+            raise ValueError("history arrays have negative counts or repeated users")
+        ends = np.cumsum(counts)
+        skip = max(0, len(users) - max_users)
+        for k in range(skip, len(users)):
+            lo, hi = int(ends[k] - counts[k]), int(ends[k])
+            e = _UserEntries()
+            e.ts.frombytes(ts[lo:hi].tobytes())
+            e.items.frombytes(items[lo:hi].tobytes())
+            e.keys.extend([_NO_KEY] * (hi - lo))
+            out._users.put(users[k], e)
         return out
 
 
@@ -171,17 +242,50 @@ class WatchedItems:
     ----------
     max_len:
         Most recent watched items kept per user (older ones become eligible again).
+    max_users:
+        The bound on users held (LRU by last event, as :class:`UserHistories`); an evicted
+        user's watched set starts empty again. :data:`UNBOUNDED` never evicts.
+    name:
+        The ``cache`` label of the ``recsys_cache_*`` gauges.
+    on_evict:
+        Called with each evicted user's id, after the user left the map.
     """
 
-    def __init__(self, max_len: int = 2000) -> None:
+    def __init__(
+        self,
+        max_len: int = 2000,
+        *,
+        max_users: int = UNBOUNDED,
+        name: str = "watched",
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
         self.max_len = max_len
-        self._users: dict[str, dict[int, None]] = {}  # insertion-ordered set
+        self.name = name
+        self._on_evict = on_evict
+        self._users: LRU[str, dict[int, None]] = LRU(  # dict: an insertion-ordered set
+            max_users, name=name, on_evict=self._evicted if on_evict is not None else None
+        )
+
+    def _evicted(self, user_id: str, _items: dict[int, None]) -> None:
+        if self._on_evict is not None:
+            self._on_evict(user_id)
+
+    @property
+    def max_users(self) -> int:
+        return self._users.max_entries
+
+    @property
+    def evictions(self) -> int:
+        return self._users.evictions
 
     def add(self, user_id: str, item_index: int) -> bool:
         """Mark an item watched; returns whether it was new for the user."""
-        items = self._users.setdefault(user_id, {})
+        items = self._users.get(user_id)
+        if items is None:
+            items = {}
+            self._users.put(user_id, items)
         item = int(item_index)
         if item in items:
             return False
@@ -192,7 +296,14 @@ class WatchedItems:
 
     def get(self, user_id: str) -> list[int]:
         """The user's watched items, oldest first."""
-        return list(self._users.get(user_id, ()))
+        return list(self._users.get(user_id) or ())
+
+    def users(self) -> list[str]:
+        """Users held, least recently active first."""
+        return self._users.keys()
+
+    def __len__(self) -> int:
+        return len(self._users)
 
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._users

@@ -116,3 +116,61 @@ def test_watched_items_keep_every_feedback_item_newest_bounded() -> None:
     assert not is_watched_record("default")
     with pytest.raises(ValueError, match="max_len"):
         WatchedItems(0)
+
+
+def test_max_users_evicts_the_least_recently_active_user() -> None:
+    evicted: list[str] = []
+    h = UserHistories(max_len=3, max_users=2, name="test_histories", on_evict=evicted.append)
+    h.add("a", 1, 10, 1.0)
+    h.add("b", 2, 11, 1.0)
+    assert h.as_of("a", 20) == [1]  # reading a user's state is activity: "b" is now the oldest
+    assert not h.add("c", 9, 12, 0.0)  # a zero reward stores nothing, so evicts nobody
+    assert len(h) == 2
+    h.add("c", 3, 13, 1.0)
+    assert evicted == ["b"]
+    assert h.evictions == 1
+    assert "b" not in h
+    assert h.users() == ["a", "c"]
+    assert h.get("b") == []  # an evicted user restarts from an empty history
+    h.add("b", 4, 14, 1.0)
+    assert h.get("b") == [4]
+    assert len(h) == 2
+
+
+def test_max_users_gauges_report_entries_capacity_and_evictions() -> None:
+    from recsys import metrics
+
+    h = UserHistories(max_len=2, max_users=3, name="test_history_gauges")
+    for n in range(5):
+        h.add(f"u{n}", n, n, 1.0)
+    labels = {"cache": "test_history_gauges"}
+    assert metrics.CACHE_ENTRIES.labels(**labels)._value.get() == 3
+    assert metrics.CACHE_CAPACITY.labels(**labels)._value.get() == 3
+    assert metrics.CACHE_EVICTIONS.labels(**labels)._value.get() == 2
+
+
+def test_arrays_round_trip_keeps_lru_order_and_applies_a_smaller_bound() -> None:
+    h = UserHistories(max_len=3, max_users=10, name="test_history_rt")
+    for u, i, t in [("a", 1, 5), ("b", 2, 6), ("c", 3, 7), ("a", 4, 8)]:
+        h.add(u, i, t, 1.0)
+    users, arrays = h.to_arrays()
+    assert users == ["b", "c", "a"]  # least recently active first
+    g = UserHistories.from_arrays(users, arrays, 3, 6, max_users=2, name="test_history_rt")
+    assert g.users() == ["c", "a"]  # the oldest user is the one left out
+    assert g.get("a") == [1, 4]
+    assert g.evictions == 0  # never loaded, so not evicted
+    with pytest.raises(ValueError, match="repeated"):
+        UserHistories.from_arrays(["a", "a"], {k: v[:2] for k, v in arrays.items()}, 3, 6)
+
+
+def test_watched_items_max_users_evicts_the_least_recently_active_user() -> None:
+    w = WatchedItems(max_len=5, max_users=2, name="test_watched")
+    w.add("a", 1)
+    w.add("b", 2)
+    w.add("a", 3)
+    w.add("c", 4)
+    assert w.users() == ["a", "c"]
+    assert w.get("b") == []
+    assert w.get("a") == [1, 3]
+    assert w.evictions == 1
+    assert len(w) == 2
