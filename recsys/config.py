@@ -268,6 +268,19 @@ class LearnerSettings(_Section):
     replay_ratio: float = Field(4.0, gt=0, description="Training samples per new reward")
     max_steps_per_batch: int = Field(16, ge=1, description="Most gradient steps per polled batch")
     id_embeddings: bool = Field(True, description="Learn an id embedding beside the text vector")
+    max_users: int = Field(
+        200_000,
+        ge=1,
+        description="Users whose history the learner holds (least recently active evicted "
+        "first: their next events train from an empty history; checkpoints hold only these)",
+    )
+    max_items: int = Field(
+        1_000_000,
+        ge=1,
+        le=1 << 24,
+        description="Most item ids the learner's item tables hold; rewards and vectors for "
+        "new items beyond it are dead-lettered (reason item_capacity)",
+    )
 
 
 class RewardSettings(_Section):

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from recsys.config import LearnerSettings
 from recsys.errors import ConfigError
+from recsys.model import MODEL_SIZE_BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class LearnerConfig:
     logged propensity), ``contrastive`` ("none" turns the contrastive term off),
     ``sequence_weight`` (0 turns the every-position next-item term off); text and id towers are
     ``ModelConfig.use_text`` / ``use_id_embedding`` / ``item_bias``.
+
+    Memory bounds: ``max_users`` users' histories are held (LRU by last event), ``max_items``
+    item ids (at most ``ModelConfig``'s item_capacity bound, 2^24).
     """
 
     batch_size: int = 256
@@ -64,6 +68,8 @@ class LearnerConfig:
     seed: int = 0
     keep_checkpoints: int = 3
     checkpoint_buffer: bool = False
+    max_users: int = 200_000
+    max_items: int = 1_000_000
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, what: str) -> None:
@@ -88,6 +94,8 @@ class LearnerConfig:
             "buffer_capacity",
             "min_buffer",
             "keep_checkpoints",
+            "max_users",
+            "max_items",
         ):
             check(n, pos_int(getattr(self, n)), "an int >= 1")
         for n in (
@@ -118,6 +126,8 @@ class LearnerConfig:
             rc is None or (isinstance(rc, int) and 0 <= rc <= self.buffer_capacity),
             "None or an int in [0, buffer_capacity]",
         )
+        item_bound = MODEL_SIZE_BOUNDS["item_capacity"]
+        check("max_items", self.max_items <= item_bound, f"at most {item_bound} (item_capacity)")
         check("device", isinstance(self.device, str) and bool(self.device), "a device string")
 
     @classmethod
@@ -133,6 +143,8 @@ class LearnerConfig:
             buffer_capacity=s.buffer_capacity,
             device=s.device,
             keep_checkpoints=s.keep_checkpoints,
+            max_users=s.max_users,
+            max_items=s.max_items,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from recsys.drift import POPULARITY_SIGNAL, DriftMonitor, DriftReaction
 from recsys.errors import CheckpointError
 from recsys.events import ItemVector, RewardRecord
 from recsys.learner.trainer import Learner
+from recsys.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,13 @@ class OnlineConfig:
 
 
 class RecentIds:
-    """A bounded set of recently seen ids (oldest forgotten first)."""
+    """A bounded set of recently seen ids (oldest forgotten first), gauged as ``name``."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, name: str = "learner_reward_ids") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: LRU[str, bool] = LRU(capacity, name=name)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -88,13 +88,11 @@ class RecentIds:
         """Remember ``key``; False if it was already there (a duplicate)."""
         if key in self._ids:
             return False
-        self._ids[key] = None
-        if len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
+        self._ids.put(key, True)
         return True
 
     def newest(self, n: int) -> list[str]:
-        return list(self._ids)[-n:] if n else []
+        return self._ids.keys()[-n:] if n else []
 
 
 class OnlineLearner:
@@ -174,6 +172,14 @@ class OnlineLearner:
         usable = [v for v in vectors if len(v.vector) == dim]
         if len(usable) < len(vectors):
             log.warning("ignoring %d item vectors of the wrong width", len(vectors) - len(usable))
+        fits = self.learner.admit_batch([v.item_id for v in usable])
+        if not all(fits):
+            log.warning(
+                "ignoring %d vectors of new items: item tables full (max_items=%d)",
+                fits.count(False),
+                self.learner.cfg.max_items,
+            )
+            usable = [v for v, ok in zip(usable, fits, strict=True) if ok]
         if usable:
             self.learner.catalog.put_vectors(
                 [v.item_id for v in usable],

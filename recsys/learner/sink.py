@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -39,6 +40,10 @@ from recsys.model_store import ModelStore
 log = logging.getLogger(__name__)
 
 WORKER = "learner"
+ITEM_CAPACITY = "item_capacity"
+"""Dead-letter reason of a record whose new item the full item tables cannot take."""
+
+_WithItem = TypeVar("_WithItem", ItemVector, RewardRecord)
 
 
 class LearnerSink(Sink):
@@ -68,10 +73,27 @@ class LearnerSink(Sink):
     def write(self, records: Sequence[ConsumerRecord]) -> None:
         for r in records:
             self.consumed[TopicPartition(r.topic, r.partition)] = r.offset + 1
-        vectors = [v for _, v in self.decode(self._of(records, True), ItemVector.from_bytes)]
+        vectors = self.decode(self._of(records, True), ItemVector.from_bytes)
         rewards = self.decode(self._of(records, False), RewardRecord.from_bytes)
-        self.online.add_vectors(vectors)
-        self.online.train(self._add_rewards(rewards))
+        self.online.add_vectors([v for _, v in self._fitting(vectors)])
+        self.online.train(self._add_rewards(self._fitting(rewards)))
+
+    def _fitting(
+        self, decoded: list[tuple[ConsumerRecord, _WithItem]]
+    ) -> list[tuple[ConsumerRecord, _WithItem]]:
+        """The records whose item fits the learner's item tables; the rest (new items beyond
+        ``max_items``) are dead-lettered with reason ``item_capacity``."""
+        learner = self.online.learner
+        fits = learner.admit_batch([value.item_id for _, value in decoded])
+        out = []
+        for (record, value), ok in zip(decoded, fits, strict=True):
+            if ok:
+                out.append((record, value))
+            else:
+                self.on_bad_record(
+                    record, ITEM_CAPACITY, f"new item beyond max_items={learner.cfg.max_items}"
+                )
+        return out
 
     def _of(self, records: Sequence[ConsumerRecord], vectors: bool) -> list[ConsumerRecord]:
         return [r for r in records if (r.topic == self.vectors_topic) == vectors]
@@ -142,6 +164,9 @@ def build(settings: Settings) -> WorkerApp:
         reaction=DriftReaction.from_settings(settings.drift),
         on_checkpoint=publish,
     )
+    # The settings' bounds win over those a checkpoint was written with: lowering them is how
+    # an operator fits the learner into a smaller pod.
+    online.learner.set_memory_bounds(s.max_users, s.max_items)
     metrics.MODEL_VERSION.labels(worker=WORKER).set(online.version)
     topics = settings.topics
     dlq = DeadLetterWriter(make_producer(settings.kafka), topics.dlq, WORKER)

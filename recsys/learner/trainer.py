@@ -41,6 +41,7 @@ and is counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +70,11 @@ from recsys.serving.model import policy_scores
 
 log = logging.getLogger(__name__)
 
+HISTORY_CACHE = "learner_histories"
+"""The ``cache`` label of the learner's user histories in the ``recsys_cache_*`` gauges."""
+ITEM_TABLE = "learner_items"
+"""The ``cache`` label of the learner's item tables (entries: item ids held; never evicted)."""
+
 LOSS_NAMES = ("loss", "sequence", "pg", "contrast", "behaviour", "weight_mean")
 
 
@@ -94,7 +100,13 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.histories = UserHistories(model_cfg.max_history)
+        # Bounded by users, not only by entries per user: every user ever seen would otherwise
+        # stay resident and in every checkpoint. An evicted user's samples already in the
+        # buffer keep their state; only that user's later events start from an empty history.
+        self.histories = UserHistories(
+            model_cfg.max_history, max_users=cfg.max_users, name=HISTORY_CACHE
+        )
+        self.items_refused = 0  # rewards dropped because their new item found no room
         self.buffer = ReplayBuffer(
             cfg.buffer_capacity,
             model_cfg.max_history,
@@ -111,10 +123,63 @@ class Learner:
         self._synced_version = -1
         self._amp = cfg.amp and self.device.type == "cuda"
         metrics.REPLAY_BUFFER_CAPACITY.set(cfg.buffer_capacity)
+        self._item_gauges()
 
     @property
     def model_cfg(self) -> ModelConfig:
         return self.model.cfg
+
+    # --- memory bounds ----------------------------------------------------------------------
+
+    def admits(self, item_id: str) -> bool:
+        """Whether a record for ``item_id`` fits: a known item, or room for one more.
+
+        Item tables are never compacted (an index is a row of the model and of every sample in
+        the buffer), so ``max_items`` is a hard bound: beyond it new ids are refused.
+        """
+        return item_id in self.catalog or len(self.catalog) < self.cfg.max_items
+
+    def admit_batch(self, item_ids: Sequence[str]) -> list[bool]:
+        """:meth:`admits` for each id of a batch, counting the batch's own new ids."""
+        room = self.cfg.max_items - len(self.catalog)
+        new: set[str] = set()
+        out = []
+        for item in item_ids:
+            ok = item in self.catalog or item in new or len(new) < room
+            if ok and item not in self.catalog:
+                new.add(item)
+            out.append(ok)
+        return out
+
+    def set_memory_bounds(self, max_users: int, max_items: int) -> None:
+        """Apply new bounds (e.g. the worker's settings over a checkpoint's config).
+
+        Fewer users than held: the least recently active are dropped now. Fewer items than
+        held: the items stay (indices cannot be reclaimed) and new ones are refused.
+        """
+        self.cfg = dataclasses.replace(self.cfg, max_users=max_users, max_items=max_items)
+        if max_users != self.histories.max_users:
+            users, arrays = self.histories.to_arrays()
+            self.histories = UserHistories.from_arrays(
+                users,
+                arrays,
+                self.histories.max_len,
+                self.histories.retain,
+                max_users=max_users,
+                name=HISTORY_CACHE,
+            )
+        self._item_gauges()
+
+    def _item_gauges(self) -> None:
+        metrics.CACHE_ENTRIES.labels(cache=ITEM_TABLE).set(len(self.catalog))
+        metrics.CACHE_CAPACITY.labels(cache=ITEM_TABLE).set(self.cfg.max_items)
+
+    def _item_rows(self, n: int, have: int) -> int:
+        """Rows to allocate for ``n`` items: doubling from ``have``, never past the bound."""
+        rows = max(have, 1)
+        while rows < n:
+            rows *= 2
+        return max(n, min(rows, self.cfg.max_items))
 
     # --- data in ----------------------------------------------------------------------------
 
@@ -123,12 +188,22 @@ class Learner:
 
         Each sample's state is the user's history as of the record's ``ts`` (strictly earlier
         positives), taken before the record itself is added: no leakage. Records with a
-        non-finite reward are dropped.
+        non-finite reward are dropped, and so are records of a new item once the item tables
+        hold ``max_items`` (counted in :attr:`items_refused`; the worker's sink dead-letters
+        them before they get here, see :meth:`admits`).
         """
         hist, items, rewards, props, positions = [], [], [], [], []
         for r in records:
             if not math.isfinite(r.reward):
                 log.warning("dropping reward %s with non-finite reward", r.reward_id)
+                continue
+            if not self.admits(r.item_id):
+                self.items_refused += 1
+                log.warning(
+                    "dropping reward %s: item tables full (max_items=%d)",
+                    r.reward_id,
+                    self.cfg.max_items,
+                )
                 continue
             i = self.catalog.index_of(r.item_id)
             hist.append(self.histories.as_of(r.user_id, r.ts))
@@ -138,12 +213,14 @@ class Learner:
             rewards.append(r.reward)
             props.append(math.nan if r.propensity is None else r.propensity)
             positions.append(-1 if r.position is None else r.position)
+        self._item_gauges()
         if not items:
             return 0
         idx = torch.tensor(items, device=self.device)
-        if len(self.catalog) > self.item_counts.shape[0]:
+        have = self.item_counts.shape[0]
+        if len(self.catalog) > have:
             self.item_counts = F.pad(
-                self.item_counts, (0, 2 * len(self.catalog) - self.item_counts.shape[0])
+                self.item_counts, (0, self._item_rows(len(self.catalog), have) - have)
             )
         self.item_counts.index_add_(0, idx, torch.ones(len(items), device=self.device))
         h, _ = pad_histories(hist, self.model_cfg.max_history)
@@ -166,10 +243,8 @@ class Learner:
         n = len(self.catalog)
         cap = self.model.items.capacity
         if n > cap:
-            new_cap = cap
-            while new_cap < n:
-                new_cap *= 2
-            self._replace_params(self.model.grow(new_cap))
+            self._replace_params(self.model.grow(self._item_rows(n, cap)))
+        self._item_gauges()
         if n:
             self.model.set_text_vectors(self.catalog.text_vectors(self.device))
         self._synced_version = self.catalog.version
@@ -488,7 +563,12 @@ class Learner:
                 ).items()
             }
             learner.histories = UserHistories.from_arrays(
-                hmeta["users"], harr, hmeta["max_len"], hmeta["retain"]
+                hmeta["users"],
+                harr,
+                hmeta["max_len"],
+                hmeta["retain"],
+                max_users=learner.cfg.max_users,
+                name=HISTORY_CACHE,
             )
             if "replay.safetensors" in manifest["files"]:
                 learner.buffer.load_state_dict(
