@@ -16,6 +16,7 @@ import bisect
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,21 @@ MASK = -2
 
 UNBOUNDED = sys.maxsize
 """``max_users`` of a structure that never evicts (only for callers with their own bound)."""
+
+V = TypeVar("V")
+
+
+class _Unbounded(dict[str, V]):
+    """The part of :class:`LRU`'s interface these classes use, without order or gauges: for
+    one-user instances and owners that bound users themselves (the publisher's LRU of user
+    states), where an LRU per instance would only cost memory and set a meaningless gauge."""
+
+    max_entries = UNBOUNDED
+    evictions = 0
+
+    def put(self, key: str, value: V) -> None:
+        self[key] = value
+
 
 _NO_KEY = -1  # CPython's hash() never returns -1, so no real key collides with "no key"
 
@@ -67,7 +83,8 @@ class UserHistories:
         :meth:`get` and :meth:`as_of` mark a user used). The least recently active user is
         evicted first, and a later event of theirs starts from an empty history unless
         ``on_evict`` saved it somewhere the owner reloads it from. :data:`UNBOUNDED` never
-        evicts.
+        evicts and keeps no gauges (a plain dict): only for owners that bound users
+        themselves.
     name:
         The ``cache`` label of the ``recsys_cache_*`` gauges.
     on_evict:
@@ -93,8 +110,10 @@ class UserHistories:
         self.retain = retain
         self.name = name
         self._on_evict = on_evict
-        self._users: LRU[str, _UserEntries] = LRU(
-            max_users, name=name, on_evict=self._evicted if on_evict is not None else None
+        self._users: LRU[str, _UserEntries] | _Unbounded[_UserEntries] = (
+            _Unbounded()
+            if max_users == UNBOUNDED
+            else LRU(max_users, name=name, on_evict=self._evicted if on_evict else None)
         )
 
     def _evicted(self, user_id: str, _entries: _UserEntries) -> None:
@@ -118,7 +137,7 @@ class UserHistories:
 
     def users(self) -> list[str]:
         """Users held, least recently active first."""
-        return self._users.keys()
+        return list(self._users.keys())
 
     def add(
         self, user_id: str, item_index: int, ts: int, reward: float, key: object = None
@@ -177,7 +196,7 @@ class UserHistories:
 
         Users come least recently active first, so :meth:`from_arrays` restores the LRU order.
         """
-        pairs = self._users.items()
+        pairs = list(self._users.items())
         users = [u for u, _ in pairs]
         counts = np.array([len(e.ts) for _, e in pairs], dtype=np.int64)
         ts = np.frombuffer(b"".join(e.ts.tobytes() for _, e in pairs), dtype=np.int64)
@@ -264,8 +283,11 @@ class WatchedItems:
         self.max_len = max_len
         self.name = name
         self._on_evict = on_evict
-        self._users: LRU[str, dict[int, None]] = LRU(  # dict: an insertion-ordered set
-            max_users, name=name, on_evict=self._evicted if on_evict is not None else None
+        # per user a dict: an insertion-ordered set of item indices
+        self._users: LRU[str, dict[int, None]] | _Unbounded[dict[int, None]] = (
+            _Unbounded()
+            if max_users == UNBOUNDED
+            else LRU(max_users, name=name, on_evict=self._evicted if on_evict else None)
         )
 
     def _evicted(self, user_id: str, _items: dict[int, None]) -> None:
@@ -300,7 +322,7 @@ class WatchedItems:
 
     def users(self) -> list[str]:
         """Users held, least recently active first."""
-        return self._users.keys()
+        return list(self._users.keys())
 
     def __len__(self) -> int:
         return len(self._users)
