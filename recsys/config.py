@@ -400,6 +400,18 @@ class PublisherSettings(_Section):
     refresh_on_impression: bool = Field(
         True, description="Publish a fresh slate once the user's current one has been shown"
     )
+    max_users: int = Field(
+        100_000,
+        ge=1,
+        description="Users whose state a publisher replica keeps in memory (least recently "
+        "active evicted first; an evicted user is reloaded from the store on the next event)",
+    )
+    max_items: int = Field(
+        2_000_000,
+        ge=1,
+        description="Distinct item ids a publisher replica tracks (later new ids are not "
+        "tracked: set it above the catalogue size)",
+    )
 
 
 class Settings(BaseSettings):

@@ -13,13 +13,19 @@ Tables
 ``cold_start``        the slate served to users the publisher has never seen (one row).
 ``model_versions``    every model version a publisher loaded: checkpoint path, created/loaded
                       at, metrics from the checkpoint manifest.
-``user_histories``    the publisher's per-user positive-item entries ``[ts, item_id,
-                      event_id]`` so it resumes after a restart without re-reading the topic.
+``user_histories``    the publisher's per-user state, everything that must outlive an eviction
+                      from its bounded cache: positive-item entries ``[ts, item_id, event_id,
+                      request_id]``, watched item ids (oldest first), the user's rating count
+                      and sum, and the events partition the user's events come from (the
+                      replica that owns the partition owns the user).
 ``item_popularity``   positive-feedback counts per item, for cold-start slates.
+``publisher_offsets`` per (group, topic, partition) the next offset whose effects are not yet in
+                      the store, written in the same transaction as the state it vouches for.
 ``schema_info``       the schema version.
 
 :meth:`Store.save_batch` writes a publisher batch (slates, histories, popularity, cold-start
-slate) in **one** transaction: after a crash the store holds the whole batch or none of it.
+slate, the offsets it covers) in **one** transaction: after a crash the store holds the whole
+batch or none of it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from kafka.partitioner.default import murmur2
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -41,7 +48,7 @@ from recsys.events import Slate, slate_items_from_json, slate_items_to_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COLD_START_KEY = "default"
 
 
@@ -99,6 +106,20 @@ class UserHistoryRow(Base):
     user_id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
     entries: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
     updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+    # Nullable: added in place to a version-1 store, whose rows have none of them.
+    partition: Mapped[int | None] = mapped_column(sa.Integer, nullable=True, index=True)
+    watched: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
+    rating_n: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    rating_sum: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+
+
+class PublisherOffsetRow(Base):
+    __tablename__ = "publisher_offsets"
+
+    group_id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    topic: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    partition: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
 
 
 class ItemPopularityRow(Base):
@@ -135,6 +156,35 @@ class SlateWrite:
 
 
 HistoryEntry = tuple[int, str, str]  # (event ts, item_id, event_id)
+StateEntry = tuple[int, str, str, str | None]  # (event ts, item_id, event_id, request_id)
+
+
+@dataclass(frozen=True)
+class UserStateRow:
+    """What the store keeps of one publisher user (all of it survives a cache eviction)."""
+
+    user_id: str
+    partition: int | None
+    entries: tuple[StateEntry, ...]  # positive feedback, event-time order
+    watched: tuple[str, ...]  # item ids given any feedback, oldest first
+    rating_n: int = 0
+    rating_sum: float = 0.0
+
+
+def partition_for(user_id: str, partitions: int) -> int:
+    """The events partition of ``user_id`` under kafka-python's default partitioner (murmur2 of
+    the UTF-8 key, as the Java client): where a keyed producer sends the user's events.
+
+    Only for rows written before the store recorded each user's source partition; a producer
+    with another partitioner (librdkafka's default is CRC32) is why new rows keep the partition
+    the events actually came from.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions!r}")
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+_IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
 
 
 class Store:
@@ -243,10 +293,16 @@ class Store:
         slates: Sequence[SlateWrite],
         *,
         histories: Mapping[str, Sequence[HistoryEntry]] | None = None,
+        states: Sequence[UserStateRow] = (),
         popularity: Mapping[str, int] | None = None,
         cold_start: Slate | None = None,
+        offsets: Mapping[tuple[str, str, int], int] | None = None,
     ) -> None:
-        """Upsert a publisher batch in one transaction (all of it or, after a crash, none)."""
+        """Upsert a publisher batch in one transaction (all of it or, after a crash, none).
+
+        ``states`` replace whole user rows; ``histories`` (entries only) is the version-1 form.
+        ``offsets``: ``{(group, topic, partition): next offset}`` the batch's state covers.
+        """
         now = _now()
         rec_rows = [
             {
@@ -265,9 +321,36 @@ class Store:
             {"user_id": u, "entries": [list(e) for e in entries], "updated_at": now}
             for u, entries in (histories or {}).items()
         ]
+        state_rows = [
+            {
+                "user_id": st.user_id,
+                "entries": [list(e) for e in st.entries],
+                "updated_at": now,
+                "partition": st.partition,
+                "watched": list(st.watched),
+                "rating_n": st.rating_n,
+                "rating_sum": st.rating_sum,
+            }
+            for st in states
+        ]
         with self.engine.begin() as conn:
             self._upsert(conn, RecommendationRow, rec_rows, "user_id")
             self._upsert(conn, UserHistoryRow, hist_rows, "user_id")
+            self._upsert(conn, UserHistoryRow, state_rows, "user_id")
+            if offsets:
+                stmt = self._insert(PublisherOffsetRow)
+                rows = [
+                    {"group_id": g, "topic": t, "partition": p, "next_offset": int(o)}
+                    for (g, t, p), o in offsets.items()
+                ]
+                if rows:
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["group_id", "topic", "partition"],
+                            set_={"next_offset": stmt.excluded.next_offset},
+                        ),
+                        rows,
+                    )
             if popularity:
                 stmt = self._insert(ItemPopularityRow)
                 stmt = stmt.on_conflict_do_update(
@@ -381,7 +464,100 @@ class Store:
             for user_id, entries in conn.execute(
                 sa.select(UserHistoryRow.user_id, UserHistoryRow.entries)
             ):
-                yield user_id, [(int(e[0]), str(e[1]), str(e[2])) for e in entries]
+                yield user_id, [(int(e[0]), str(e[1]), str(e[2])) for e in entries or []]
+
+    def load_user_states(self, user_ids: Iterable[str]) -> dict[str, UserStateRow]:
+        """The stored state of each of ``user_ids`` that has a row (one query per 500 ids)."""
+        ids = list(dict.fromkeys(user_ids))
+        out: dict[str, UserStateRow] = {}
+        cols = (
+            UserHistoryRow.user_id,
+            UserHistoryRow.partition,
+            UserHistoryRow.entries,
+            UserHistoryRow.watched,
+            UserHistoryRow.rating_n,
+            UserHistoryRow.rating_sum,
+        )
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                for row in conn.execute(sa.select(*cols).where(UserHistoryRow.user_id.in_(chunk))):
+                    user_id, partition, entries, watched, rating_n, rating_sum = row
+                    parsed = tuple(
+                        (int(e[0]), str(e[1]), str(e[2]), None if len(e) < 4 else e[3])
+                        for e in entries
+                    )
+                    # A version-1 row has no watched list: its positives were all it knew.
+                    seen = watched if watched is not None else [e[1] for e in parsed]
+                    out[user_id] = UserStateRow(
+                        user_id,
+                        partition,
+                        parsed,
+                        tuple(str(i) for i in seen),
+                        int(rating_n or 0),
+                        float(rating_sum or 0.0),
+                    )
+        return out
+
+    def owned_users(
+        self,
+        partition: int,
+        *,
+        after: str = "",
+        limit: int = 1000,
+        stale_for: str | None = None,
+    ) -> list[str]:
+        """Users of one events partition, by user id after ``after`` (keyset paging, so a
+        refresh of millions of users holds one page at a time); with ``stale_for``, only those
+        whose stored slate is missing or of another model version."""
+        stmt = sa.select(UserHistoryRow.user_id).where(
+            UserHistoryRow.partition == partition, UserHistoryRow.user_id > after
+        )
+        if stale_for is not None:
+            rec = RecommendationRow
+            stmt = stmt.outerjoin(rec, rec.user_id == UserHistoryRow.user_id).where(
+                sa.or_(rec.model_version.is_(None), rec.model_version != stale_for)
+            )
+        stmt = stmt.order_by(UserHistoryRow.user_id).limit(limit)
+        with self.engine.connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def fill_partitions(self, partitions: int) -> int:
+        """Give every user row without a partition (a version-1 store) the one kafka-python's
+        default partitioner picks for its key, and a row to every user that has a stored slate
+        but no state row; returns how many rows changed."""
+        changed = 0
+        with self.engine.begin() as conn:
+            missing = conn.execute(
+                sa.select(RecommendationRow.user_id).where(
+                    ~sa.exists().where(UserHistoryRow.user_id == RecommendationRow.user_id)
+                )
+            ).scalars()
+            now = _now()
+            rows = [{"user_id": u, "entries": [], "updated_at": now} for u in missing]
+            if rows:  # replicas starting together may race here: the first insert wins
+                conn.execute(self._insert(UserHistoryRow).on_conflict_do_nothing(), rows)
+            todo = list(
+                conn.execute(
+                    sa.select(UserHistoryRow.user_id).where(UserHistoryRow.partition.is_(None))
+                ).scalars()
+            )
+            for user_id in todo:
+                conn.execute(
+                    sa.update(UserHistoryRow)
+                    .where(UserHistoryRow.user_id == user_id)
+                    .values(partition=partition_for(user_id, partitions))
+                )
+            changed = len(todo)
+        return changed
+
+    def publisher_offsets(self, group: str) -> dict[tuple[str, int], int]:
+        """Per (topic, partition), the next offset whose effects the store does not hold yet."""
+        stmt = sa.select(
+            PublisherOffsetRow.topic, PublisherOffsetRow.partition, PublisherOffsetRow.next_offset
+        ).where(PublisherOffsetRow.group_id == group)
+        with self.engine.connect() as conn:
+            return {(t, int(p)): int(o) for t, p, o in conn.execute(stmt)}
 
     def load_popularity(self) -> dict[str, int]:
         with self.engine.connect() as conn:

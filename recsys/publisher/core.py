@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from recsys import metrics
 from recsys.config import Settings
 from recsys.events import Event, Slate, SlateItem
 from recsys.history import (
@@ -45,10 +46,11 @@ from recsys.history import (
     impression_key,
     pad_histories,
 )
+from recsys.lru import LRU
 from recsys.policy import Policy, Ranking
 from recsys.rewards.rules import RewardRules
 from recsys.serving.model import ServingModel
-from recsys.store import HistoryEntry, SlateWrite
+from recsys.store import HistoryEntry, SlateWrite, StateEntry, Store, UserStateRow
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,19 @@ class PublisherConfig:
     seed: int | None = None
     refresh_on_impression: bool = True
     watched_len: int = 2000  # most recent watched items per user that are never shown again
+    max_users: int = 100_000  # users whose state is held in memory (LRU)
+    max_items: int = 2_000_000  # distinct item ids tracked
 
     def __post_init__(self) -> None:
-        for name in ("k", "history_len", "refresh_batch_users", "chunk_size", "watched_len"):
+        for name in (
+            "k",
+            "history_len",
+            "refresh_batch_users",
+            "chunk_size",
+            "watched_len",
+            "max_users",
+            "max_items",
+        ):
             v = getattr(self, name)
             if v is None and name == "chunk_size":
                 continue
@@ -115,6 +127,8 @@ class PublisherConfig:
             device=None if ps.device == "auto" else ps.device,
             seed=ps.seed,
             refresh_on_impression=ps.refresh_on_impression,
+            max_users=ps.max_users,
+            max_items=ps.max_items,
         )
 
     def policy_kwargs(self) -> dict[str, Any]:
@@ -137,18 +151,58 @@ class Batch:
     model: ServingModel | None
     slates: list[SlateWrite]
     trigger_ts: dict[str, int]  # user -> event time of the oldest event the slate reflects
-    histories: dict[str, list[HistoryEntry]]
+    states: list[UserStateRow]
     popularity: dict[str, int]
     cold_start: Slate | None
     users: list[str] = field(default_factory=list)
 
 
+@dataclass(eq=False, slots=True)
+class UserState:
+    """One user's state in the publisher's cache; rebuilt from a :class:`UserStateRow` on a miss.
+
+    ``history`` and ``watched`` are one-user instances of the shared definitions in
+    :mod:`recsys.history`; ``entries`` is their persisted twin (event and request ids, so a
+    reloaded user deduplicates exactly as before the eviction).
+    """
+
+    partition: int | None
+    history: UserHistories
+    watched: WatchedItems
+    entries: list[StateEntry] = field(default_factory=list)
+    event_ids: set[str] = field(default_factory=set)
+    rating_n: int = 0
+    rating_sum: float = 0.0
+
+
+class _View:
+    """``get(user)`` of one per-user structure for users in memory (the old dict-like API)."""
+
+    def __init__(self, publisher: Publisher, attr: str) -> None:
+        self._publisher = publisher
+        self._attr = attr
+
+    def get(self, user_id: str) -> list[int]:
+        st = self._publisher._peek(user_id)
+        if st is None:
+            return []
+        structure: UserHistories | WatchedItems = getattr(st, self._attr)
+        return structure.get(user_id)
+
+
 class Publisher:
-    """Histories, dirty users and slate computation; no I/O.
+    """Per-user state, dirty users and slate computation; I/O only through ``store``.
 
     ``model()`` returns the current :class:`ServingModel` (or None before the first version),
     typically ``lambda: watcher.current``; it is read once per batch, so a batch never mixes
     versions.
+
+    Per-user state lives in an LRU of ``max_users`` entries. With a ``store``, what must outlive
+    an eviction (history entries, watched items, rating stats, source partition) is a store row
+    written with each batch, an evicted user is reloaded on their next event, and a new version
+    refreshes the users of the owned partitions page by page from the store. A user whose changes
+    are not stored yet is never dropped: evicted, it waits in a side table until its batch is
+    stored. Without a store (tests, ``recsys eval sim``) an evicted user is forgotten.
     """
 
     def __init__(
@@ -157,26 +211,33 @@ class Publisher:
         model: Callable[[], ServingModel | None],
         rules: RewardRules | None = None,
         clock: Callable[[], float] = time.time,
+        store: Store | None = None,
     ) -> None:
         self.cfg = cfg
         self._model = model
         self.rules = rules or RewardRules()
         self._clock = clock
         self._mono = time.monotonic
-        self.histories = UserHistories(cfg.history_len)
-        self.watched = WatchedItems(cfg.watched_len)  # the items never shown to the user again
-        self._entries: dict[str, list[HistoryEntry]] = {}  # persisted twin of histories
-        self._event_ids: dict[str, set[str]] = {}
-        self._ratings: dict[str, tuple[int, float]] = {}  # user-centred rating rule
+        self.store = store
+        self._users: LRU[str, UserState] = LRU(
+            cfg.max_users, name="publisher_users", on_evict=self._evicted
+        )
+        self._unsaved: dict[str, UserState] = {}  # evicted with changes not yet stored
+        self._changed: set[str] = set()  # users whose stored row is behind their state
+        self.histories = _View(self, "history")
+        self.watched = _View(self, "watched")
         self.item_ids: list[str] = []
         self._item_index: dict[str, int] = {}
         self._popularity: list[int] = []
-        self.known: set[str] = set()
+        self._items_gauge = metrics.CACHE_ENTRIES.labels(cache="publisher_items")
+        metrics.CACHE_CAPACITY.labels(cache="publisher_items").set(cfg.max_items)
+        self._items_full_logged = False
+        self.owned: set[int] | None = None  # None: every partition (no assignment seen)
         self._dirty: dict[str, int] = {}  # user -> oldest unpublished event ts
         self._dirty_since: float | None = None
-        self._hist_changed: set[str] = set()
         self._pop_delta: Counter[str] = Counter()
-        self._refresh: deque[str] = deque()
+        self._refresh: deque[str] = deque()  # without a store: users in memory
+        self._cursors: dict[int, str] = {}  # with a store: partition -> last user refreshed
         self._serving: str | None = None  # version the last batch was computed with
         self._restored = False
         self._lookup: tuple[str, np.ndarray] | None = None
@@ -187,14 +248,71 @@ class Publisher:
 
     # -- state in ----------------------------------------------------------------------------
 
-    def _intern(self, item_id: str) -> int:
+    def _intern(self, item_id: str) -> int | None:
+        """The item's index; None for a new id once ``max_items`` ids are tracked."""
         i = self._item_index.get(item_id)
         if i is None:
+            if len(self.item_ids) >= self.cfg.max_items:
+                if not self._items_full_logged:
+                    log.warning(
+                        "publisher: max_items=%d reached; new ids untracked", self.cfg.max_items
+                    )
+                    self._items_full_logged = True
+                return None
             i = len(self.item_ids)
             self.item_ids.append(item_id)
             self._item_index[item_id] = i
             self._popularity.append(0)
+            self._items_gauge.set(len(self.item_ids))
         return i
+
+    def _evicted(self, user: str, state: UserState) -> None:
+        if user in self._changed:
+            self._unsaved[user] = state
+
+    def _new_state(self, partition: int | None) -> UserState:
+        return UserState(
+            partition, UserHistories(self.cfg.history_len), WatchedItems(self.cfg.watched_len)
+        )
+
+    def _from_row(self, row: UserStateRow) -> UserState:
+        st = self._new_state(row.partition)
+        for item_id in row.watched:  # oldest first, as they were added
+            i = self._intern(item_id)
+            if i is not None:
+                st.watched.add(row.user_id, i)
+        for ts, item_id, event_id, request_id in sorted(row.entries, key=lambda e: e[0]):
+            self._add_entry(row.user_id, st, ts, item_id, event_id, request_id)
+        st.rating_n, st.rating_sum = row.rating_n, row.rating_sum
+        return st
+
+    def _row(self, user: str, st: UserState) -> UserStateRow:
+        ids = self.item_ids
+        return UserStateRow(
+            user,
+            st.partition,
+            tuple(st.entries),
+            tuple(ids[i] for i in st.watched.get(user)),
+            st.rating_n,
+            st.rating_sum,
+        )
+
+    def _peek(self, user: str) -> UserState | None:
+        """The user's state if it is in memory (no store read, no recency change)."""
+        st = self._users.peek(user)
+        return st if st is not None else self._unsaved.get(user)
+
+    def _load(self, users: Iterable[str]) -> dict[str, UserState]:
+        if self.store is None:
+            return {}
+        return {u: self._from_row(r) for u, r in self.store.load_user_states(users).items()}
+
+    def load_popularity(self, popularity: Mapping[str, int]) -> None:
+        """Start from the store's positive-feedback counts (cold-start slates)."""
+        for item_id, n in popularity.items():
+            i = self._intern(item_id)
+            if i is not None:
+                self._popularity[i] = int(n)
 
     def restore(
         self,
@@ -202,96 +320,205 @@ class Publisher:
         popularity: Mapping[str, int],
         known_users: Iterable[str],
     ) -> None:
-        """Resume from what the store holds (before any event is observed)."""
+        """Seed users in memory (no store): their histories, popularity, and users to refresh
+        on the first version."""
         for user, entries in histories:
+            st = self._new_state(None)
             for ts, item_id, event_id in sorted(entries, key=lambda e: e[0]):
-                self._add_positive(user, ts, item_id, event_id)
-                self.watched.add(user, self._intern(item_id))
-        self._hist_changed.clear()
-        for item_id, n in popularity.items():
-            self._popularity[self._intern(item_id)] = int(n)
-        self.known.update(known_users)
-        self.known.update(u for u in self._entries)
-        self._restored = bool(self.known)
+                if self._add_entry(user, st, ts, item_id, event_id, None):
+                    st.watched.add(user, self._item_index[item_id])
+            self._users.put(user, st)
+        for user in known_users:
+            if user not in self._users:
+                self._users.put(user, self._new_state(None))
+        self.load_popularity(popularity)
+        self._restored = len(self._users) > 0
+
+    def _add_entry(
+        self,
+        user: str,
+        st: UserState,
+        ts: int,
+        item_id: str,
+        event_id: str,
+        request_id: str | None,
+    ) -> bool:
+        """One positive feedback event into the user's history (and watched set)."""
+        if event_id in st.event_ids:
+            return False  # re-read after a restart: already in the history
+        i = self._intern(item_id)
+        if i is None:
+            return False
+        key = impression_key(request_id, item_id)  # click + dwell + purchase: one entry
+        if not st.history.add(user, i, ts, 1.0, key):
+            return False
+        bisect.insort(st.entries, (ts, item_id, event_id, request_id), key=lambda e: e[0])
+        st.event_ids.add(event_id)
+        excess = len(st.entries) - st.history.retain
+        if excess > 0:
+            for old in st.entries[:excess]:
+                st.event_ids.discard(old[2])
+            del st.entries[:excess]
+        return True
 
     def _add_positive(
         self, user: str, ts: int, item_id: str, event_id: str, request_id: str | None = None
     ) -> bool:
-        ids = self._event_ids.setdefault(user, set())
-        if event_id in ids:
-            return False  # re-read after a restart: already in the history
-        key = impression_key(request_id, item_id)  # click + dwell + purchase: one entry
-        if not self.histories.add(user, self._intern(item_id), ts, 1.0, key):
-            return False
-        entries = self._entries.setdefault(user, [])
-        bisect.insort(entries, (ts, item_id, event_id), key=lambda e: e[0])
-        ids.add(event_id)
-        if len(entries) > self.histories.retain:
-            for _, _, old in entries[: len(entries) - self.histories.retain]:
-                ids.discard(old)
-            del entries[: len(entries) - self.histories.retain]
-        self._hist_changed.add(user)
-        return True
+        """Add one positive entry to a user in memory (benchmarks seed users with it)."""
+        st = self._peek(user)
+        if st is None:
+            st = self._new_state(None)
+            self._users.put(user, st)
+        added = self._add_entry(user, st, ts, item_id, event_id, request_id)
+        if added:
+            st.watched.add(user, self._item_index[item_id])
+        return added
 
-    def reward(self, e: Event) -> float:
-        """The reward rules' value of one feedback event (0 for impressions)."""
+    def _reward(self, e: Event, st: UserState) -> tuple[float, bool]:
+        """The reward rules' value of one feedback event (0 for impressions), and whether the
+        user's rating stats changed."""
         if e.type == "impression":
-            return 0.0
+            return 0.0, False
         centre = None
+        changed = False
         if e.type == "rating" and self.rules.rating_centre == "user":
-            n, total = self._ratings.get(e.user_id, (0, 0.0))
-            centre = self.rules.user_centre(n, total)
+            centre = self.rules.user_centre(st.rating_n, st.rating_sum)
             if e.value is not None:
-                self._ratings[e.user_id] = (n + 1, total + e.value)
-        return self.rules.value(e.type, e.value, centre)
+                st.rating_n += 1
+                st.rating_sum += e.value
+                changed = True
+        return self.rules.value(e.type, e.value, centre), changed
 
-    def observe(self, events: Iterable[Event]) -> int:
-        """Update histories from events; returns how many users became due for a new slate."""
+    def _state_for_event(
+        self, user: str, partition: int | None, absent: set[str]
+    ) -> tuple[UserState, bool]:
+        """The user's state, loaded or created (then True: a user never seen before)."""
+        st = self._users.get(user)
+        if st is not None:
+            return st, False
+        created = False
+        st = self._unsaved.pop(user, None)
+        if st is None and user not in absent:
+            st = self._load([user]).get(user)  # evicted again since this batch's prefetch
+        if st is None:
+            st = self._new_state(partition)
+            created = True
+            absent.discard(user)
+        self._users.put(user, st)
+        if created:
+            self._changed.add(user)  # a new user gets a row, so a refresh can find them
+        return st, created
+
+    def observe(
+        self, events: Iterable[Event], partitions: Sequence[int | None] | None = None
+    ) -> int:
+        """Update per-user state from events; returns how many users became due for a new slate.
+
+        ``partitions``: each event's source partition (its user's owner), when known.
+        """
+        evs = list(events)
+        parts: Sequence[int | None] = partitions if partitions is not None else [None] * len(evs)
+        if len(parts) != len(evs):
+            raise ValueError("partitions must have one entry per event")
         before = len(self._dirty)
-        for e in events:
-            self._intern(e.item_id)
-            first_sight = e.user_id not in self.known
-            self.known.add(e.user_id)
+        absent: set[str] = set()
+        if self.store is not None:
+            missing = [
+                u
+                for u in dict.fromkeys(e.user_id for e in evs)
+                if u not in self._users and u not in self._unsaved
+            ]
+            # One query for the batch's evicted or unseen users, not one per event.
+            loaded = self._load(missing[: self.cfg.max_users])
+            for u, st in loaded.items():
+                self._users.put(u, st)
+            absent = set(missing[: self.cfg.max_users]) - loaded.keys()
+        for e, part in zip(evs, parts, strict=True):
+            user = e.user_id
+            st, new = self._state_for_event(user, part, absent)
             changed = False
-            r = self.reward(e)
-            if e.type in WATCHED_EVENT_TYPES and self.watched.add(
-                e.user_id, self._item_index[e.item_id]
-            ):
+            if part is not None and st.partition != part:
+                st.partition = part  # a row from before partitions were stored
+                changed = True
+            r, rated = self._reward(e, st)
+            changed |= rated
+            i = self._intern(e.item_id)
+            if i is not None and e.type in WATCHED_EVENT_TYPES and st.watched.add(user, i):
                 changed = True  # a watched item leaves the user's allowed set
-            if r > 0 and self._add_positive(e.user_id, e.ts, e.item_id, e.event_id, e.request_id):
-                self._popularity[self._item_index[e.item_id]] += 1
+            if r > 0 and self._add_entry(user, st, e.ts, e.item_id, e.event_id, e.request_id):
+                assert i is not None
+                self._popularity[i] += 1
                 self._pop_delta[e.item_id] += 1
                 self._cold_dirty = True
                 changed = True
+            if changed:
+                self._changed.add(user)
             # A shown slate is spent: the user's next visit gets a fresh sample from the policy
             # (exploration, and no repeating a slate the user just passed over).
             shown = e.type == "impression" and self.cfg.refresh_on_impression
-            if changed or first_sight or shown:
-                old = self._dirty.get(e.user_id)
-                self._dirty[e.user_id] = e.ts if old is None else min(old, e.ts)
+            if changed or new or shown:
+                old = self._dirty.get(user)
+                self._dirty[user] = e.ts if old is None else min(old, e.ts)
                 if self._dirty_since is None:
                     self._dirty_since = self._mono()
         return len(self._dirty) - before
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        """This replica now owns the users of ``partitions``: with a store, their users whose
+        slate is not of the serving version are refreshed (a replica that joins mid-swap)."""
+        parts = set(partitions)
+        self.owned = (self.owned or set()) | parts
+        if self.store is not None:
+            for p in parts:
+                self._cursors[p] = ""
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Drop the users of ``partitions``: what they changed since the last stored batch is
+        re-read by the partitions' next owner from the stored offsets."""
+        parts = set(partitions)
+        if self.owned is not None:
+            self.owned -= parts
+        for p in parts:
+            self._cursors.pop(p, None)
+        gone = {u for u, st in self._users.items() if st.partition in parts}
+        gone |= {u for u, st in self._unsaved.items() if st.partition in parts}
+        for u in gone:
+            self._users.pop(u)
+            self._unsaved.pop(u, None)
+            self._changed.discard(u)
+            self._dirty.pop(u, None)
+        if gone and self._refresh:
+            self._refresh = deque(u for u in self._refresh if u not in gone)
+        if not self._dirty:
+            self._dirty_since = None
 
     # -- batches -----------------------------------------------------------------------------
 
     @property
     def refreshing(self) -> bool:
         """True while a full refresh for a new version still has users to go."""
-        return bool(self._refresh)
+        return bool(self._refresh or self._cursors)
 
     @property
     def pending(self) -> bool:
         """True while some observed event is not yet reflected in a published slate."""
         return bool(self._dirty)
 
+    @property
+    def users_in_memory(self) -> int:
+        return len(self._users) + len(self._unsaved)
+
     def due(self) -> bool:
         """Whether :meth:`compute` has work now (micro-batch elapsed, refresh, or new version)."""
         model = self._model()
         version = model.version if model is not None else NO_MODEL_VERSION
-        if version != self._serving and (self._serving is not None or self._restored):
+        if version != self._serving and (
+            self._serving is not None or self._restored or self._cursors
+        ):
             return True
-        if self._refresh:
+        if self.refreshing:
             return True
         if not self._dirty:
             return False
@@ -300,51 +527,90 @@ class Publisher:
             waited >= self.cfg.batch_interval_s or len(self._dirty) >= self.cfg.refresh_batch_users
         )
 
+    def _start_refresh(self, version: str) -> None:
+        if self.store is not None and self.owned is not None:
+            log.info("version %s: refreshing the users of partitions %s", version, self.owned)
+            self._cursors = dict.fromkeys(self.owned, "")
+        else:
+            log.info("version %s: refreshing %d users in memory", version, len(self._users))
+            self._refresh = deque(self._users.keys())
+
+    def _next_refresh(self, n: int, version: str, taken: set[str]) -> list[str]:
+        """Up to ``n`` users of the pending refresh not in ``taken``."""
+        out: list[str] = []
+        while self._refresh and len(out) < n:
+            u = self._refresh.popleft()
+            if u not in taken:
+                out.append(u)
+        for p in sorted(self._cursors):
+            assert self.store is not None
+            while len(out) < n:
+                page = self.store.owned_users(
+                    p, after=self._cursors[p], limit=n - len(out), stale_for=version
+                )
+                if not page:
+                    del self._cursors[p]
+                    break
+                self._cursors[p] = page[-1]
+                out.extend(u for u in page if u not in taken)
+            if len(out) >= n:
+                break
+        return out
+
     def compute(self) -> Batch | None:
         """Slates for every dirty user plus the next chunk of a pending full refresh."""
         model = self._model()  # read once: the whole batch uses one version
         version = model.version if model is not None else NO_MODEL_VERSION
         if version != self._serving:
-            # A new version (or the first one after a restart) refreshes every known user; the
-            # very first batch of a fresh publisher only has dirty users, who are covered anyway.
+            # A new version (or the first one after a restart) refreshes every owned user; the
+            # very first batch of a fresh publisher only has dirty users, who are covered anyway
+            # (and, with a store, the users of newly assigned partitions have cursors already).
             if self._serving is not None or self._restored:
-                log.info("version %s: refreshing %d known users", version, len(self.known))
-                self._refresh = deque(self.known)
+                self._start_refresh(version)
             self._serving = version
             self._restored = False
             self._cold_dirty = True
         users = list(self._dirty)
-        taken = set(users)
-        while self._refresh and len(users) - len(self._dirty) < self.cfg.refresh_batch_users:
-            u = self._refresh.popleft()
-            if u not in taken:
-                users.append(u)
-                taken.add(u)
+        users += self._next_refresh(self.cfg.refresh_batch_users, version, set(users))
         if not users and not self._cold_dirty:
             return None
         now_ms = int(self._clock() * 1000)
+        states = self._states(users)
         slates = [
             dataclasses.replace(w, event_ts=self._dirty.get(w.slate.user_id))
-            for w in self._rank_users(users, model, version, now_ms)
+            for w in self._rank_users(users, model, version, now_ms, states)
         ]
         cold = self._cold_start_slate(model, version, now_ms) if self._cold_dirty else None
+        rows = []
+        for u in self._changed:
+            st = self._peek(u)
+            if st is not None:
+                rows.append(self._row(u, st))
         return Batch(
             version=version,
             model=model,
             slates=slates,
             trigger_ts={u: self._dirty[u] for u in users if u in self._dirty},
-            histories={u: list(self._entries.get(u, [])) for u in self._hist_changed},
+            states=rows,
             popularity=dict(self._pop_delta),
             cold_start=cold,
             users=users,
         )
 
+    def _states(self, users: list[str]) -> list[UserState]:
+        """Each user's state; refreshed users not in memory are read from the store for this
+        batch only (a refresh of every owned user must not flush the cache of active ones)."""
+        found = {u: st for u in users if (st := self._peek(u)) is not None}
+        loaded = self._load(u for u in users if u not in found)
+        return [found.get(u) or loaded.get(u) or self._new_state(None) for u in users]
+
     def committed(self, batch: Batch) -> None:
         """The batch is durable (published and stored): forget what it covered."""
         for u in batch.users:
             self._dirty.pop(u, None)
-        for u in batch.histories:
-            self._hist_changed.discard(u)
+        for row in batch.states:
+            self._changed.discard(row.user_id)
+            self._unsaved.pop(row.user_id, None)
         self._pop_delta.subtract(batch.popularity)
         self._pop_delta = +self._pop_delta  # drop zero counts
         if batch.cold_start is not None:
@@ -367,10 +633,17 @@ class Publisher:
         return table
 
     def _rank_users(
-        self, users: list[str], model: ServingModel | None, version: str, now_ms: int
+        self,
+        users: list[str],
+        model: ServingModel | None,
+        version: str,
+        now_ms: int,
+        states: list[UserState] | None = None,
     ) -> list[SlateWrite]:
-        hist = [self.histories.get(u) for u in users]
-        seen = [self.watched.get(u) for u in users]
+        if states is None:
+            states = self._states(users)
+        hist = [st.history.get(u) for u, st in zip(users, states, strict=True)]
+        seen = [st.watched.get(u) for u, st in zip(users, states, strict=True)]
         warm: list[int] = []
         mapped: list[list[int]] = []
         excluded: list[list[int]] = seen
@@ -386,10 +659,10 @@ class Publisher:
         out: list[SlateWrite | None] = [None] * len(users)
         if warm and model is not None:
             items, _ = pad_histories([mapped[n] for n in warm], model.max_history)
-            states = model.user_states(items)
+            vectors = model.user_states(items)
             self._set_exploration(model)
             ranking = model.policy.rank(
-                states, self.cfg.k, exclude=_exclusions([excluded[n] for n in warm])
+                vectors, self.cfg.k, exclude=_exclusions([excluded[n] for n in warm])
             )
             for n, row in zip(warm, ranking.rows(), strict=True):
                 out[n] = self._slate(users[n], version, now_ms, row, model.item_ids, "model")

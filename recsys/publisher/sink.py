@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
@@ -35,11 +37,19 @@ class PublisherSink(Sink):
     """Consumer-loop sink: events -> :class:`Publisher` -> recommendations topic + store.
 
     ``flush`` publishes a due batch: every slate is produced and acknowledged, then the batch is
-    upserted into the store in one transaction, then (by returning) its offsets may be committed.
-    A crash anywhere before that re-reads the events, and the re-computed slates (fresh
-    ``request_id``) replace the old ones: nothing is lost, nothing is half written. Invalid events
-    are dead-lettered like in every worker (the DLQ header ``recsys.worker`` says which group
-    rejected them, so the reward worker's copy and this one can be told apart).
+    upserted into the store in one transaction, with the users' changed state and, per
+    partition, the next offset whose effects that state does not hold; then (by returning) its
+    offsets may be committed. A crash anywhere before the store write re-reads the events, and
+    the re-computed slates (fresh ``request_id``) replace the old ones: nothing is lost, nothing
+    is half written. Invalid events are dead-lettered like in every worker (the DLQ header
+    ``recsys.worker`` says which group rejected them, so the reward worker's copy and this one
+    can be told apart).
+
+    Scale-out: each replica owns the users of its assigned partitions. On assignment a
+    partition is sought to its stored offset when that is past the consumer's position (the
+    store already holds those events' effects, rating stats included, which a re-read would
+    count twice) and its users whose slate is not of the serving version are refreshed; on
+    revocation its users are dropped from memory (their stored state is the next owner's).
     """
 
     worker = WORKER
@@ -54,6 +64,7 @@ class PublisherSink(Sink):
         ack_timeout_s: float = 30.0,
         dlq: DeadLetterWriter | None = None,
         watcher: ModelWatcher | None = None,
+        group_id: str = "",
     ) -> None:
         if not topic:
             raise ValueError("topic must not be empty")
@@ -65,15 +76,75 @@ class PublisherSink(Sink):
         self.ack_timeout_s = ack_timeout_s
         self.dlq = dlq
         self.watcher = watcher
+        self.group_id = group_id
         self._written: dict[TopicPartition, int] = {}
         self._durable: dict[TopicPartition, int] = {}
         self._recorded: set[str] = set()
+        self._lock = threading.Lock()
+        # Rebalance callbacks only record; ``write`` applies them in order on the loop's thread.
+        self._changes: list[tuple[str, list[TopicPartition]]] = []
+        self._consumer: KafkaConsumer | None = None
+        self._filled = False
         self.batches = 0
+        self.published: list[tuple[float, list[str]]] = []  # (time, users) per batch, for tests
+        self.record_published = False
+
+    def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        log.info("publisher assigned partitions %s", sorted(p.partition for p in partitions))
+        with self._lock:
+            self._consumer = consumer
+            self._changes.append(("assign", list(partitions)))
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        log.info("publisher revoked partitions %s", sorted(p.partition for p in partitions))
+        with self._lock:
+            self._changes.append(("revoke", list(partitions)))
+
+    def _apply_assignment(self, records: Sequence[ConsumerRecord]) -> Sequence[ConsumerRecord]:
+        with self._lock:
+            changes, self._changes = self._changes, []
+            consumer = self._consumer
+        sought: set[TopicPartition] = set()
+        for kind, parts in changes:
+            if kind == "revoke":
+                self.publisher.revoke(tp.partition for tp in parts)
+                for tp in parts:
+                    self._written.pop(tp, None)
+                    self._durable.pop(tp, None)
+                continue
+            assert consumer is not None
+            if not self._filled:
+                n = len(consumer.partitions_for_topic(parts[0].topic) or ()) if parts else 0
+                if n:
+                    filled = self.store.fill_partitions(n)
+                    if filled:
+                        log.info("store: partition computed for %d users (murmur2)", filled)
+                    self._filled = True
+            stored = self.store.publisher_offsets(self.group_id)
+            first: dict[TopicPartition, int] = {}
+            for r in records:
+                first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
+            assigned = consumer.assignment()
+            for tp in parts:
+                offset = stored.get((tp.topic, tp.partition))
+                if offset is None or tp not in assigned:
+                    continue
+                position = first[tp] if tp in first else consumer.position(tp)
+                if offset > position:
+                    consumer.seek(tp, offset)
+                    sought.add(tp)
+            self.publisher.assign(tp.partition for tp in parts)
+        if not sought:
+            return records
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in sought]
 
     def write(self, records: Sequence[ConsumerRecord]) -> None:
+        if self._changes:
+            records = self._apply_assignment(records)
         for r in records:
             self._written[TopicPartition(r.topic, r.partition)] = r.offset + 1
-        self.publisher.observe([ev for _, ev in self.decode(records, self.parser.parse)])
+        decoded = self.decode(records, self.parser.parse)
+        self.publisher.observe([ev for _, ev in decoded], [r.partition for r, _ in decoded])
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
         while self.publisher.due():
@@ -109,14 +180,21 @@ class PublisherSink(Sink):
         self.producer.flush(timeout=self.ack_timeout_s)
         for f in futures:
             f.get(timeout=self.ack_timeout_s)  # raises if any slate was not acknowledged
+        # Every event observed so far has its effects in this batch or an earlier stored one
+        # (compute takes every dirty user), so the written offsets are what the state covers.
         self.store.save_batch(
             batch.slates,
-            histories=batch.histories,
+            states=batch.states,
             popularity=batch.popularity,
             cold_start=batch.cold_start,
+            offsets={
+                (self.group_id, tp.topic, tp.partition): off for tp, off in self._written.items()
+            },
         )
         self.publisher.committed(batch)
         now = time.time()
+        if self.record_published:
+            self.published.append((now, [w.slate.user_id for w in batch.slates]))
         for ts in batch.trigger_ts.values():
             metrics.FRESHNESS_SECONDS.observe(max(0.0, now - ts / 1000.0))
         metrics.SLATES_PUBLISHED.inc(len(batch.slates))
@@ -126,11 +204,6 @@ class PublisherSink(Sink):
         if tops:
             metrics.TOP_SCORE.set(sum(tops) / len(tops))
         self.batches += 1
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self._written.pop(tp, None)
-            self._durable.pop(tp, None)
 
     def healthy(self) -> bool:
         return self.watcher is None or self.watcher.alive
@@ -143,7 +216,8 @@ class PublisherSink(Sink):
 
 
 def build(settings: Settings) -> WorkerApp:
-    """The publisher worker: newest model version, users restored from the store."""
+    """The publisher worker: newest model version; users are loaded from the store as their
+    partitions are assigned and their events arrive."""
     ps = settings.publisher
     cfg = PublisherConfig.from_settings(settings)
     root = ps.checkpoint_dir or settings.learner.checkpoint_dir
@@ -159,9 +233,10 @@ def build(settings: Settings) -> WorkerApp:
     )
     watcher.poll()  # start on the newest valid version, if any
     store = Store(settings.store.url)
-    publisher = Publisher(cfg, lambda: watcher.current, RewardRules.from_settings(settings.rewards))
-    publisher.restore(store.load_histories(), store.load_popularity(), store.known_users())
-    log.info("publisher: %d known users restored from the store", len(publisher.known))
+    publisher = Publisher(
+        cfg, lambda: watcher.current, RewardRules.from_settings(settings.rewards), store=store
+    )
+    publisher.load_popularity(store.load_popularity())
     producer = make_producer(settings.kafka)
     sink = PublisherSink(
         publisher,
@@ -171,6 +246,7 @@ def build(settings: Settings) -> WorkerApp:
         EventParser.from_settings(settings.events),
         dlq=DeadLetterWriter(producer, settings.topics.dlq, WORKER),
         watcher=watcher,
+        group_id=ps.group_id,
     )
     return WorkerApp(
         WORKER,

@@ -5,17 +5,19 @@ Models are real checkpoints written by the learner (tiny configs), loaded by its
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 
+from recsys import metrics
 from recsys.events import Event
 from recsys.history import pad_histories
 from recsys.publisher.core import NO_MODEL_VERSION, Publisher, PublisherConfig
+from recsys.rewards.rules import RewardRules
 from recsys.serving.model import load_policy, load_serving_model, policy_scores
 from recsys.serving.watcher import ModelWatcher
+from recsys.store import Store
 from tests.checkpoints import make_checkpoint
 
 ITEMS = [f"m{i}" for i in range(40)]
@@ -33,9 +35,9 @@ def ev(n: int, user: str, item: str, kind: str = "click", ts: int = 0, value=Non
     return Event(f"e{n}", kind, user, item, ts or 1_700_000_000_000 + n, value=value)
 
 
-def make_publisher(model=lambda: None, **kw) -> tuple[Publisher, Clock]:
+def make_publisher(model=lambda: None, store=None, **kw) -> tuple[Publisher, Clock]:
     cfg = PublisherConfig(**{"k": 5, "history_len": 10, "seed": 0, "device": "cpu", **kw})
-    pub = Publisher(cfg, model)
+    pub = Publisher(cfg, model, store=store)
     clock = Clock()
     pub._mono = clock  # type: ignore[method-assign]  # deterministic micro-batch timing
     return pub, clock
@@ -55,7 +57,9 @@ def test_history_holds_positive_feedback_once_in_event_time_order():
         ]
     )
     assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["f", "e", "a"]
-    assert [e[1] for e in pub._entries["u"]] == ["f", "e", "a"]
+    st = pub._peek("u")
+    assert st is not None
+    assert [e[1] for e in st.entries] == ["f", "e", "a"]
 
 
 def test_unknown_users_get_cold_start_slates_of_popular_items():
@@ -195,31 +199,157 @@ def test_watcher_swaps_in_the_background(tmp_path):
         watcher.stop()
 
 
-def test_restore_then_reread_changes_nothing():
-    pub, clock = make_publisher()
-    events = [ev(n, f"u{n % 3}", ITEMS[n]) for n in range(12)]
-    pub.observe(events)
+def _store_batch(pub: Publisher, store: Store, clock: Clock) -> None:
+    """Compute and store every due batch, as the sink does after the slates are acknowledged."""
     clock.t += 1
-    batch = pub.compute()
-    assert batch is not None
-    pub.committed(batch)
-    stored_hist = json.loads(json.dumps(batch.histories))  # what the store would hold
+    while (batch := pub.compute()) is not None:
+        store.save_batch(batch.slates, states=batch.states, popularity=batch.popularity)
+        pub.committed(batch)
+        if not pub.refreshing and not pub.pending:
+            break
 
-    again, _ = make_publisher()
-    again.restore(
-        ((u, [tuple(e) for e in es]) for u, es in stored_hist.items()),
-        batch.popularity,
-        [w.slate.user_id for w in batch.slates],
-    )
-    again.observe(events)  # the uncommitted tail is re-read after a crash
-    assert not again.pending
-    for u in ("u0", "u1", "u2"):
-        mine = [again.item_ids[i] for i in again.histories.get(u)]
-        assert mine == [pub.item_ids[i] for i in pub.histories.get(u)]
-    assert {i: again._popularity[again._item_index[i]] for i in ITEMS[:12]} == dict.fromkeys(
-        ITEMS[:12], 1
-    )
-    assert sum(again._popularity) == 12
+
+def test_restore_then_reread_changes_nothing(tmp_path):
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        pub, clock = make_publisher(store=store)
+        events = [ev(n, f"u{n % 3}", ITEMS[n]) for n in range(12)]
+        pub.observe(events, [0] * len(events))
+        _store_batch(pub, store, clock)
+
+        again, _ = make_publisher(store=store)
+        again.load_popularity(store.load_popularity())
+        again.observe(events, [0] * len(events))  # the uncommitted tail is re-read after a crash
+        assert not again.pending
+        for u in ("u0", "u1", "u2"):
+            mine = [again.item_ids[i] for i in again.histories.get(u)]
+            assert mine == [pub.item_ids[i] for i in pub.histories.get(u)]
+        pop = {i: again._popularity[again._item_index[i]] for i in ITEMS[:12]}
+        assert pop == dict.fromkeys(ITEMS[:12], 1)
+        assert sum(again._popularity) == 12
+
+
+def test_evicted_user_is_reloaded_with_full_history_and_watched_items(tmp_path):
+    # max_users=2: "u" is pushed out by other users, then comes back. Their next slate is the one
+    # a publisher that never evicted anyone computes: same history, same exclusions.
+    path = make_checkpoint(tmp_path, 7, ITEMS)
+    cfg = {"exploration": "greedy", "history_len": 4}
+    model = load_serving_model(path, PublisherConfig(**cfg).policy_kwargs())
+    events = [ev(n, "u", f"m{n}") for n in range(1, 7)]  # 6 clicks: history keeps the last 4
+    events += [ev(7, "u", "m20", "rating", value=1.0), ev(8, "u", "m21", "skip")]
+    events += [ev(100 + n, f"other{n}", f"m{30 + n}") for n in range(5)]
+    comeback = [Event("back", "impression", "u", "m39", 1_700_000_001_000)]
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        small, clock = make_publisher(lambda: model, store=store, max_users=2, **cfg)
+        evictions = small._users.evictions
+        small.observe(events, [0] * len(events))
+        _store_batch(small, store, clock)
+        assert small._peek("u") is None, "u should have been evicted"
+        assert small._users.evictions > evictions
+        assert small.users_in_memory <= 2
+        small.observe(comeback, [0])
+        clock.t += 1
+        batch = small.compute()
+        assert batch is not None
+        (got,) = [w for w in batch.slates if w.slate.user_id == "u"]
+
+    big, big_clock = make_publisher(lambda: model, **cfg)
+    big.observe(events + comeback, [0] * (len(events) + 1))
+    big_clock.t += 1
+    ref_batch = big.compute()
+    assert ref_batch is not None
+    (ref,) = [w for w in ref_batch.slates if w.slate.user_id == "u"]
+    assert [small.item_ids[i] for i in small.histories.get("u")] == ["m3", "m4", "m5", "m6"]
+    assert [i.item_id for i in got.slate.items] == [i.item_id for i in ref.slate.items]
+    watched = {f"m{n}" for n in range(1, 7)} | {"m20", "m21"}
+    assert not watched & {i.item_id for i in got.slate.items}
+    assert got.policy == "model"
+
+
+def test_a_user_evicted_before_their_batch_is_stored_is_not_lost(tmp_path):
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        pub, clock = make_publisher(store=store, max_users=1)
+        pub.observe([ev(1, "a", "m1"), ev(2, "b", "m2"), ev(3, "c", "m3")], [0, 0, 0])
+        assert pub.users_in_memory == 3  # two wait, evicted, until their batch is stored
+        _store_batch(pub, store, clock)
+        assert pub.users_in_memory == 1
+        rows = store.load_user_states(["a", "b", "c"])
+        assert {u: [e[1] for e in r.entries] for u, r in rows.items()} == {
+            "a": ["m1"],
+            "b": ["m2"],
+            "c": ["m3"],
+        }
+
+
+def test_rating_stats_survive_eviction(tmp_path):
+    rules = RewardRules(rating_centre="user", rating_mean=3.0, rating_prior_count=1.0)
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        cfg = PublisherConfig(k=5, history_len=10, seed=0, device="cpu", max_users=1)
+        pub = Publisher(cfg, lambda: None, rules, store=store)
+        clock = Clock()
+        pub._mono = clock  # type: ignore[method-assign]
+        first = [ev(1, "u", "m1", "rating", value=5.0), ev(2, "u", "m2", "rating", value=5.0)]
+        pub.observe(first, [3, 3])
+        _store_batch(pub, store, clock)
+        pub.observe([ev(3, "v", "m3")], [3])  # evicts u
+        _store_batch(pub, store, clock)
+        assert pub._peek("u") is None
+        # The user's mean is now (3 + 5 + 5) / 3: a 4-star rating is below it, not positive.
+        pub.observe([ev(4, "u", "m4", "rating", value=4.0)], [3])
+        st = pub._peek("u")
+        assert st is not None
+        assert (st.rating_n, st.rating_sum) == (3, 14.0)
+        assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["m1", "m2"]
+        assert st.partition == 3
+
+
+def test_new_version_refreshes_only_the_owned_partitions_users(tmp_path):
+    make_checkpoint(tmp_path / "ckpt", 1, ITEMS)
+    watcher = ModelWatcher(tmp_path / "ckpt", lambda p: load_serving_model(p, {"device": "cpu"}))
+    assert watcher.poll()
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        one, clock = make_publisher(lambda: watcher.current, store=store, refresh_batch_users=3)
+        one.assign([0, 1])
+        events = [ev(n, f"u{n}", ITEMS[n]) for n in range(10)]
+        one.observe(events, [n % 2 for n in range(10)])
+        _store_batch(one, store, clock)
+
+        # A second replica takes partition 1 over; the first keeps 0.
+        one.revoke([1])
+        assert one.users_in_memory == 5
+        two, clock2 = make_publisher(lambda: watcher.current, store=store, refresh_batch_users=3)
+        two.assign([1])
+        assert not two.pending
+        batch = two.compute()  # the users of partition 1 have slates of this version already
+        assert batch is not None
+        assert batch.users == []
+        two.committed(batch)
+
+        make_checkpoint(tmp_path / "ckpt", 2, ITEMS, seed=1)
+        assert watcher.poll()
+        refreshed: dict[str, set[str]] = {"one": set(), "two": set()}
+        for name, pub, clk in (("one", one, clock), ("two", two, clock2)):
+            clk.t += 1
+            while pub.due():
+                batch = pub.compute()
+                if batch is None:
+                    break
+                assert len(batch.slates) <= 3
+                store.save_batch(batch.slates, states=batch.states)
+                pub.committed(batch)
+                refreshed[name] |= {w.slate.user_id for w in batch.slates}
+        assert refreshed["one"] == {f"u{n}" for n in range(0, 10, 2)}
+        assert refreshed["two"] == {f"u{n}" for n in range(1, 10, 2)}
+        stored = store.all_recommendations()
+        assert {stored[f"u{n}"].slate.model_version for n in range(10)} == {"v000000000002"}
+
+
+def test_item_table_is_bounded_and_counted():
+    pub, _ = make_publisher(max_items=3)
+    pub.observe([ev(n, "u", f"m{n}") for n in range(5)])
+    assert pub.item_ids == ["m0", "m1", "m2"]
+    assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["m0", "m1", "m2"]
+    gauge = metrics.CACHE_ENTRIES.labels(cache="publisher_items")
+    assert gauge._value.get() == 3
 
 
 @pytest.mark.parametrize(
@@ -231,6 +361,8 @@ def test_restore_then_reread_changes_nothing():
         ({"epsilon": 2}, "epsilon"),
         ({"exploration": "thompson"}, "exploration"),
         ({"batch_interval_s": -1}, "batch_interval_s"),
+        ({"max_users": 0}, "max_users"),
+        ({"max_items": 0}, "max_items"),
     ],
 )
 def test_bad_config_names_the_parameter(kwargs, name):
@@ -251,7 +383,9 @@ def test_one_engaged_impression_is_one_history_entry():
     events.append(Event("f9", "click", "u", "a", t + 100, "r2", 0))
     pub.observe(events)
     assert [pub.item_ids[i] for i in pub.histories.get("u")] == ["a", "a"]
-    assert len(pub._entries["u"]) == 2
+    st = pub._peek("u")
+    assert st is not None
+    assert len(st.entries) == 2
 
 
 def test_watched_items_are_never_shown_again_even_when_disliked():

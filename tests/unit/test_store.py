@@ -8,7 +8,14 @@ import pytest
 import sqlalchemy as sa
 
 from recsys.events import Slate, SlateItem
-from recsys.store import SCHEMA_VERSION, SlateWrite, Store, StoreError
+from recsys.store import (
+    SCHEMA_VERSION,
+    SlateWrite,
+    Store,
+    StoreError,
+    UserStateRow,
+    partition_for,
+)
 
 NASTY_IDS = [
     "robert'); DROP TABLE recommendations;--",
@@ -139,3 +146,79 @@ def test_newer_schema_is_refused(tmp_path):
 def test_bad_url_is_a_clear_error():
     with pytest.raises(StoreError, match="url"):
         Store("mysql://x/y")
+
+
+def test_user_state_rows_round_trip_and_page_by_partition(store_url):
+    tag = uuid.uuid4().hex[:8]  # the PostgreSQL database is shared by the session
+    users = [f"{u}-{tag}" for u in NASTY_IDS]
+    with Store(store_url) as store:
+        states = [
+            UserStateRow(
+                u,
+                n % 2,
+                ((1, "a;b", f"e{n}", None), (2, "'c'", f"f{n}", f"req-{n}")),
+                ("x", "a;b", "'c'"),
+                n,
+                2.5 * n,
+            )
+            for n, u in enumerate(users)
+        ]
+        store.save_batch([SlateWrite(_slate(users[0]), "model")], states=states)
+        got = store.load_user_states([*users, f"nobody-{tag}"])
+        assert got == {st.user_id: st for st in states}
+        evens = sorted(u for n, u in enumerate(users) if n % 2 == 0)
+        paged: list[str] = []
+        while page := store.owned_users(0, after=paged[-1] if paged else "", limit=2):
+            paged.extend(page)
+        assert [u for u in paged if u.endswith(tag)] == evens
+        # Only users whose stored slate is not of the version: users[0] has v1.
+        stale = store.owned_users(0, stale_for="v000000000001", limit=100)
+        assert users[0] not in stale
+        assert set(evens) - {users[0]} <= set(stale)
+
+
+def test_publisher_offsets_are_written_with_the_batch(store_url):
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    with Store(store_url) as store:
+        assert store.publisher_offsets(group) == {}
+        store.save_batch([], offsets={(group, "events", 0): 10, (group, "events", 3): 7})
+        store.save_batch([], offsets={(group, "events", 0): 12})
+        assert store.publisher_offsets(group) == {("events", 0): 12, ("events", 3): 7}
+
+
+def test_partition_for_is_kafka_pythons_default_partitioner():
+    from kafka.partitioner.default import DefaultPartitioner
+
+    class Cluster:
+        def topics(self):
+            return {"t"}
+
+        def partitions_for_topic(self, topic):
+            return set(range(6))
+
+        def available_partitions_for_topic(self, topic):
+            return set(range(6))
+
+    part = DefaultPartitioner()
+    for user in NASTY_IDS + [f"user-{n}" for n in range(200)]:
+        key = user.encode()
+        assert partition_for(user, 6) == part.partition("t", user, key, None, None, Cluster())
+    with pytest.raises(ValueError, match="partitions"):
+        partition_for("u", 0)
+
+
+def test_version_1_rows_get_a_partition_and_a_watched_list(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    with Store(url) as store:
+        store.save_batch(
+            [SlateWrite(_slate("only-a-slate"), "model")],
+            histories={"u1": [(1, "m1", "e1"), (2, "m2", "e2")]},
+        )
+        assert store.fill_partitions(4) == 2
+        assert store.fill_partitions(4) == 0
+        got = store.load_user_states(["u1", "only-a-slate"])
+        assert got["u1"].partition == partition_for("u1", 4)
+        assert got["u1"].watched == ("m1", "m2")  # a version-1 row: its positives
+        assert got["u1"].entries == ((1, "m1", "e1", None), (2, "m2", "e2", None))
+        assert got["only-a-slate"].partition == partition_for("only-a-slate", 4)
+        assert "u1" in store.owned_users(partition_for("u1", 4))
