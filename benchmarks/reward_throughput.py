@@ -34,12 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kafka.structs import TopicPartition
 
-from benchmarks.reward_streams import (
-    kill_test_events,
-    produce,
-    read_topic,
-    sentinels,
-)
 from recsys.app import make_loop
 from recsys.broker import EmbeddedBroker
 from recsys.config import Settings, load_settings
@@ -47,6 +41,12 @@ from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
 from recsys.rewards import RewardRules, offline_join
 from recsys.rewards.sink import RewardSink, build
+from recsys.testing.streams import (
+    kill_test_events,
+    produce,
+    read_topic,
+    sentinels,
+)
 
 
 def bare_rate(settings: Settings, topic: str, total: int, max_records: int) -> float:

@@ -364,7 +364,7 @@ def build(settings: Settings) -> WorkerApp:
     waits and the batch completes when the broker is back. An expiry would not help: once
     kafka-python 3's idempotent producer expires a batch it had already sent, it resets its
     producer id and then neither sends nor expires anything again (seen in a 5-minute outage,
-    benchmarks/broker_outage.py), so the worker would hang instead of failing the batch.
+    recsys/testing/outage.py), so the worker would hang instead of failing the batch.
     """
     s = settings.rewards
     overrides: dict[str, Any] = {"linger_ms": s.linger_ms, "delivery_timeout_ms": DAY_MS}

@@ -4,7 +4,7 @@ The broker is Tansu with its ``s3://`` storage engine on a real moto_server; it 
 mid-stream and restarted on the same port and storage. The reward worker is a real
 ``recsys worker reward`` subprocess, the learner and the encoder are their real apps on the
 real consumer loop in-process (so their counters can be read). The 5-minute (pipeline) and
-150 s (encoder) outages are ``benchmarks/broker_outage.py``.
+150 s (encoder) outages are ``python -m recsys.testing.outage``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import uuid
 import pytest
 from kafka.structs import TopicPartition
 
-from benchmarks.broker_outage import (
+from recsys.kafka import create_topics, make_consumer, make_producer
+from recsys.testing.outage import (
     RECOVERY_LIMIT_S,
     durable_broker,
     outage_kafka_settings,
@@ -24,7 +25,6 @@ from benchmarks.broker_outage import (
     run_encoder_outage,
     run_pipeline_outage,
 )
-from recsys.kafka import create_topics, make_consumer, make_producer
 
 pytest.importorskip("boto3")
 

@@ -23,14 +23,6 @@ import pytest
 from kafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
-from benchmarks.reward_kill_test import RewardReader, _worker_env, start_worker, wait_assigned
-from benchmarks.reward_streams import (
-    continuous_events,
-    partition_of,
-    produce,
-    read_topic,
-    sentinels,
-)
 from recsys.app import make_loop
 from recsys.config import KafkaSettings, RewardSettings, load_settings
 from recsys.events import RewardRecord
@@ -38,6 +30,14 @@ from recsys.kafka import create_topics, make_consumer
 from recsys.learner.online import OnlineConfig, RecentIds
 from recsys.rewards import RewardJoin, RewardRules, offline_join
 from recsys.rewards.sink import RewardSink, build
+from recsys.testing.reward_kill import RewardReader, start_worker, wait_assigned, worker_env
+from recsys.testing.streams import (
+    continuous_events,
+    partition_of,
+    produce,
+    read_topic,
+    sentinels,
+)
 
 PARTITIONS = 3
 BATCH = 1000  # the worker's max_batch in these tests: the bound on the commit gap
@@ -178,7 +178,7 @@ def test_restarts_re_emit_at_most_one_batch_and_the_learner_trains_each_reward_o
     closing = sentinels(events, PARTITIONS, rs)
     oracle = _oracle(events + closing, rs)
     group = f"{topic_prefix}.reward"
-    env = _worker_env(broker, topics, PARTITIONS, group)
+    env = worker_env(broker, topics, PARTITIONS, group)
     env["RECSYS_REWARDS__MAX_BATCH"] = str(BATCH)
     reader = RewardReader(kafka_settings, topics["rewards"], PARTITIONS)
     reader.start()

@@ -20,8 +20,14 @@ from collections import Counter
 import pytest
 from prometheus_client import REGISTRY
 
-from benchmarks.reward_kill_test import RewardReader, _worker_env, start_worker, wait_assigned
-from benchmarks.reward_streams import (
+from recsys.app import make_loop
+from recsys.config import RewardSettings, load_settings
+from recsys.events import RewardRecord
+from recsys.kafka import create_topics
+from recsys.rewards import RewardRules, offline_join
+from recsys.rewards.sink import RewardSink, build
+from recsys.testing.reward_kill import RewardReader, start_worker, wait_assigned, worker_env
+from recsys.testing.streams import (
     kill_test_events,
     poison_messages,
     produce,
@@ -29,12 +35,6 @@ from benchmarks.reward_streams import (
     sentinels,
     with_poison,
 )
-from recsys.app import make_loop
-from recsys.config import RewardSettings, load_settings
-from recsys.events import RewardRecord
-from recsys.kafka import create_topics
-from recsys.rewards import RewardRules, offline_join
-from recsys.rewards.sink import RewardSink, build
 
 PARTITIONS = 6
 
@@ -70,7 +70,7 @@ def test_two_worker_processes_share_the_partitions(broker, kafka_settings, topic
     events += sentinels(events, PARTITIONS, rs)
     oracle = _oracle(events, rs)
 
-    env = _worker_env(broker, topics, PARTITIONS, f"{topic_prefix}.reward")
+    env = worker_env(broker, topics, PARTITIONS, f"{topic_prefix}.reward")
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
     procs = [start_worker(env, logs[0])]
     reader = RewardReader(kafka_settings, topics["rewards"], PARTITIONS)
@@ -198,8 +198,8 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
 
 @pytest.mark.slow
 def test_kill_test_small(broker, tmp_path):
-    """A smaller run of benchmarks/reward_kill_test.py (the full one: 100k events, 10 kills)."""
-    from benchmarks.reward_kill_test import run_kill_test
+    """A smaller run of recsys.testing.reward_kill (the full one: 100k events, 10 kills)."""
+    from recsys.testing.reward_kill import run_kill_test
 
     report = run_kill_test(
         20_000,

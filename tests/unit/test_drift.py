@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,21 +19,9 @@ from recsys.drift import (
     make_detector,
     psi,
 )
+from recsys.testing import drift as drift_streams
 
-ROOT = Path(__file__).resolve().parents[2]
 OBD = datasets.path("obd") / "all.csv"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "drift_detection_bench", ROOT / "benchmarks" / "drift_detection.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sample(name: str, labels: dict[str, str]) -> float:
@@ -105,7 +90,7 @@ def test_psi_known_values() -> None:
 
 
 def test_popularity_shift_on_obd_items() -> None:
-    bench = _bench()
+    bench = drift_streams
     data = bench.load_obd(OBD)
     hits = []
     monitor = DriftMonitor(["reward_rate"], popularity_window=2000, popularity_threshold=0.25)
@@ -128,7 +113,7 @@ def test_reward_rate_drop_on_obd_detected_with_no_false_alarm(seed: int) -> None
     """Smaller, stronger version of benchmarks/drift_detection.py: every click removed after
     30,000 bootstrapped OBD events (CTR 0.38% -> 0). The benchmark runs the halving over 20 seeds.
     """
-    bench = _bench()
+    bench = drift_streams
     data = bench.load_obd(OBD)
     result = bench.run_seed(data, seed, events=30_000, signal="reward_rate", keep=0.0)
     assert result.delay is not None, "drop to zero CTR not detected"
