@@ -239,6 +239,10 @@ def mask_seen(
     return logits.index_put((rows, history[rows, k].long()), fill)
 
 
+# Above this many B·I elements mask_seen_sampled compares history and negatives pairwise instead.
+DENSE_MASK_ELEMENTS = 1 << 24
+
+
 def mask_seen_sampled(
     logits: torch.Tensor,
     history: torch.Tensor,
@@ -250,12 +254,25 @@ def mask_seen_sampled(
 
     ``history [B, N]``, ``rows_b [R]`` each row's history, ``upto [R]`` as in :func:`mask_seen`,
     ``neg_ids [S]`` the shared negatives: a negative that row ``r``'s user has already seen
-    (history columns ``< upto[r]``) is masked. O(B·N·S) comparisons. -> ``[R, 1+S]``.
+    (history columns ``< upto[r]``) is masked. A ``[B, I]`` first-column table while
+    ``B·I <= DENSE_MASK_ELEMENTS``, else O(B·N·S) comparisons. -> ``[R, 1+S]``.
     """
-    n = history.shape[1]
-    eq = history.unsqueeze(2) == neg_ids.view(1, 1, -1)  # [B, N, S]
-    cols = torch.arange(n, device=history.device).view(1, n, 1)
-    first = torch.where(eq, cols, n).amin(dim=1)  # [B, S]: first column holding it, or N
+    bsz, n = history.shape
+    top = int(max(int(neg_ids.max()) if neg_ids.numel() else 0, int(history.max()))) + 1
+    if bsz * top <= DENSE_MASK_ELEMENTS:
+        # [B, I] table of each item's first history column (N where absent), then gather the
+        # negatives: O(B·I + B·S), far less than B·N·S while the catalogue is small.
+        cols = torch.arange(n, device=history.device).expand(bsz, n)
+        table = torch.full((bsz, top + 1), n, dtype=torch.long, device=history.device)
+        safe = torch.where(history >= 0, history.long(), top)  # PAD into a spare column
+        table.scatter_reduce_(1, safe, cols, reduce="amin")
+        first = table[:, neg_ids.long()]  # [B, S]
+    else:
+        eq = history.unsqueeze(2) == neg_ids.view(1, 1, -1)  # [B, N, S]
+        cols3 = torch.arange(n, device=history.device).view(1, n, 1)
+        first = torch.where(eq, cols3, n).amin(dim=1)  # [B, S]: first column holding it, or N
+    if n < 32767:  # gather [R, S] in 16 bits: the rows outnumber the histories ~N times
+        first, upto = first.to(torch.int16), upto.to(torch.int16)
     seen = first[rows_b] < upto.unsqueeze(1)  # [R, S]
     seen = torch.cat([torch.zeros_like(seen[:, :1]), seen], dim=1)
     return logits.masked_fill(seen, float("-inf"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -237,6 +238,23 @@ def test_mask_seen_sampled_agrees_with_the_full_mask() -> None:
     sampled = mask_seen_sampled(torch.zeros(5, 13), history, rows_b, upto, neg)
     assert torch.equal(sampled[:, 1:].isinf(), full.isinf())
     assert not sampled[:, 0].isinf().any()  # the positive column is never masked
+
+
+def test_mask_seen_sampled_dense_and_pairwise_paths_agree(monkeypatch: Any) -> None:
+    from recsys import objectives
+    from recsys.objectives import mask_seen_sampled
+
+    torch.manual_seed(1)
+    history = torch.randint(0, 30, (6, 8))
+    history[:2, :3] = -1
+    rows_b = torch.tensor([0, 1, 2, 3, 4, 5, 5, 2])
+    upto = torch.tensor([8, 3, 0, 2, 8, 5, 1, 7])
+    neg = torch.randint(0, 30, (10,))
+    logits = torch.zeros(8, 11)
+    dense = mask_seen_sampled(logits, history, rows_b, upto, neg)
+    monkeypatch.setattr(objectives, "DENSE_MASK_ELEMENTS", 0)
+    pairwise = mask_seen_sampled(logits, history, rows_b, upto, neg)
+    assert torch.equal(dense.isinf(), pairwise.isinf())
 
 
 def test_advantage_loss_moves_probability_away_from_ignored_items() -> None:
