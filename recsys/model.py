@@ -4,7 +4,8 @@ Notation: ``B`` batch, ``N`` history length, ``I`` items held (the catalogue siz
 capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model width.
 
 - :class:`ItemTower`: frozen text vectors ``[C, D]`` -> learned adaptor MLP -> ``[C, d]``, plus an
-  optional learned id embedding, summed. Rows beyond ``I`` are never scored.
+  optional learned id embedding: ``LN(id + g·text)``, ``g`` a learned gate starting at 0 (the text
+  is a residual on the id embedding). Rows beyond ``I`` are never scored.
 - :class:`UserEncoder`: a small causal transformer (or GRU) over the last ``N`` item vectors
   behind a learned begin token -> user state ``[B, d]``; an empty history is served from the
   begin token alone (a new user).
@@ -70,6 +71,10 @@ class ModelConfig:
     adaptor_hidden: int = 256
     use_text: bool = True
     use_id_embedding: bool = True
+    # With both towers: item = LN(id + g·adaptor(text)), g a learned scalar starting here (0: the
+    # id embedding dominates at first and text enters as a residual only as far as it helps;
+    # a cold item's id row is near its small init, so its text still decides its vector).
+    text_gate_init: float = 0.0
     item_bias: bool = True  # a learned per-item bias (needs use_id_embedding: it is an id table)
     encoder: Literal["transformer", "gru"] = "transformer"
     num_layers: int = 2
@@ -108,12 +113,16 @@ class ModelConfig:
         for name in ("use_text", "use_id_embedding", "item_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("dropout", "temperature"):
+        for name in ("dropout", "temperature", "text_gate_init"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or isinstance(v, bool):
                 raise ConfigError(f"ModelConfig.{name} must be a number, got {v!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not math.isfinite(self.text_gate_init):
+            raise ConfigError(
+                f"ModelConfig.text_gate_init must be finite, got {self.text_gate_init!r}"
+            )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"ModelConfig.temperature must be > 0, got {self.temperature!r}")
         if not (self.use_text or self.use_id_embedding):
@@ -161,6 +170,10 @@ class ItemTower(nn.Module):
         if cfg.use_id_embedding:
             self.id_embedding = nn.Embedding(cfg.item_capacity, cfg.dim)
             nn.init.normal_(self.id_embedding.weight, std=0.02)
+        # The text residual's learned scale (used only when both towers are on). Checkpoints
+        # written before it existed load with 1 (their plain sum).
+        self.text_gate = nn.Parameter(torch.tensor(float(cfg.text_gate_init)))
+        self.register_load_state_dict_pre_hook(_default_text_gate)
         self.norm = nn.LayerNorm(cfg.dim)
 
     @property
@@ -175,9 +188,16 @@ class ItemTower(nn.Module):
             out = self.adaptor(text)
         if self.id_embedding is not None:
             ids = self.id_embedding.weight[:n] if idx is None else self.id_embedding(idx)
-            out = ids if out is None else out + ids
+            out = ids if out is None else ids + self.text_gate.to(out.dtype) * out
         assert out is not None
         return self.norm(out)
+
+
+def _default_text_gate(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints from before the text gate load with gate 1: the plain sum they trained."""
+    key = prefix + "text_gate"
+    if key not in state_dict and prefix + "text_vectors" in state_dict:
+        state_dict[key] = torch.ones(())
 
 
 def _refresh_n_active(module: ItemTower, incompatible_keys: object) -> None:

@@ -134,6 +134,27 @@ def test_checkpoint_without_item_bias_loads_with_zero_bias() -> None:
     assert fresh.item_bias.abs().sum() == 0
 
 
+def test_text_enters_as_a_gated_residual_starting_at_zero() -> None:
+    net = _net()
+    ids_only = _net(use_text=False)
+    ids_only.load_state_dict(net.state_dict(), strict=False)
+    assert float(net.items.text_gate) == 0.0
+    torch.testing.assert_close(net.item_embeddings(), ids_only.item_embeddings())
+    with torch.no_grad():
+        net.items.text_gate.fill_(0.5)
+    assert not torch.allclose(net.item_embeddings(), ids_only.item_embeddings())
+    with pytest.raises(ConfigError, match="text_gate_init"):
+        ModelConfig(text_gate_init=float("nan"))
+
+
+def test_checkpoint_without_text_gate_loads_with_the_plain_sum() -> None:
+    net = _net(text_gate_init=0.0)
+    state = {k: v for k, v in net.state_dict().items() if k != "items.text_gate"}
+    fresh = _net()
+    fresh.load_state_dict(state)
+    assert float(fresh.items.text_gate) == 1.0
+
+
 def test_text_only_and_id_only_variants() -> None:
     text_only = _net(use_id_embedding=False)
     assert text_only.items.id_embedding is None
