@@ -14,7 +14,8 @@ largest later sample. ``ratio`` in ``--json`` is that largest sample over the wa
 
 Bytes per user at the bound are measured apart, with tracemalloc, on ``UserHistories`` filled
 with ``--probe-users`` users of 1, 10 and ``retain`` entries (what a history costs, user id and
-LRU slot included).
+LRU slot included); bytes per item from RSS around ``--probe-items`` items put into a fresh
+learner's tables and one gradient step.
 
     python benchmarks/soak_users.py [--users 10000000] [--max-users 200000] [--json FILE]
 """
@@ -126,6 +127,22 @@ def bytes_per_user(max_len: int, retain: int, probe_users: int) -> dict[int, flo
     return out
 
 
+def bytes_per_item(model_cfg: ModelConfig, n: int) -> float:
+    """RSS bytes per item of the learner's item tables at ``n`` items (the catalogue's vectors
+    and ids, the model's rows, their AdamW state after one step, the counts); ``n`` a power of
+    two, so no rows are allocated beyond ``n``."""
+    learner = Learner(model_cfg, LearnerConfig(device="cpu"), ItemCatalog(dim=384))
+    gc.collect()
+    before = rss_mib()
+    vecs = np.random.default_rng(0).standard_normal((n, 384), dtype=np.float32)
+    learner.catalog.put_vectors([f"probe-{i}" for i in range(n)], vecs)
+    del vecs
+    learner.observe([RewardRecord("r", "u", "probe-0", 1.0, 1, "joined", 0.5, 0)])
+    learner.step()  # allocates the optimizer state of every item row
+    gc.collect()
+    return (rss_mib() - before) * 2**20 / n
+
+
 def main(argv: list[str] | None = None) -> int:
     s = LearnerSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -140,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-users", type=int, default=None,
                    help="users streamed before the baseline (default 2 * max-users)")  # fmt: skip
     p.add_argument("--cap-mib", type=float, default=4096.0, help="memory cap to stay under")
-    p.add_argument("--probe-users", type=int, default=50_000, help="users in the bytes probe")
+    p.add_argument("--probe-users", type=int, default=20_000, help="users in the bytes probe")
+    p.add_argument("--probe-items", type=int, default=1 << 17, help="items in the item probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="also write figures here")
     args = p.parse_args(argv)
@@ -216,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     per_user = bytes_per_user(learner.histories.max_len, learner.histories.retain, args.probe_users)
     state_mib = rows[-1]["rss_mib"] - rss0 if rows else float("nan")
+    per_item = bytes_per_item(model_cfg, args.probe_items)
 
     print()
     if warm:
@@ -233,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         f"bytes per user in UserHistories ({args.probe_users:,} users, tracemalloc): "
         + ", ".join(f"{e} entries {b:,.0f} B" for e, b in per_user.items())
     )
+    print(f"bytes per item in the learner's item tables ({args.probe_items:,} items, RSS): "
+          f"{per_item:,.0f} B")  # fmt: skip
     print(f"throughput: {total / rows[-1]['seconds']:,.0f} records/s" if rows else "")
     ok = bool(warm) and growth < 10 and hwm < args.cap_mib
     print("PASS" if ok else "FAIL")
@@ -247,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_history_users": saved_users,
             "checkpoint_history_bytes": hist_bytes,
             "bytes_per_user": per_user,
+            "bytes_per_item": per_item,
             "ratio": peak_after / warm["rss_mib"] if warm else None,
             "pass": ok,
         }
