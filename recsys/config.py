@@ -259,7 +259,7 @@ class LearnerSettings(_Section):
     layers: int = Field(2, ge=1, description="Layers of the user-state transformer")
     max_history: int = Field(50, ge=1, description="Items of history that make a user's state")
     item_capacity: int = Field(1024, ge=1, description="Initial item rows (grows by doubling)")
-    batch_size: int = Field(256, ge=1, description="Samples per gradient step")
+    batch_size: int = Field(128, ge=1, description="Samples per gradient step")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     alpha: float = Field(0.1, ge=0, description="Weight of the contrastive (InfoNCE) term")
     topk: int = Field(10, ge=1, description="K of the top-K off-policy correction")

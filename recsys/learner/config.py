@@ -35,7 +35,7 @@ class LearnerConfig:
     item ids (at most ``ModelConfig``'s item_capacity bound, 2^24).
     """
 
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     objective: Literal["reinforce", "ce"] = "reinforce"

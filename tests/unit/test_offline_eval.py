@@ -97,6 +97,34 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     assert kept == [2]
 
 
+def test_early_stopping_waits_for_min_epochs() -> None:
+    curve = iter([0.3, 0.1, 0.1, 0.1, 0.5, 0.1, 0.1])
+    state = {"epoch": 0}
+    kept: list[int] = []
+    best, seen = offline.early_stopping(
+        lambda: state.update(epoch=state["epoch"] + 1),
+        lambda: next(curve),
+        lambda: state["epoch"],
+        kept.append,
+        max_epochs=7,
+        patience=2,
+        min_epochs=5,
+    )
+    assert best == 5  # patience ran out at epoch 3, but min_epochs kept it going to the 0.5
+    assert seen == [0.3, 0.1, 0.1, 0.1, 0.5, 0.1, 0.1]
+    assert kept == [5]
+
+
+def test_ablation_intervals_pair_an_ablation_with_the_same_seeds() -> None:
+    good, bad = [0] * 50, [30] * 50
+    runs = {
+        offline.OURS: [{"seed": 0, "test_ranks": good}, {"seed": 1, "test_ranks": bad}],
+        "abl": [{"seed": 0, "test_ranks": good}],
+    }
+    ci = offline.ablation_intervals(runs, {offline.OURS: "ours", "abl": "ablation"})
+    assert ci["abl"]["diff"] == 0.0  # seed 0 against seed 0, not the mean of both seeds
+
+
 def test_paired_interval_detects_a_real_difference() -> None:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 40, size=400)
