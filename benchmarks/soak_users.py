@@ -12,6 +12,10 @@ limit in deploy/, the local overlay's; the base is 16 GiB) and grows less than 1
 first row after warm-up (the history cache full and ``--warmup-users`` streamed) to the
 largest later sample. ``ratio`` in ``--json`` is that largest sample over the warm-up one.
 
+``--publisher`` soaks the publisher's state instead: the same users as impression + click
+events through :meth:`Publisher.observe` (no store, no model version: cold-start slates), every
+due batch computed and committed, so the dirty set drains as in the worker.
+
 Bytes per user at the bound are measured apart, with tracemalloc, on ``UserHistories`` filled
 with ``--probe-users`` users of 1, 10 and ``retain`` entries (what a history costs, user id and
 LRU slot included); bytes per item from RSS around ``--probe-items`` items put into a fresh
@@ -37,14 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsys.config import LearnerSettings
+from recsys.config import LearnerSettings, PublisherSettings
 from recsys.encoder.catalog import ItemCatalog
-from recsys.events import RewardRecord
+from recsys.events import Event, RewardRecord
 from recsys.history import UserHistories, impression_key
 from recsys.learner.config import LearnerConfig
 from recsys.learner.online import OnlineLearner
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
+from recsys.publisher.core import Publisher, PublisherConfig
 
 
 def _status_mib(field: str) -> float:
@@ -143,11 +148,75 @@ def bytes_per_item(model_cfg: ModelConfig, n: int) -> float:
     return (rss_mib() - before) * 2**20 / n
 
 
+def events(
+    users: int, batch_users: int, items: int, heavy_users: int, heavy_share: float, seed: int
+) -> Iterator[tuple[int, list[Event]]]:
+    """The publisher's twin of :func:`records`: per new user an impression and a click on it."""
+    rng = np.random.default_rng(seed)
+    ts = 1_700_000_000_000
+    n = 0
+    for start in range(0, users, batch_users):
+        stop = min(users, start + batch_users)
+        extra = int((stop - start) * 2 * heavy_share)
+        picks = rng.zipf(1.3, stop - start + extra) % items
+        out: list[Event] = []
+        for k, u in enumerate(range(start, stop)):
+            user, item = f"user-{u:09d}", f"item-{picks[k]}"
+            n += 2
+            ts += 2
+            out.append(Event(f"e{n}", "impression", user, item, ts, f"q{n}", 0, 0.1))
+            out.append(Event(f"e{n + 1}", "click", user, item, ts + 1, f"q{n}", 0))
+        for k, h in enumerate(rng.integers(0, heavy_users, extra) if heavy_users else ()):
+            n += 1
+            ts += 1
+            item = f"item-{picks[stop - start + k]}"
+            out.append(Event(f"e{n}", "click", f"heavy-{h:06d}", item, ts))
+        yield stop, out
+
+
+def soak_publisher(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Stream the users through :meth:`Publisher.observe`, publishing every due batch (cold
+    start: no model version, no store); returns the table's rows."""
+    cfg = PublisherConfig(device="cpu", max_users=args.max_users, batch_interval_s=0.0, seed=0)
+    pub = Publisher(cfg, lambda: None)
+    every = max(args.batch_users, args.users // args.rows)
+    next_row, total, slates, rows = every, 0, 0, []
+    t0 = time.perf_counter()
+    print(f"{'users':>12} {'events':>12} {'RSS MiB':>8} {'in memory':>10} {'slates':>11} {'s':>7}")
+    for streamed, batch in events(args.users, args.batch_users, args.items, args.heavy_users,
+                                  args.heavy_share, args.seed):  # fmt: skip
+        pub.observe(batch)
+        total += len(batch)
+        while pub.due():
+            out = pub.compute()
+            if out is None:
+                break
+            slates += len(out.slates)
+            pub.committed(out)
+        if streamed >= next_row or streamed == args.users:
+            next_row += every
+            gc.collect()
+            row = {
+                "users": streamed,
+                "events": total,
+                "rss_mib": rss_mib(),
+                "users_in_memory": pub.users_in_memory,
+                "slates": slates,
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            held, spent = pub.users_in_memory, row["seconds"]
+            print(f"{streamed:>12,} {total:>12,} {row['rss_mib']:>8.0f} {held:>10,} "
+                  f"{slates:>11,} {spent:>7.0f}", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     s = LearnerSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=10_000_000, help="distinct new users streamed")
-    p.add_argument("--max-users", type=int, default=s.max_users, help="the learner's bound")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="the bound (default: the worker's max_users setting)")  # fmt: skip
     p.add_argument("--events-per-user", type=int, default=2, help="rewards per new user")
     p.add_argument("--items", type=int, default=10_000, help="distinct item ids")
     p.add_argument("--heavy-users", type=int, default=10_000, help="returning users")
@@ -160,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-users", type=int, default=20_000, help="users in the bytes probe")
     p.add_argument("--probe-items", type=int, default=1 << 17, help="items in the item probe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--publisher", action="store_true",
+                   help="soak the publisher's state instead (max-users: its bound)")  # fmt: skip
     p.add_argument("--json", dest="json_out", default=None, help="also write figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.max_users is None:
+        args.max_users = PublisherSettings().max_users if args.publisher else s.max_users
     warmup = args.warmup_users if args.warmup_users is not None else 2 * args.max_users
+    if args.publisher:
+        return report_publisher(args, soak_publisher(args), warmup)
 
     model_cfg = ModelConfig(
         text_dim=384, dim=s.dim, num_layers=s.layers, max_history=s.max_history,
@@ -272,6 +347,27 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": peak_after / warm["rss_mib"] if warm else None,
             "pass": ok,
         }
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+def report_publisher(args: argparse.Namespace, rows: list[dict[str, float]], warmup: int) -> int:
+    full = [r for r in rows if r["users"] >= warmup and r["users_in_memory"] >= args.max_users]
+    warm = full[0] if full else None
+    peak_after = max((r["rss_mib"] for r in full), default=float("nan"))
+    growth = (peak_after / warm["rss_mib"] - 1) * 100 if warm else float("nan")
+    hwm = _status_mib("VmHWM")
+    print()
+    if warm:
+        print(f"warm-up row: {warm['users']:,} users, RSS {warm['rss_mib']:.0f} MiB")
+    print(f"largest RSS after warm-up {peak_after:.0f} MiB: growth {growth:+.1f}% (target < 10%)")
+    print(f"peak RSS (VmHWM) {hwm:.0f} MiB; cap {args.cap_mib:.0f} MiB")
+    ok = bool(warm) and growth < 10 and hwm < args.cap_mib
+    print("PASS" if ok else "FAIL")
+    if args.json_out:
+        report = {"args": vars(args), "rows": rows, "warmup_row": warm, "peak_rss_mib": hwm,
+                  "growth_after_warmup_pct": growth, "pass": ok,
+                  "ratio": peak_after / warm["rss_mib"] if warm else None}  # fmt: skip
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     return 0 if ok else 1
 
