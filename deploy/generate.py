@@ -173,6 +173,30 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 "Paused partitions (back-pressure)",
                 [("sum by (worker) (recsys_paused_partitions)", "{{worker}}")],
             ),
+            ts(
+                "Bounded caches: entries / capacity",
+                [
+                    (
+                        "max by (job, cache) (recsys_cache_entries) / "
+                        "max by (job, cache) (recsys_cache_capacity)",
+                        "{{job}} {{cache}}",
+                    )
+                ],
+                "percentunit",
+                "Per-user and per-item state held in memory against its bound (RECSYS_*__MAX_*).",
+            ),
+            ts(
+                "Cache evictions /s",
+                [
+                    (
+                        f"sum by (job, cache) (rate(recsys_cache_evictions_total[{RATE}]))",
+                        "{{job}} {{cache}}",
+                    )
+                ],
+                "ops",
+                "Evicted entries; a user evicted from a store-backed cache is reloaded on the "
+                "next event.",
+            ),
             stat(
                 "Workers up",
                 [('sum by (job) (up{job=~".*recsys.*"})', "{{job}}")],

@@ -39,6 +39,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 
 from recsys.config import KafkaSettings
+from recsys.errors import ConfigError
 from recsys.kafka import make_admin, make_consumer
 from recsys.rewards.join import CLOCK_ENTRY, RATING_ENTRY, StateEntry
 
@@ -277,9 +278,11 @@ class ChangelogReader:
             time.sleep(0.2)  # a topic just created: metadata catches up
             have = len(self._client().partitions_for_topic(self.topic) or ())
         if have < partitions:
-            raise RuntimeError(
-                f"state topic {self.topic} has {have} partitions, fewer than the {partitions} "
-                "of the events topic; each events partition needs its own"
+            # A deployment error, not data: the worker stops with the setting to fix.
+            raise ConfigError(
+                f"RECSYS_TOPICS__REWARD_STATE: topic {self.topic} has {have} partitions, fewer "
+                f"than the {partitions} of the events topic; each events partition needs its own "
+                "(add partitions, or name a new topic)"
             )
         return created
 

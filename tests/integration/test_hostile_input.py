@@ -76,6 +76,7 @@ def _settings(kafka_settings, prefix: str, tmp_path: Path) -> Settings:
             "items": f"{prefix}.items",
             "item_vectors": f"{prefix}.vectors",
             "dlq": f"{prefix}.dlq",
+            "reward_state": f"{prefix}.state",
             "recommendations": f"{prefix}.recs",
             "partitions": 2,
         },

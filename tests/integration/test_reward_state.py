@@ -25,11 +25,13 @@ from prometheus_client import REGISTRY
 
 from recsys.app import make_loop
 from recsys.config import KafkaSettings, RewardSettings, load_settings
+from recsys.errors import ConfigError
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
 from recsys.learner.online import OnlineConfig, RecentIds
 from recsys.rewards import RewardJoin, RewardRules, offline_join
 from recsys.rewards.sink import RewardSink, build
+from recsys.rewards.state import ChangelogReader
 from recsys.testing.reward_kill import RewardReader, start_worker, wait_assigned, worker_env
 from recsys.testing.streams import (
     continuous_events,
@@ -208,7 +210,8 @@ def test_restarts_re_emit_at_most_one_batch_and_the_learner_trains_each_reward_o
             daemon=True,
         )
         replay.start()
-        run_until(procs[0], logs[0], lambda: len(reader.first) > len(oracle) // 4, 90)
+        # Generous bounds: a loaded 2-core machine runs the worker several times slower.
+        run_until(procs[0], logs[0], lambda: len(reader.first) > len(oracle) // 4, 180)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
         dupes_at.append(duplicates())
@@ -274,3 +277,14 @@ def test_restarts_re_emit_at_most_one_batch_and_the_learner_trains_each_reward_o
     assert per_restart[2] == 0  # everything was committed: nothing is re-read
     assert set(trained.values()) == {1}
     assert trained.keys() == oracle.keys()
+
+
+def test_a_state_topic_with_too_few_partitions_names_the_setting(kafka_settings, topic_prefix):
+    state = f"{topic_prefix}.state"
+    create_topics(kafka_settings, [state], 1)
+    reader = ChangelogReader(kafka_settings, state, 1)
+    try:
+        with pytest.raises(ConfigError, match="RECSYS_TOPICS__REWARD_STATE.*1 partitions"):
+            reader.ensure(2)
+    finally:
+        reader.close()

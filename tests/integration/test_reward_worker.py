@@ -131,6 +131,8 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
             "events": f"{topic_prefix}.events",
             "rewards": f"{topic_prefix}.rewards",
             "dlq": f"{topic_prefix}.dlq",
+            # Its own: a state topic shared with another test may have another partition count.
+            "reward_state": f"{topic_prefix}.state",
         },
         rewards={"group_id": f"{topic_prefix}.reward"},
     )
