@@ -284,7 +284,7 @@ def test_a_state_topic_with_too_few_partitions_names_the_setting(kafka_settings,
     create_topics(kafka_settings, [state], 1)
     reader = ChangelogReader(kafka_settings, state, 1)
     try:
-        with pytest.raises(ConfigError, match="RECSYS_TOPICS__REWARD_STATE.*1 partitions"):
+        with pytest.raises(ConfigError, match=r"RECSYS_TOPICS__REWARD_STATE.*1 partitions"):
             reader.ensure(2)
     finally:
         reader.close()
