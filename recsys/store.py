@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ def partition_for(user_id: str, partitions: int) -> int:
     return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+_LOCK_RETRIES = 5
 _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
 
 
@@ -300,6 +302,10 @@ class Store:
     ) -> None:
         """Upsert a publisher batch in one transaction (all of it or, after a crash, none).
 
+        Rows are written in key order, so replicas writing overlapping rows (popularity, the
+        cold-start slate, users handed over) lock them in one order; a transaction that still
+        fails on a lock (a deadlock, SQLite's busy database) is rolled back whole and retried.
+
         ``states`` replace whole user rows; ``histories`` (entries only) is the version-1 form.
         ``offsets``: ``{(group, topic, partition): next offset}`` the batch's state covers.
         """
@@ -315,11 +321,11 @@ class Store:
                 "event_ts": w.event_ts,
                 "updated_at": now,
             }
-            for w in slates
+            for w in sorted(slates, key=lambda w: w.slate.user_id)
         ]
         hist_rows = [
             {"user_id": u, "entries": [list(e) for e in entries], "updated_at": now}
-            for u, entries in (histories or {}).items()
+            for u, entries in sorted((histories or {}).items())
         ]
         state_rows = [
             {
@@ -331,8 +337,28 @@ class Store:
                 "rating_n": st.rating_n,
                 "rating_sum": st.rating_sum,
             }
-            for st in states
+            for st in sorted(states, key=lambda st: st.user_id)
         ]
+        for attempt in range(_LOCK_RETRIES):
+            try:
+                self._write_batch(rec_rows, hist_rows, state_rows, popularity, cold_start, offsets)
+                return
+            except sa.exc.OperationalError as exc:
+                if attempt == _LOCK_RETRIES - 1:
+                    raise
+                log.warning("store batch rolled back (%s); retrying", type(exc.orig).__name__)
+                time.sleep(0.05 * 2**attempt)
+
+    def _write_batch(
+        self,
+        rec_rows: list[dict[str, Any]],
+        hist_rows: list[dict[str, Any]],
+        state_rows: list[dict[str, Any]],
+        popularity: Mapping[str, int] | None,
+        cold_start: Slate | None,
+        offsets: Mapping[tuple[str, str, int], int] | None,
+    ) -> None:
+        now = _now()
         with self.engine.begin() as conn:
             self._upsert(conn, RecommendationRow, rec_rows, "user_id")
             self._upsert(conn, UserHistoryRow, hist_rows, "user_id")
@@ -341,7 +367,7 @@ class Store:
                 stmt = self._insert(PublisherOffsetRow)
                 rows = [
                     {"group_id": g, "topic": t, "partition": p, "next_offset": int(o)}
-                    for (g, t, p), o in offsets.items()
+                    for (g, t, p), o in sorted(offsets.items())
                 ]
                 if rows:
                     conn.execute(
@@ -358,7 +384,8 @@ class Store:
                     set_={"positives": ItemPopularityRow.positives + stmt.excluded.positives},
                 )
                 conn.execute(
-                    stmt, [{"item_id": i, "positives": int(n)} for i, n in popularity.items()]
+                    stmt,
+                    [{"item_id": i, "positives": int(n)} for i, n in sorted(popularity.items())],
                 )
             if cold_start is not None:
                 self._upsert(

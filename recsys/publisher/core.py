@@ -235,6 +235,11 @@ class Publisher:
         self._items_full_logged = False
         self.owned: set[int] | None = None  # None: every partition (no assignment seen)
         self._dirty: dict[str, int] = {}  # user -> oldest unpublished event ts
+        # Each dirty user's partition (their state may be evicted), so a revocation drops them.
+        self._dirty_partition: dict[str, int | None] = {}
+        # Per user, the positives in _pop_delta: a revocation takes them back (the partition's
+        # next owner re-reads and counts them).
+        self._user_pop: dict[str, list[str]] = {}
         self._dirty_since: float | None = None
         self._pop_delta: Counter[str] = Counter()
         self._refresh: deque[str] = deque()  # without a store: users in memory
@@ -270,6 +275,7 @@ class Publisher:
     def _evicted(self, user: str, state: UserState) -> None:
         if self.store is None:
             self._changed.discard(user)  # nowhere to save it: forgotten, as documented
+            self._user_pop.pop(user, None)
         elif user in self._changed:
             self._unsaved[user] = state
 
@@ -311,11 +317,17 @@ class Publisher:
         return {u: self._from_row(r) for u, r in self.store.load_user_states(users).items()}
 
     def load_popularity(self, popularity: Mapping[str, int]) -> None:
-        """Start from the store's positive-feedback counts (cold-start slates)."""
+        """Take the store's positive-feedback counts (cold-start slates), which every replica
+        adds its stored batches to, plus this replica's counts not stored yet."""
+        changed = False
         for item_id, n in popularity.items():
             i = self._intern(item_id)
             if i is not None:
-                self._popularity[i] = int(n)
+                count = int(n) + self._pop_delta.get(item_id, 0)
+                changed |= self._popularity[i] != count
+                self._popularity[i] = count
+        if changed:
+            self._cold_dirty = True
 
     def restore(
         self,
@@ -451,6 +463,7 @@ class Publisher:
                 assert i is not None
                 self._popularity[i] += 1
                 self._pop_delta[e.item_id] += 1
+                self._user_pop.setdefault(user, []).append(e.item_id)
                 self._cold_dirty = True
                 changed = True
             if changed:
@@ -461,6 +474,7 @@ class Publisher:
             if changed or new or shown:
                 old = self._dirty.get(user)
                 self._dirty[user] = e.ts if old is None else min(old, e.ts)
+                self._dirty_partition[user] = st.partition
                 if self._dirty_since is None:
                     self._dirty_since = self._mono()
         return len(self._dirty) - before
@@ -486,11 +500,17 @@ class Publisher:
             self._cursors.pop(p, None)
         gone = {u for u, st in self._users.items() if st.partition in parts}
         gone |= {u for u, st in self._unsaved.items() if st.partition in parts}
+        gone |= {u for u, p in self._dirty_partition.items() if p in parts}
         for u in gone:
             self._users.pop(u)
             self._unsaved.pop(u, None)
             self._changed.discard(u)
             self._dirty.pop(u, None)
+            self._dirty_partition.pop(u, None)
+            for item_id in self._user_pop.pop(u, ()):
+                self._pop_delta[item_id] -= 1
+                self._popularity[self._item_index[item_id]] -= 1
+        self._pop_delta = +self._pop_delta  # drop zero counts
         if gone and self._refresh:
             self._refresh = deque(u for u in self._refresh if u not in gone)
         if not self._dirty:
@@ -610,9 +630,11 @@ class Publisher:
         """The batch is durable (published and stored): forget what it covered."""
         for u in batch.users:
             self._dirty.pop(u, None)
+            self._dirty_partition.pop(u, None)
         for row in batch.states:
             self._changed.discard(row.user_id)
             self._unsaved.pop(row.user_id, None)
+            self._user_pop.pop(row.user_id, None)
         self._pop_delta.subtract(batch.popularity)
         self._pop_delta = +self._pop_delta  # drop zero counts
         if batch.cold_start is not None:

@@ -65,6 +65,7 @@ class PublisherSink(Sink):
         dlq: DeadLetterWriter | None = None,
         watcher: ModelWatcher | None = None,
         group_id: str = "",
+        popularity_sync_s: float = 30.0,
     ) -> None:
         if not topic:
             raise ValueError("topic must not be empty")
@@ -77,6 +78,8 @@ class PublisherSink(Sink):
         self.dlq = dlq
         self.watcher = watcher
         self.group_id = group_id
+        self.popularity_sync_s = popularity_sync_s
+        self._popularity_synced = time.monotonic()
         self._written: dict[TopicPartition, int] = {}
         self._durable: dict[TopicPartition, int] = {}
         self._recorded: set[str] = set()
@@ -147,6 +150,11 @@ class PublisherSink(Sink):
         self.publisher.observe([ev for _, ev in decoded], [r.partition for r, _ in decoded])
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
+        now = time.monotonic()
+        if now - self._popularity_synced >= self.popularity_sync_s:
+            # Other replicas count the positives of their own users: take theirs in.
+            self.publisher.load_popularity(self.store.load_popularity())
+            self._popularity_synced = now
         while self.publisher.due():
             batch = self.publisher.compute()
             if batch is None:

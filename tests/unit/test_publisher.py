@@ -343,6 +343,45 @@ def test_new_version_refreshes_only_the_owned_partitions_users(tmp_path):
         assert {stored[f"u{n}"].slate.model_version for n in range(10)} == {"v000000000002"}
 
 
+def test_popularity_from_the_store_adds_what_other_replicas_counted(tmp_path):
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        one, clock = make_publisher(store=store)
+        two, clock2 = make_publisher(store=store)
+        one.observe([ev(n, f"a{n}", "hit") for n in range(3)], [0, 0, 0])
+        _store_batch(one, store, clock)
+        two.observe([ev(10, "b", "hit"), ev(11, "b", "other")], [1, 1])  # not stored yet
+        two.load_popularity(store.load_popularity())
+        assert two._popularity[two._item_index["hit"]] == 4
+        assert two._popularity[two._item_index["other"]] == 1
+        _store_batch(two, store, clock2)
+        two.load_popularity(store.load_popularity())
+        assert two._popularity[two._item_index["hit"]] == 4
+        assert store.load_popularity() == {"hit": 4, "other": 1}
+
+
+def test_revoked_users_unstored_changes_are_dropped_with_them(tmp_path):
+    # What the next owner re-reads must not also be stored by the old one: dirty flags (even
+    # of a user evicted from memory) and popularity counts go with the partition.
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        pub, clock = make_publisher(store=store, max_users=1)
+        pub.assign([0, 1])
+        pub.observe([ev(1, "mine", "m1")], [0])
+        _store_batch(pub, store, clock)
+        pub.observe([Event("imp", "impression", "mine", "m2", 1_700_000_000_500)], [0])
+        pub.observe([ev(2, "theirs", "m1"), ev(3, "theirs", "m3")], [1, 1])
+        assert pub._peek("mine") is None  # evicted, but still due for a slate
+        pub.revoke([0, 1])
+        assert not pub.pending
+        assert pub._popularity[pub._item_index["m1"]] == 1
+        assert pub._popularity[pub._item_index["m3"]] == 0
+        clock.t += 1
+        batch = pub.compute()
+        assert batch is not None
+        assert batch.users == []
+        assert batch.popularity == {}
+        assert batch.states == []
+
+
 def test_item_table_is_bounded_and_counted():
     pub, _ = make_publisher(max_items=3)
     pub.observe([ev(n, "u", f"m{n}") for n in range(5)])
