@@ -261,7 +261,9 @@ class LearnerSettings(_Section):
     item_capacity: int = Field(1024, ge=1, description="Initial item rows (grows by doubling)")
     batch_size: int = Field(128, ge=1, description="Samples per gradient step")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    alpha: float = Field(0.1, ge=0, description="Weight of the contrastive (InfoNCE) term")
+    alpha: float = Field(
+        0.0, ge=0, description="Weight of the contrastive (InfoNCE) term (off: no offline gain)"
+    )
     topk: int = Field(10, ge=1, description="K of the top-K off-policy correction")
     weight_cap: float = Field(10.0, gt=0, description="Cap c of the importance weight")
     buffer_capacity: int = Field(100_000, ge=1, description="Replay buffer capacity")

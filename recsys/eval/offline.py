@@ -17,8 +17,9 @@ above the batch's mean. MovieLens logs no propensity, so the off-policy weight i
 
 Compared in one run, on the same split, candidates and seen-item masking: recsys (kind
 ``ours``), its ablations (``ablation``: the same network with cross-entropy instead of the policy
-gradient and the same contrastive term; without the contrastive term; without the text tower;
-without id embeddings) and the peers of :mod:`recsys.eval.peers` (``peer``: most-popular,
+gradient and the same other terms; with the contrastive term, which the shipped defaults leave
+off (``alpha`` 0), or without it where it is on; without the text tower; without id
+embeddings) and the peers of :mod:`recsys.eval.peers` (``peer``: most-popular,
 item-kNN, EASE, implicit's ALS and BPR, SASRec with cross-entropy at every position).
 
 recsys is the shipped learner: ``ModelConfig`` defaults and the learner worker's
@@ -72,6 +73,9 @@ MIN_EPOCHS = 8  # early stopping never stops a network before this many epochs
 # {1e-3, 3e-3} and epoch budget for both): recsys's is the shipped LearnerSettings.lr (1e-3;
 # 3e-3 made the text tower hurt), SASRec's best was 3e-3.
 SASREC_LR = 3e-3
+# The contrastive weight of the "+ contrastive" ablation when the shipped alpha is 0 (the
+# alpha the learner shipped with before the offline ablation turned it off).
+ABLATION_ALPHA = 0.1
 Scorer = peers.Scorer
 
 
@@ -363,15 +367,30 @@ SASREC = "SASRec (CE, every position)"
 def variants(
     model_cfg: ModelConfig, learner_cfg: LearnerConfig
 ) -> dict[str, tuple[str, ModelConfig, LearnerConfig]]:
-    """The networks compared: the full model and one ablation per idea -> name: (kind, cfgs)."""
+    """The networks compared: the full model and one ablation per idea -> name: (kind, cfgs).
+
+    An idea the shipped defaults leave off (the contrastive term at ``alpha`` 0, the text
+    tower) is ablated the other way round: the shipped model *with* it."""
+    contrast_on = learner_cfg.contrastive != "none" and learner_cfg.alpha > 0
+    contrast: dict[str, tuple[str, ModelConfig, LearnerConfig]] = (
+        {"no contrastive": ("ablation", model_cfg, replace(learner_cfg, contrastive="none"))}
+        if contrast_on
+        else {
+            f"+ contrastive (InfoNCE, alpha {ABLATION_ALPHA:g})": (
+                "ablation",
+                model_cfg,
+                replace(learner_cfg, contrastive="infonce", alpha=ABLATION_ALPHA),
+            )
+        }
+    )
     return {
         OURS: ("ours", model_cfg, learner_cfg),
-        "CE + same contrastive (no PG)": (
+        "CE, same other terms (no PG)": (
             "ablation",
             model_cfg,
             replace(learner_cfg, objective="ce"),
         ),
-        "no contrastive": ("ablation", model_cfg, replace(learner_cfg, contrastive="none")),
+        **contrast,
         **text_variants(model_cfg, learner_cfg),
         "no id (text only)": (
             "ablation",
