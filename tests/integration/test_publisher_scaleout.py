@@ -11,9 +11,14 @@ store throughout.
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +34,7 @@ from tests.integration.publisher_helpers import ITEMS, read_topic, slates_by_par
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 MAX_USERS = 8
 V1, V2 = "v000000000001", "v000000000002"
@@ -91,6 +97,36 @@ def _start(name, kafka_settings, group, events_topic, recs_topic, ckpt_dir, stor
     return Replica(name, watcher, sink, loop, thread)
 
 
+def _worker(kafka_settings, group, events_topic, recs_topic, ckpt_dir, url, log: Path):
+    """The publisher worker as Kubernetes runs it, in its own process (to be SIGKILLed)."""
+    env = {
+        **os.environ,
+        "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "RECSYS_KAFKA__SESSION_TIMEOUT_MS": str(kafka_settings.session_timeout_ms),
+        "RECSYS_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka_settings.heartbeat_interval_ms),
+        "RECSYS_KAFKA__MAX_POLL_INTERVAL_MS": str(kafka_settings.max_poll_interval_ms),
+        "RECSYS_TOPICS__EVENTS": events_topic,
+        "RECSYS_TOPICS__RECOMMENDATIONS": recs_topic,
+        "RECSYS_STORE__URL": url,
+        "RECSYS_METRICS__PORT": "0",
+        "RECSYS_PUBLISHER__GROUP_ID": group,
+        "RECSYS_PUBLISHER__CHECKPOINT_DIR": str(ckpt_dir),
+        "RECSYS_PUBLISHER__WATCH_INTERVAL_S": "0.1",
+        "RECSYS_PUBLISHER__K": "5",
+        "RECSYS_PUBLISHER__HISTORY_LEN": "10",
+        "RECSYS_PUBLISHER__BATCH_INTERVAL_MS": "50",
+        "RECSYS_PUBLISHER__DEVICE": "cpu",
+        "RECSYS_PUBLISHER__MAX_USERS": str(MAX_USERS),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsys", "worker", "publisher"],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
 def _wait(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -99,8 +135,9 @@ def _wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("leave", ["clean", "sigkill"])
 def test_replicas_join_and_leave_during_a_version_change(
-    kafka_settings, topic_prefix, tmp_path, store_url
+    kafka_settings, topic_prefix, tmp_path, store_url, leave
 ):
     events_topic, recs_topic = f"{topic_prefix}.events", f"{topic_prefix}.recs"
     group = f"{topic_prefix}.pub"
@@ -127,15 +164,23 @@ def test_replicas_join_and_leave_during_a_version_change(
 
     replicas: dict[str, Replica] = {}
     store = Store(store_url)
+    pop_before = store.load_popularity()  # the PostgreSQL database is shared by the session
+    proc: subprocess.Popen | None = None
     try:
-        replicas["a"], replicas["b"] = start("a"), start("b")
+        if leave == "clean":
+            replicas["a"] = start("a")
+            a_owned = replicas["a"].owned
+        else:  # A is a worker process: it dies by SIGKILL, mid-batch, with state not stored
+            args = (kafka_settings, group, events_topic, recs_topic, ckpt_dir, store_url)
+            proc = _worker(*args, tmp_path / "a.log")
+            a_owned = lambda: set(range(PARTITIONS)) - replicas["b"].owned()  # noqa: E731
+        replicas["b"] = start("b")
         _wait(
             lambda: (
-                replicas["a"].owned() | replicas["b"].owned() == set(range(PARTITIONS))
-                and replicas["a"].owned()
-                and replicas["b"].owned()
+                0 < len(replicas["b"].owned()) < PARTITIONS
+                and a_owned() | replicas["b"].owned() == set(range(PARTITIONS))
             ),
-            60,
+            90,
             "a and b to share the partitions",
         )
         produce(200)
@@ -147,8 +192,13 @@ def test_replicas_join_and_leave_during_a_version_change(
         make_checkpoint(ckpt_dir, 2, ITEMS, seed=1)
         produce(50)
         _wait(lambda: len(replicas["c"].owned()) > 0, 60, "c to get partitions")
-        replicas.pop("a").stop()
-        produce(100)
+        if proc is None:
+            replicas.pop("a").stop()
+            produce(100)
+        else:
+            produce(100, pause=0.0)  # a burst: the kill lands while batches are in flight
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
 
         live = list(replicas.values())
 
@@ -192,6 +242,8 @@ def test_replicas_join_and_leave_during_a_version_change(
         for r in replicas.values():
             r.stop()
         out.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     # The stored history of every user equals the offline oracle: each click exactly once, in
     # event-time order (40 users, at most 14 clicks each, fit history_len 10 * 2 retained).
@@ -208,7 +260,8 @@ def test_replicas_join_and_leave_during_a_version_change(
     pop = store.load_popularity()
     # Popularity counted each click once, whichever replica saw it (none was re-read and
     # counted twice: a new owner starts at the offset stored with the state it takes over).
-    assert sum(pop.get(i, 0) for i in ITEMS) == sum(len(v) for v in oracle.values())
+    counted = sum(pop.get(i, 0) - pop_before.get(i, 0) for i in ITEMS)
+    assert counted == sum(len(v) for v in oracle.values())
 
     stored = store.all_recommendations()
     records = read_topic(kafka_settings, recs_topic)
@@ -239,6 +292,7 @@ def test_replicas_join_and_leave_during_a_version_change(
     assert all(n > 0 for n in evictions.values()), evictions  # reloads were exercised
     print(
         f"\nscale-out: {len(users)} users, {len(sent)} events, replicas a+b, c joined, a left "
+        f"({leave}) "
         f"during {V1}->{V2}; histories equal the oracle for {len(users)}/{len(users)} users; "
         f"after settling each user served by 1 replica ({owner}); evictions {evictions}"
     )
