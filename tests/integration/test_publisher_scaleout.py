@@ -1,6 +1,7 @@
 """Fault test 5 (issue 13): publisher replicas that join and leave during a model-version change.
 
-Two replicas share the group; a third joins and the first leaves while a new version lands.
+Two replicas share the group; a third joins and the first leaves (stopped cleanly, or a worker
+process SIGKILLed mid-burst) while a new version lands.
 Every user's stored history equals the offline oracle, every user's final slate is of the new
 version, and once the group has settled every user is served by exactly one replica (the owner
 of their partition), and every user still gets a fresh slate after a click. Replicas hold at
