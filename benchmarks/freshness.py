@@ -35,7 +35,7 @@ from recsys.kafka import create_topics, make_consumer, make_producer
 TARGET_P99_S = 2.0
 
 
-def _assigned_consumer(kafka: KafkaSettings, topic: str):  # type: ignore[no-untyped-def]
+def _assigned_consumer(kafka: KafkaSettings, topic: str):
     consumer = make_consumer(kafka, None, fetch_max_wait_ms=10)
     parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in parts]

@@ -47,7 +47,8 @@ from recsys.history import pad_histories  # noqa: E402
 from recsys.learner.trainer import Learner, LearnerConfig  # noqa: E402
 from recsys.model import ModelConfig  # noqa: E402
 from recsys.policy import Policy  # noqa: E402
-from recsys.publisher.core import Publisher, PublisherConfig, load_serving_model  # noqa: E402
+from recsys.publisher.core import Publisher, PublisherConfig  # noqa: E402
+from recsys.serving.model import load_serving_model  # noqa: E402
 
 
 def load_movielens(path: Path) -> tuple[list[str], dict[str, list[str]]]:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     pub = Publisher(pcfg, lambda: model)
-    pub.restore(((u, []) for u in ()), {}, users)
+    pub.restore((), {}, users)
     for u, h in zip(users, histories, strict=True):
         for j, item in enumerate(h):
             pub._add_positive(u, j, item, f"{u}-{j}")

@@ -101,7 +101,7 @@ def worker_rate(settings: Settings, total: int) -> tuple[float, Any]:
             done.set()
 
     sink.write = timed_write  # type: ignore[method-assign]
-    loop.consumer.commit = timed_commit  # type: ignore[method-assign]
+    loop.consumer.commit = timed_commit
     t = threading.Thread(target=loop.run, daemon=True)
     t.start()
     while not done.wait(0.5):
