@@ -60,12 +60,6 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout")
     heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer heartbeat interval")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="Max time between polls")
-    reconnect_backoff_max_ms: int = Field(
-        5_000,
-        ge=50,
-        description="Longest wait between reconnect attempts to a broker (kafka-python's 30 s "
-        "default can hold a worker back half a minute after an outage ends)",
-    )
 
     @model_validator(mode="after")
     def _check_sasl(self) -> KafkaSettings:
@@ -93,7 +87,6 @@ class KafkaSettings(_Section):
             ],
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
-            "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
         }
         if self.security_protocol.startswith("SASL"):
             kwargs["sasl_mechanism"] = self.sasl_mechanism
