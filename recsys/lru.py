@@ -88,6 +88,7 @@ class LRU(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         """Insert or replace, as most recently used; evicts the oldest entries over the bound."""
+        before = len(self._data)
         self._data[key] = value
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
@@ -96,7 +97,9 @@ class LRU(Generic[K, V]):
             self._evicted.inc()
             if self.on_evict is not None:
                 self.on_evict(old_key, old_value)
-        self._entries.set(len(self._data))
+        # At the bound a put is an insert plus an eviction: the size, and the gauge, stay.
+        if len(self._data) != before:
+            self._entries.set(len(self._data))
 
     def pop(self, key: K) -> V | None:
         """Remove and return the value (no eviction callback: the caller owns it now)."""
