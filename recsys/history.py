@@ -16,7 +16,7 @@ import bisect
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -67,7 +67,44 @@ class _UserEntries:
         self.keys = array("q")
 
 
-class UserHistories:
+class _PerUser(Generic[V]):
+    """What :class:`UserHistories` and :class:`WatchedItems` share: their users' states in a
+    :class:`recsys.lru.LRU` of ``max_users`` (or, for :data:`UNBOUNDED`, a plain dict)."""
+
+    def __init__(self, max_users: int, name: str, on_evict: Callable[[str], None] | None) -> None:
+        self.name = name
+        self._on_evict = on_evict
+        self._users: LRU[str, V] | _Unbounded[V] = (
+            _Unbounded()
+            if max_users == UNBOUNDED
+            else LRU(max_users, name=name, on_evict=self._evicted if on_evict else None)
+        )
+
+    def _evicted(self, user_id: str, _state: V) -> None:
+        if self._on_evict is not None:
+            self._on_evict(user_id)
+
+    @property
+    def max_users(self) -> int:
+        return self._users.max_entries
+
+    @property
+    def evictions(self) -> int:
+        """Users evicted so far (also ``recsys_cache_evictions_total{cache=name}``)."""
+        return self._users.evictions
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def users(self) -> list[str]:
+        """Users held, least recently active first."""
+        return list(self._users.keys())
+
+
+class UserHistories(_PerUser[_UserEntries]):
     """Per-user positive-item histories in event-time order, for at most ``max_users`` users.
 
     Parameters
@@ -106,38 +143,9 @@ class UserHistories:
         retain = 2 * max_len if retain is None else retain
         if not isinstance(retain, int) or retain < max_len:
             raise ValueError(f"retain must be an int >= max_len ({max_len}), got {retain!r}")
+        super().__init__(max_users, name, on_evict)
         self.max_len = max_len
         self.retain = retain
-        self.name = name
-        self._on_evict = on_evict
-        self._users: LRU[str, _UserEntries] | _Unbounded[_UserEntries] = (
-            _Unbounded()
-            if max_users == UNBOUNDED
-            else LRU(max_users, name=name, on_evict=self._evicted if on_evict else None)
-        )
-
-    def _evicted(self, user_id: str, _entries: _UserEntries) -> None:
-        if self._on_evict is not None:
-            self._on_evict(user_id)
-
-    @property
-    def max_users(self) -> int:
-        return self._users.max_entries
-
-    @property
-    def evictions(self) -> int:
-        """Users evicted so far (also ``recsys_cache_evictions_total{cache=name}``)."""
-        return self._users.evictions
-
-    def __len__(self) -> int:
-        return len(self._users)
-
-    def __contains__(self, user_id: object) -> bool:
-        return user_id in self._users
-
-    def users(self) -> list[str]:
-        """Users held, least recently active first."""
-        return list(self._users.keys())
 
     def add(
         self, user_id: str, item_index: int, ts: int, reward: float, key: object = None
@@ -250,7 +258,7 @@ def is_watched_record(kind: str) -> bool:
     return kind != "default"
 
 
-class WatchedItems:
+class WatchedItems(_PerUser[dict[int, None]]):
     """Per user, the items they gave any feedback to (watched, rated, skipped), newest kept.
 
     The serving policy never shows a watched item again, and training masks the same set:
@@ -280,27 +288,8 @@ class WatchedItems:
     ) -> None:
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+        super().__init__(max_users, name, on_evict)  # a user's state: an ordered set of items
         self.max_len = max_len
-        self.name = name
-        self._on_evict = on_evict
-        # per user a dict: an insertion-ordered set of item indices
-        self._users: LRU[str, dict[int, None]] | _Unbounded[dict[int, None]] = (
-            _Unbounded()
-            if max_users == UNBOUNDED
-            else LRU(max_users, name=name, on_evict=self._evicted if on_evict else None)
-        )
-
-    def _evicted(self, user_id: str, _items: dict[int, None]) -> None:
-        if self._on_evict is not None:
-            self._on_evict(user_id)
-
-    @property
-    def max_users(self) -> int:
-        return self._users.max_entries
-
-    @property
-    def evictions(self) -> int:
-        return self._users.evictions
 
     def add(self, user_id: str, item_index: int) -> bool:
         """Mark an item watched; returns whether it was new for the user."""
@@ -319,16 +308,6 @@ class WatchedItems:
     def get(self, user_id: str) -> list[int]:
         """The user's watched items, oldest first."""
         return list(self._users.get(user_id) or ())
-
-    def users(self) -> list[str]:
-        """Users held, least recently active first."""
-        return list(self._users.keys())
-
-    def __len__(self) -> int:
-        return len(self._users)
-
-    def __contains__(self, user_id: object) -> bool:
-        return user_id in self._users
 
 
 def impression_key(request_id: str | None, item_id: str) -> tuple[str, str] | None:
