@@ -174,6 +174,18 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 [("sum by (worker) (recsys_paused_partitions)", "{{worker}}")],
             ),
             ts(
+                "Producers replaced (wedged flush)",
+                [
+                    (
+                        f"sum by (worker) (increase(recsys_producers_replaced_total[{RATE}]))",
+                        "{{worker}}",
+                    )
+                ],
+                "short",
+                "A flush that did not finish in time: the worker replaced its producer and "
+                "re-read the batch. Repeated during a broker outage; otherwise worth a look.",
+            ),
+            ts(
                 "Bounded caches: entries / capacity",
                 [
                     (

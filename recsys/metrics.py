@@ -39,6 +39,11 @@ BATCH_SECONDS = Histogram(
     ["worker"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+PRODUCERS_REPLACED = Counter(
+    "recsys_producers_replaced_total",
+    "Producers replaced after a flush that did not finish in time (a wedged client)",
+    ["worker"],
+)
 PAUSED_PARTITIONS = Gauge(
     "recsys_paused_partitions", "Partitions paused for back-pressure", ["worker"]
 )

@@ -26,11 +26,12 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from recsys import metrics
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 WORKER = "reward"
 DAY_MS = 24 * 3600 * 1000
+#: Longest wait for a batch's sends before the producer is taken for wedged (longer than an
+#: ordinary broker failover; a longer outage only costs a new producer per try).
+FLUSH_TIMEOUT_S = 60.0
 
 
 class RewardSink(Sink):
@@ -63,6 +67,8 @@ class RewardSink(Sink):
         producer: KafkaProducer,
         parser: EventParser | None = None,
         reader: ChangelogReader | None = None,
+        new_producer: Callable[[], KafkaProducer] | None = None,
+        flush_timeout_s: float = FLUSH_TIMEOUT_S,
     ) -> None:
         self.settings = settings.rewards
         self.kafka = settings.kafka
@@ -74,6 +80,9 @@ class RewardSink(Sink):
             settings.kafka, self.state_topic, settings.topics.replication_factor
         )
         self.producer = producer
+        self._new_producer = new_producer
+        self.flush_timeout_s = flush_timeout_s
+        self.producers_replaced = 0
         self.consumer: KafkaConsumer | None = None
         # "Now" for the future-timestamp check is the record's own Kafka timestamp, so every
         # read of a record (a restart's re-read included) gives the same verdict.
@@ -326,13 +335,40 @@ class RewardSink(Sink):
 
     def _wait(self) -> None:
         if self._futures:
-            self.producer.flush()
+            try:
+                self.producer.flush(timeout=self.flush_timeout_s)
+            except KafkaTimeoutError:
+                self._futures = []
+                self._replace_producer()
+                raise  # the batch failed: its partitions are restored and re-read
             # Taken before raising: a failed send (e.g. expired in a broker outage) fails this
             # batch once; the loop then hands the partitions back and they are restored.
             futures, self._futures = self._futures, []
             for f in futures:
                 if f is not None and f.failed():
                     raise f.exception
+
+    def _replace_producer(self) -> None:
+        """A flush that did not finish in ``flush_timeout_s``: start a new producer.
+
+        kafka-python 3 can wedge: seen in the tests, a producer whose first sends went to a
+        just-created state topic kept the partitions' leader unknown and refreshed metadata
+        forever, so its batches neither went out nor expired. A new producer starts from fresh
+        metadata. What the old one still held was not committed, so it is re-read (its sends
+        are idempotent by id and key). Through a broker outage longer than the timeout this
+        replaces the producer once per try, which costs a reconnect and nothing else.
+        """
+        if self._new_producer is None:
+            return
+        log.warning(
+            "reward worker: flush not done in %.0fs; replacing the producer", self.flush_timeout_s
+        )
+        close_producer(self.producer, timeout_s=0.0)
+        self.producer = self._new_producer()
+        if self.dlq is not None:
+            self.dlq.producer = self.producer
+        self.producers_replaced += 1
+        metrics.PRODUCERS_REPLACED.labels(worker=WORKER).inc()
 
     def close(self) -> None:
         self.reader.close()
@@ -360,15 +396,19 @@ class RewardSink(Sink):
 def build(settings: Settings) -> WorkerApp:
     """The reward worker: its own producer (linger and compression from settings).
 
-    Its sends never expire (a day's delivery timeout): through a broker outage the flush
-    waits and the batch completes when the broker is back. An expiry would not help: once
-    kafka-python 3's idempotent producer expires a batch it had already sent, it resets its
-    producer id and then neither sends nor expires anything again (seen in a 5-minute outage,
-    recsys/testing/outage.py), so the worker would hang instead of failing the batch.
+    Its sends never expire (a day's delivery timeout): once kafka-python 3's idempotent
+    producer expires a batch it had already sent, it resets its producer id and then neither
+    sends nor expires anything again (seen in a 5-minute outage, recsys/testing/outage.py).
+    The batch instead fails when its flush takes longer than :data:`FLUSH_TIMEOUT_S`: the
+    producer is replaced and the partitions are restored and re-read.
     """
     s = settings.rewards
     overrides: dict[str, Any] = {"linger_ms": s.linger_ms, "delivery_timeout_ms": DAY_MS}
     if s.compression != "none":
         overrides["compression_type"] = s.compression
-    sink = RewardSink(settings, make_producer(settings.kafka, **overrides))
+    sink = RewardSink(
+        settings,
+        make_producer(settings.kafka, **overrides),
+        new_producer=lambda: make_producer(settings.kafka, **overrides),
+    )
     return WorkerApp(WORKER, s.group_id, [settings.topics.events], sink, max_records=s.max_batch)

@@ -115,7 +115,12 @@ def _valid_events(n_users: int) -> list[Event]:
     return out
 
 
-def _wait(cond: Callable[[], bool], loops: list[tuple[ConsumerLoop, threading.Thread]], s: float):
+def _wait(
+    what: str,
+    cond: Callable[[], bool],
+    loops: list[tuple[ConsumerLoop, threading.Thread]],
+    s: float,
+) -> None:
     deadline = time.monotonic() + s
     while time.monotonic() < deadline:
         for loop, thread in loops:
@@ -123,7 +128,7 @@ def _wait(cond: Callable[[], bool], loops: list[tuple[ConsumerLoop, threading.Th
         if cond():
             return
         time.sleep(0.25)
-    raise AssertionError("timed out")
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_all_four_workers_survive_hostile_messages(kafka_settings, topic_prefix, tmp_path):
@@ -175,14 +180,14 @@ def test_all_four_workers_survive_hostile_messages(kafka_settings, topic_prefix,
             got = read_topic(kafka_settings, t.rewards, idle_s=0.5)
             return [RewardRecord.from_bytes(v) for _, _, v in got if v not in hostile]
 
-        _wait(lambda: len(rewards()) >= expected_rewards, loops, 120)
+        _wait("the rewards", lambda: len(rewards()) >= expected_rewards, loops, 120)
 
         def vector_ids() -> set[str]:
             got = read_topic(kafka_settings, t.item_vectors, idle_s=0.5)
             return {ItemVector.from_bytes(v).item_id for _, _, v in got if v not in hostile}
 
         # the encoder runs beside the reward worker, not before it: wait for its vectors too
-        _wait(lambda: vector_ids() == {i.item_id for i in items}, loops, 120)
+        _wait("the vectors", lambda: vector_ids() == {i.item_id for i in items}, loops, 120)
 
         def learned() -> int:
             found = ckpt.find_latest(settings.learner.checkpoint_dir)
@@ -192,11 +197,12 @@ def test_all_four_workers_survive_hostile_messages(kafka_settings, topic_prefix,
             return sum(off for key, off in offsets.items() if key.startswith(t.rewards + ":"))
 
         # every record on the rewards topic (ours and the hostile ones) is consumed and learned
-        _wait(lambda: learned() >= len(rewards()) + len(HOSTILE), loops, 120)
+        _wait("the learner", lambda: learned() >= len(rewards()) + len(HOSTILE), loops, 120)
 
         store = Store(settings.store.url)
         try:
             _wait(
+                "the slates",
                 lambda: all(store.get_recommendation(f"u{u}") is not None for u in range(6)),
                 loops,
                 60,
