@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
@@ -295,6 +296,42 @@ def test_failed_send_raises_in_flush_so_nothing_is_committed() -> None:
     sink.write(_records([Event("g", "click", "u", "a", T0 + 5)]))
     with pytest.raises(RuntimeError, match="broker said no"):
         sink.flush()
+
+
+@dataclass
+class WedgedProducer(FakeProducer):
+    """A producer whose flush never finishes (kafka-python raises KafkaTimeoutError)."""
+
+    closed: bool = False
+
+    def flush(self, timeout=None) -> None:
+        raise KafkaTimeoutError(f"flush not done in {timeout}s")
+
+    def close(self, timeout=None) -> None:
+        self.closed = True
+
+
+def test_a_wedged_producer_is_replaced_and_the_batch_fails() -> None:
+    tp = TopicPartition(SRC, 0)
+    consumer = FakeConsumer(assigned={tp})
+    wedged, fresh = WedgedProducer(), FakeProducer()
+    s = _settings()
+    sink = RewardSink(
+        s, wedged, reader=FakeReader(fresh), new_producer=lambda: fresh, flush_timeout_s=0.1
+    )  # type: ignore[arg-type]
+    sink.on_assign(consumer, [])
+    records = _imps(4)
+    sink.write(records)
+    with pytest.raises(KafkaTimeoutError):
+        sink.flush()  # nothing of the batch may be committed
+    assert wedged.closed
+    assert sink.producer is fresh
+    assert sink.dlq is not None
+    assert sink.dlq.producer is fresh
+    assert sink.producers_replaced == 1
+    sink.write(records)  # the loop hands the partition back: restored, then the batch again
+    assert sink.flush() == {tp: 4}
+    assert fresh.sent, "the new producer carries the batch"
 
 
 def test_after_a_failed_batch_the_state_is_restored_and_its_clock_never_sent() -> None:
