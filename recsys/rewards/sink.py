@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 WORKER = "reward"
 DAY_MS = 24 * 3600 * 1000
-#: Longest wait for a batch's sends before the producer is taken for wedged (longer than an
-#: ordinary broker failover; a longer outage only costs a new producer per try).
-FLUSH_TIMEOUT_S = 60.0
+#: Longest wait for a batch's sends before the producer is taken for wedged. Short enough that
+#: a wedged worker still stops within a pod's grace period (30 s); a broker outage longer than
+#: it only costs a new producer per try.
+FLUSH_TIMEOUT_S = 20.0
 
 
 class RewardSink(Sink):
