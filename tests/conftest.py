@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from recsys import datasets
 from recsys.broker import EmbeddedBroker
@@ -18,6 +19,20 @@ from recsys.testing.outage import moto_server
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Every test's own torch work on one thread.
+
+    The tensors here are tiny, and on a busy 2-core machine OpenMP's spin-waiting threads make
+    a test that takes 6 s alone take minutes. Reset per test: code under test (the evaluators'
+    ``threads`` option) may change it. Worker subprocesses keep their own setting.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

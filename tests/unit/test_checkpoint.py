@@ -30,9 +30,6 @@ MODEL = ModelConfig(
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _records(n: int, start: int = 0) -> list[RewardRecord]:
     return [
         RewardRecord(

@@ -16,9 +16,6 @@ from recsys.learner.config import LearnerConfig
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 MODEL = ModelConfig(
     text_dim=8, dim=16, max_history=4, item_capacity=8, adaptor_hidden=16, dropout=0.0
 )

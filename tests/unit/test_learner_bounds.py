@@ -20,8 +20,6 @@ from recsys.learner.sink import ITEM_CAPACITY, LearnerSink
 from recsys.learner.trainer import HISTORY_CACHE, ITEM_TABLE, Learner
 from recsys.model import ModelConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def make(**cfg: object) -> Learner:
     model = ModelConfig(text_dim=8, dim=8, max_history=4, item_capacity=4, adaptor_hidden=8,

@@ -11,8 +11,6 @@ from recsys.errors import ConfigError
 from recsys.history import MASK, PAD, pad_histories
 from recsys.model import ModelConfig, PolicyNet
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _net(encoder: Any = "transformer", **kw: Any) -> PolicyNet:
     torch.manual_seed(0)

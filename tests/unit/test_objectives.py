@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from recsys import objectives as obj
 from recsys.history import MASK, PAD
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_topk_correction_by_hand() -> None:
     pi = torch.tensor([0.1, 0.5, 0.02])

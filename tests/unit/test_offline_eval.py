@@ -16,8 +16,6 @@ from recsys.encoder.catalog import ItemCatalog
 from recsys.eval import offline
 from tests.unit.tiny_bert import make_tiny_bert
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _data(rows: list[tuple[int, int, float, int]]) -> MovieLens:
     order = sorted(range(len(rows)), key=lambda k: rows[k][3])

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from recsys.eval import peers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Items 0-1-2 are a block everyone in group A takes; 3-4-5 group B; item 6 is only popular.
 ROWS = [[0, 1, 2, 6]] * 6 + [[3, 4, 5, 6]] * 6 + [[6]] * 4

@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 
 from recsys.replay_buffer import ReplayBuffer, Transitions, last_writer, reservoir_slots
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _batch(start: int, n: int, width: int = 3) -> Transitions:
     ids = torch.arange(start, start + n)

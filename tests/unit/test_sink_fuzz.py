@@ -44,8 +44,6 @@ from tests.unit.test_contract_fuzz import (
 from tests.unit.test_rewards_sink import FakeConsumer, FakeProducer, FakeReader
 from tests.unit.tiny_bert import make_tiny_bert
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 DLQ = "dlq"
 SEED_REWARD = RewardRecord(
     "r1", "u1", "i1", 1.0, 1_700_000_000_000, "joined", 0.25, 3, "v1", "q1"
