@@ -294,6 +294,41 @@ def dashboards() -> dict[str, dict[str, Any]]:
             ),
             ts("Model version in use", [("max by (worker) (recsys_model_version)", "{{worker}}")]),
             ts(
+                "Model store calls",
+                [
+                    (
+                        f"sum by (op, result) (increase(recsys_model_store_operations_total[{RATE}]))",
+                        "{{op}} {{result}}",
+                    )
+                ],
+                "short",
+                "publish: the learner's uploads; sync: publishers (and a learner starting on an "
+                "empty volume) downloading new versions. Alert RecsysModelStoreFailing fires when "
+                "calls fail and none succeed for 10 min.",
+            ),
+            stat(
+                "Since the last model store success",
+                [
+                    (
+                        "time() - max by (op) (recsys_model_store_last_success_timestamp_seconds)",
+                        "{{op}}",
+                    )
+                ],
+                "s",
+                "Seconds since a publish (learner) or sync (publishers) last succeeded.",
+            ),
+            ts(
+                "Model store call p99",
+                [
+                    (
+                        "histogram_quantile(0.99, sum by (le, op) "
+                        f"(rate(recsys_model_store_seconds_bucket[{RATE}])))",
+                        "{{op}}",
+                    )
+                ],
+                "s",
+            ),
+            ts(
                 "Drift reaction factors",
                 [("max by (target) (recsys_drift_reaction_factor)", "{{target}}")],
                 desc="Multipliers on exploration and learning rate; 1 when no reaction is active.",

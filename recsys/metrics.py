@@ -94,6 +94,22 @@ CHECKPOINT_TIMESTAMP = Gauge(
     "recsys_checkpoint_timestamp_seconds", "Unix time of the newest checkpoint written"
 )
 MODEL_VERSION = Gauge("recsys_model_version", "Model version (checkpoint step) in use", ["worker"])
+MODEL_STORE_OPERATIONS = Counter(
+    "recsys_model_store_operations_total",
+    "Model store calls (publish: learner upload, sync: download of a new version), by result",
+    ["op", "result"],
+)
+MODEL_STORE_SECONDS = Histogram(
+    "recsys_model_store_seconds",
+    "Duration of one model store call",
+    ["op"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+MODEL_STORE_LAST_SUCCESS = Gauge(
+    "recsys_model_store_last_success_timestamp_seconds",
+    "Unix time of the last model store call that succeeded",
+    ["op"],
+)
 
 # --- items / encoder -------------------------------------------------------------------------
 ITEMS_ENCODED = Counter("recsys_items_encoded_total", "Item texts run through the encoder")

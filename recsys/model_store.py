@@ -21,16 +21,20 @@ token from IRSA, an instance profile): never from recsys settings, and never log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from recsys import checkpoint as ckpt
+from recsys import metrics
 from recsys.config import ModelStoreSettings, Settings
 from recsys.errors import CheckpointError, ConfigError
 
@@ -121,7 +125,10 @@ class ModelStore:
         never overwritten in place. Then the remote versions are pruned to ``keep`` (the one
         just published is spared, as :func:`~recsys.checkpoint.prune` spares it locally).
         """
-        path = Path(version_dir)
+        with _measured("publish"):
+            return self._publish(Path(version_dir))
+
+    def _publish(self, path: Path) -> str:
         manifest = ckpt.read_manifest(path)
         taken = self._objects()
         name = _free_name(path.name, taken)
@@ -182,7 +189,10 @@ class ModelStore:
         talking to the store propagate: the caller (the watcher) logs them and serves on.
         After a download, ``local_root`` is pruned to ``keep`` versions.
         """
-        root = Path(local_root)
+        with _measured("sync"):
+            return self._sync(Path(local_root))
+
+    def _sync(self, root: Path) -> list[Path]:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f"{_PARTIAL}*"):  # left by a sync that died mid-download
             shutil.rmtree(stale, ignore_errors=True)
@@ -235,6 +245,21 @@ class ModelStore:
         if len(data) > limit:
             raise CheckpointError(f"{key}: larger than {limit} bytes")
         return data
+
+
+@contextlib.contextmanager
+def _measured(op: str) -> Iterator[None]:
+    """Count, time and timestamp one store call (``recsys_model_store_*{op}``)."""
+    start = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        metrics.MODEL_STORE_OPERATIONS.labels(op=op, result="error").inc()
+        raise
+    finally:
+        metrics.MODEL_STORE_SECONDS.labels(op=op).observe(time.monotonic() - start)
+    metrics.MODEL_STORE_OPERATIONS.labels(op=op, result="ok").inc()
+    metrics.MODEL_STORE_LAST_SUCCESS.labels(op=op).set_to_current_time()
 
 
 def make_client(settings: ModelStoreSettings) -> S3Client:

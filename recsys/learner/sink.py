@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
+from recsys import checkpoint as ckpt
 from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.drift import DriftMonitor, DriftReaction
 from recsys.encoder.catalog import ItemCatalog
+from recsys.errors import RecsysError
 from recsys.events import ItemVector, RewardRecord
 from recsys.kafka import (
     DeadLetterWriter,
@@ -151,11 +154,40 @@ def new_learner(settings: Settings) -> Learner:
     return Learner(model_cfg, LearnerConfig.from_settings(s), ItemCatalog(dim=settings.encoder.dim))
 
 
+def restore_from_store(store: ModelStore, checkpoint_dir: str | Path) -> list[Path]:
+    """Bring the store's newest version into ``checkpoint_dir`` if the directory lacks it.
+
+    A learner whose pod was rescheduled onto a fresh volume then resumes from the model (and the
+    stream offsets in its manifest) it last published, instead of starting over while the
+    committed offsets skip everything the old model had learned. With the store unreachable the
+    local checkpoints are used if there are any; with none, starting would do exactly that
+    harm, so start-up fails (the pod restarts and tries again).
+    """
+    try:
+        return store.sync(checkpoint_dir)
+    except Exception as exc:
+        if ckpt.list_checkpoints(checkpoint_dir):
+            log.warning(
+                "model store %s unreachable (%s): resuming from the local checkpoints",
+                store.url,
+                type(exc).__name__,
+            )
+            return []
+        raise RecsysError(
+            f"model store {store.url} unreachable ({type(exc).__name__}) and "
+            f"{checkpoint_dir} holds no checkpoint: not starting a fresh model"
+        ) from exc
+
+
 def build(settings: Settings) -> WorkerApp:
     """The learner worker, resumed from the newest valid checkpoint under its directory."""
     s = settings.learner
     # With a model store URL each checkpoint is also uploaded for the publishers.
-    publish = ModelStore.from_settings(settings).publish if settings.model_store.url else None
+    publish = None
+    if settings.model_store.url:
+        store = ModelStore.from_settings(settings)
+        restore_from_store(store, s.checkpoint_dir)
+        publish = store.publish
     online, offsets = OnlineLearner.resume(
         s.checkpoint_dir,
         lambda: new_learner(settings),

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from recsys import checkpoint as ckpt
 from recsys.config import load_settings
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, RecsysError
 from recsys.learner.online import OnlineLearner
+from recsys.learner.sink import restore_from_store
 from recsys.model_store import ModelStore
 from recsys.serving.model import load_serving_model
 from recsys.serving.watcher import ModelWatcher
@@ -139,6 +141,57 @@ def test_a_failing_store_neither_stops_the_learner_nor_the_watcher(
     assert path is not None  # written locally; the upload error is logged only
     assert ckpt.read_manifest(path)
     assert "written but not published" in caplog.text
+
+
+def _store_calls(op: str, result: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "recsys_model_store_operations_total", {"op": op, "result": result}
+    )
+    return value or 0.0
+
+
+def test_a_learner_on_a_fresh_volume_resumes_from_the_store(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    """A rescheduled learner pod with an empty directory continues the published model and its
+    offsets, and every store call is counted."""
+    before = {op: _store_calls(op, "ok") for op in ("publish", "sync")}
+    learner = tiny_learner()
+    for item in ITEMS:
+        learner.catalog.index_of(item)
+    learner.step_count = 42
+    OnlineLearner(learner, tmp_path / "old-pod", on_checkpoint=store.publish).checkpoint(
+        {"rewards:0": 17}
+    )
+
+    fresh = tmp_path / "new-pod"
+    restored = restore_from_store(store, str(fresh))
+    assert [p.name for p in restored] == store.versions()
+    online, offsets = OnlineLearner.resume(fresh, tiny_learner)
+    assert online.version == 42
+    assert offsets == {"rewards:0": 17}
+    assert restore_from_store(store, str(fresh)) == []  # already there: nothing downloaded
+    assert _store_calls("publish", "ok") == before["publish"] + 1
+    assert _store_calls("sync", "ok") == before["sync"] + 2
+    last = REGISTRY.get_sample_value(
+        "recsys_model_store_last_success_timestamp_seconds", {"op": "sync"}
+    )
+    assert last is not None
+    assert abs(last - time.time()) < 60
+
+
+def test_an_unreachable_store_never_starts_a_learner_from_nothing(
+    store: ModelStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = ModelStore(store.client, f"missing-{uuid.uuid4().hex[:8]}", "x", keep=3)
+    errors = _store_calls("sync", "error")
+    with pytest.raises(RecsysError, match="holds no checkpoint"):
+        restore_from_store(gone, str(tmp_path / "empty"))
+    # With local checkpoints the learner resumes from them and says why.
+    make_checkpoint(tmp_path / "local", 5, ITEMS)
+    assert restore_from_store(gone, str(tmp_path / "local")) == []
+    assert "resuming from the local checkpoints" in caplog.text
+    assert _store_calls("sync", "error") == errors + 2
 
 
 def _upload_without_manifest(store: ModelStore, version_dir: Path, name: str) -> None:
