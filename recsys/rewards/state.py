@@ -274,8 +274,10 @@ class ChangelogReader:
         created = ensure_state_topic(self.kafka, self.topic, partitions, self.replication_factor)
         have = len(self._client().partitions_for_topic(self.topic) or ())
         deadline = time.monotonic() + 30
-        while have < partitions and time.monotonic() < deadline:
-            time.sleep(0.2)  # a topic just created: metadata catches up
+        # Only a topic just created (by us, or by another worker: none known yet) is waited
+        # for while metadata catches up; an existing topic's partition count is final.
+        while (have == 0 or created) and have < partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
             have = len(self._client().partitions_for_topic(self.topic) or ())
         if have < partitions:
             # A deployment error, not data: the worker stops with the setting to fix.
