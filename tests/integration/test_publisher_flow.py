@@ -6,8 +6,6 @@ import functools
 import threading
 import time
 
-import pytest
-
 from recsys import metrics
 from recsys.cli import main as cli_main
 from recsys.kafka import ConsumerLoop, create_topics, make_consumer, make_producer
@@ -25,13 +23,6 @@ from tests.integration.publisher_helpers import (
 )
 
 USERS = ["alice", "bob's", "c;d", "дмитрий", "🦊"] + [f"user-{i}" for i in range(25)]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 def _histogram_count(h) -> float:
