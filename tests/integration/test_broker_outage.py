@@ -107,15 +107,15 @@ def test_encoder_outage_longer_than_its_delivery_timeout(s3_endpoint: str, tmp_p
     """Fault test 6: the outage outlasts the producer's delivery timeout; vectors produced =
     items consumed, and the encoder keeps running."""
     r = run_encoder_outage(
-        45.0,
+        25.0,
         s3_endpoint=s3_endpoint,
-        delivery_timeout_s=15.0,
-        before_s=10.0,
-        after_s=10.0,
+        delivery_timeout_s=8.0,
+        before_s=6.0,
+        after_s=8.0,
         log_dir=tmp_path,
         verbose=False,
     )
-    print("\nencoder outage (45 s, delivery timeout 15 s):\n" + json.dumps(r, indent=2))
+    print("\nencoder outage (25 s, delivery timeout 8 s):\n" + json.dumps(r, indent=2))
     assert r["encoder_send_failures"] >= 1, "the outage did not outlast the delivery timeout"
     assert r["producer_failed"] == 0
     assert r["items_unconsumed"] == 0
