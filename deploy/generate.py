@@ -119,9 +119,12 @@ def dashboards() -> dict[str, dict[str, Any]]:
             ),
             ts(
                 "Events rejected /s by worker and reason",
-                [(f"sum by (reason, worker) (rate(recsys_events_rejected_total[{RATE}]))",
-                  "{{worker}}: {{reason}}",
-                )],
+                [
+                    (
+                        f"sum by (reason, worker) (rate(recsys_events_rejected_total[{RATE}]))",
+                        "{{worker}}: {{reason}}",
+                    )
+                ],
                 "ops",
                 "Validation failures; each is also written to the dead-letter topic.",
             ),
@@ -360,6 +363,14 @@ def dashboards() -> dict[str, dict[str, Any]]:
             ts(
                 "Model swaps (hot reloads)",
                 [(f"sum(increase(recsys_model_swaps_total[{RATE}]))", "swaps")],
+            ),
+            ts(
+                "Fenced publisher batches",
+                [(f"sum(increase(recsys_store_fenced_batches_total[{RATE}]))", "fenced")],
+                "short",
+                "Batches the store refused because another replica had stored newer state of "
+                "their partition: a replica that lost partitions while it worked. Its batch is "
+                "re-read; a steady rate means replicas fight over partitions.",
             ),
             ts(
                 "Items encoded /s and cache hits /s",

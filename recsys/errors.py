@@ -19,3 +19,9 @@ class BrokerError(RecsysError):
 
 class DataError(RecsysError):
     """A data set could not be found or recognised (a malformed row is skipped, not raised)."""
+
+
+class FencedError(RecsysError):
+    """A write refused because a newer owner of the same partition already stored more: this
+    process is a zombie (its partitions were reassigned while it worked). Its batch is dropped
+    and its partitions go back to their last commit (see :class:`recsys.kafka.ConsumerLoop`)."""

@@ -27,6 +27,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from recsys import metrics
 from recsys.config import KafkaSettings
+from recsys.errors import FencedError
 from recsys.events import ContractError, Rejection
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ class ConsumerLoop:
     (e.g. sends that expired during the outage) the batch's effects are unknown, so every
     assigned partition is handed back to the sink as if reassigned: ``on_revoke``, a seek to
     the last committed offset, ``on_assign``; the sink rebuilds its state as after a rebalance.
+    A :class:`~recsys.errors.FencedError` from the sink (its store refused a zombie's write) is
+    handled the same way: the batch is dropped and re-read from what the store holds.
     """
 
     def __init__(
@@ -355,8 +358,8 @@ class ConsumerLoop:
                     self._process(batch)
                     last_flush = now
                     self._failures = 0
-                except KafkaError as exc:
-                    self._broker_error(exc)
+                except (KafkaError, FencedError) as exc:
+                    self._retry_later(exc)
             if not self._redo:
                 try:
                     self._process([])  # a clean stop flushes and commits what is durable
@@ -383,7 +386,7 @@ class ConsumerLoop:
         try:
             self.sink.write(batch)
             safe = self.sink.flush()
-        except KafkaError:
+        except (KafkaError, FencedError):
             self._redo = True  # what the batch did is unknown: redo from the last commit
             raise
         self._commit(safe)
@@ -419,9 +422,10 @@ class ConsumerLoop:
             if self._uncommitted.get(tp) == off:
                 del self._uncommitted[tp]
 
-    def _broker_error(self, exc: KafkaError) -> None:
+    def _retry_later(self, exc: KafkaError | FencedError) -> None:
         """Log a failed poll or batch and wait before the next try (0.5 s doubling to 10 s)."""
-        self.broker_errors += 1
+        if isinstance(exc, KafkaError):
+            self.broker_errors += 1
         self._failures += 1
         delay = min(10.0, 0.5 * 2 ** min(self._failures - 1, 5))
         log.warning(

@@ -119,6 +119,11 @@ ITEMS_UNKNOWN = Counter(
 )
 
 # --- publisher -------------------------------------------------------------------------------
+STORE_FENCED_BATCHES = Counter(
+    "recsys_store_fenced_batches_total",
+    "Publisher batches the store refused: another replica had stored newer state of one of "
+    "their partitions (this replica was a zombie)",
+)
 SLATES_PUBLISHED = Counter("recsys_slates_published_total", "Slates written to Kafka and the store")
 FRESHNESS_SECONDS = Histogram(
     "recsys_freshness_seconds",

@@ -21,6 +21,9 @@ Tables
 ``item_popularity``   positive-feedback counts per item, for cold-start slates.
 ``publisher_offsets`` per (group, topic, partition) the next offset whose effects are not yet in
                       the store, written in the same transaction as the state it vouches for.
+                      It also fences zombies: a batch whose offset for a partition is behind
+                      the stored one comes from a replica that lost the partition while it
+                      worked, and is refused whole (:class:`~recsys.errors.FencedError`).
 ``schema_info``       the schema version.
 
 :meth:`Store.save_batch` writes a publisher batch (slates, histories, popularity, cold-start
@@ -44,7 +47,8 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from recsys.errors import RecsysError
+from recsys import metrics
+from recsys.errors import FencedError, RecsysError
 from recsys.events import Slate, slate_items_from_json, slate_items_to_json
 
 log = logging.getLogger(__name__)
@@ -360,6 +364,8 @@ class Store:
     ) -> None:
         now = _now()
         with self.engine.begin() as conn:
+            if offsets:
+                self._fence(conn, offsets)
             self._upsert(conn, RecommendationRow, rec_rows, "user_id")
             self._upsert(conn, UserHistoryRow, hist_rows, "user_id")
             self._upsert(conn, UserHistoryRow, state_rows, "user_id")
@@ -403,6 +409,37 @@ class Store:
                     ],
                     "key",
                 )
+
+    def _fence(self, conn: sa.Connection, offsets: Mapping[tuple[str, str, int], int]) -> None:
+        """Refuse the batch if any partition's stored offset is ahead of the batch's.
+
+        Offsets only move forward for the replica that owns a partition (it resumes from the
+        stored offset), so a stored offset ahead of ours means another replica took the
+        partition over and stored newer state: ours is stale and must not overwrite it. The
+        rows are locked (PostgreSQL; SQLite has one writer) until the transaction ends, so a
+        new owner cannot store in between the check and our write.
+        """
+        o = PublisherOffsetRow
+        keys = sorted(offsets)
+        stmt = (
+            sa.select(o.group_id, o.topic, o.partition, o.next_offset)
+            .where(sa.tuple_(o.group_id, o.topic, o.partition).in_(keys))
+            .order_by(o.group_id, o.topic, o.partition)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update()
+        behind = [
+            (t, p, stored, offsets[(g, t, p)])
+            for g, t, p, stored in conn.execute(stmt)
+            if stored > offsets[(g, t, p)]
+        ]
+        if behind:
+            metrics.STORE_FENCED_BATCHES.inc()
+            t, p, stored, ours = behind[0]
+            raise FencedError(
+                f"store holds {t}[{p}] up to offset {stored}, this batch only to {ours}: "
+                f"another replica owns the partition now ({len(behind)} partitions behind)"
+            )
 
     def record_model_version(
         self,

@@ -10,6 +10,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from recsys.config import KafkaSettings
+from recsys.errors import FencedError
 from recsys.kafka import (
     ConsumerLoop,
     DeadLetterWriter,
@@ -106,6 +107,43 @@ def test_crash_before_flush_commits_nothing_of_that_batch(kafka_settings, topic_
     loop2 = ConsumerLoop(make_consumer(kafka_settings, group), [topic], sink, worker="test")
     _run_until(loop2, lambda: len(crashing.durable) + len(sink.durable) >= 300)
     assert [int(v) for v in crashing.durable + sink.durable] == list(range(300))
+
+
+class FencedOnceSink(CollectingSink):
+    """Its store refuses the first flush (a zombie's write); records its hand-backs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fenced = False
+        self.handed: list[str] = []
+
+    def flush(self) -> Mapping[TopicPartition, int] | None:
+        if self.pending and not self.fenced:
+            self.fenced = True
+            self.pending.clear()  # the refused batch left nothing durable
+            raise FencedError("store holds newer state")
+        return super().flush()
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self.handed.append("revoke")
+
+    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        self.handed.append("assign")
+
+
+def test_a_fenced_batch_is_handed_back_and_re_read(kafka_settings, topic_prefix):
+    topic = f"{topic_prefix}.in"
+    create_topics(kafka_settings, [topic], partitions=2)
+    _produce(kafka_settings, topic, 200)
+    sink = FencedOnceSink()
+    loop = ConsumerLoop(
+        make_consumer(kafka_settings, f"{topic_prefix}.g"), [topic], sink, worker="test"
+    )
+    _run_until(loop, lambda: len(sink.durable) >= 200)
+    assert sink.fenced
+    assert sorted(int(v) for v in sink.durable) == list(range(200))  # nothing lost or doubled
+    assert sink.handed[:3] == ["assign", "revoke", "assign"]  # joined, then handed back
+    assert loop.broker_errors == 0  # a fenced write is not a broker problem
 
 
 def test_backpressure_pauses_then_resumes(kafka_settings, topic_prefix):

@@ -7,6 +7,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from recsys.errors import FencedError
 from recsys.events import Slate, SlateItem
 from recsys.store import (
     SCHEMA_VERSION,
@@ -184,6 +185,30 @@ def test_publisher_offsets_are_written_with_the_batch(store_url):
         store.save_batch([], offsets={(group, "events", 0): 10, (group, "events", 3): 7})
         store.save_batch([], offsets={(group, "events", 0): 12})
         assert store.publisher_offsets(group) == {("events", 0): 12, ("events", 3): 7}
+
+
+def test_a_zombie_replicas_batch_is_refused_whole(store_url):
+    """Replica A lost partition 0 to B, which stored up to offset 20; A's late batch (up to 15)
+    must change nothing, not even its rows for partitions nobody took."""
+    group, tag = f"g-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    moved, kept = f"moved-{tag}", f"kept-{tag}"
+    old = UserStateRow(moved, 0, ((1, "old", "e1", None),), ("old",))
+    newer = UserStateRow(moved, 0, ((1, "old", "e1", None), (2, "new", "e2", None)), ("old", "new"))
+    with Store(store_url) as store:
+        store.save_batch([], states=[old], offsets={(group, "events", 0): 10})
+        store.save_batch([], states=[newer], offsets={(group, "events", 0): 20})  # B
+        zombie = [old, UserStateRow(kept, 1, (), ("x",))]
+        with pytest.raises(FencedError, match=r"events\[0\] up to offset 20"):
+            store.save_batch(
+                [SlateWrite(_slate(kept), "model")],
+                states=zombie,
+                offsets={(group, "events", 0): 15, (group, "events", 1): 5},
+            )
+        assert store.load_user_states([moved, kept]) == {moved: newer}
+        assert store.get_recommendation(kept) is None
+        assert store.publisher_offsets(group) == {("events", 0): 20}
+        # The owner's own re-read of the same range (equal offsets) is not fenced.
+        store.save_batch([], states=[newer], offsets={(group, "events", 0): 20})
 
 
 def test_partition_for_is_kafka_pythons_default_partitioner():
