@@ -13,11 +13,15 @@ capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model widt
   per-item bias, so popularity survives the item LayerNorm) and the behaviour head ``β`` on
   ``state.detach()`` (Chen et al., WSDM 2019), which estimates the logging policy when
   propensities are not logged.
+- ``value_bias``: a per-item buffer the learner sets from counted reward statistics
+  (:mod:`recsys.learner.item_value`: organic mean reward, position-debiased CTR), a pointwise
+  reward model. Serving adds it to the policy logits; training does not (the learned bias
+  would otherwise learn to cancel it), so it acts only on what is shown.
 
 Scoring space: :meth:`PolicyNet.item_vectors` is ``[I, d+1]`` (the tower's output and the bias
-times the temperature) and :meth:`PolicyNet.user_state` ``[B, d+1]`` (the encoder's state and a
-constant 1), so ``user_state @ item_vectors.T / temperature`` is exactly the policy logits:
-serving ranks with the same scores as training, bias included.
+plus value bias times the temperature) and :meth:`PolicyNet.user_state` ``[B, d+1]`` (the
+encoder's state and a constant 1), so ``user_state @ item_vectors.T / temperature`` is the
+policy logits plus the value bias: serving ranks with the training scores and the value bias.
 """
 
 from __future__ import annotations
@@ -336,6 +340,8 @@ class PolicyNet(nn.Module):
     ``policy_logits(state, emb, bias)``.
     """
 
+    value_bias: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -352,6 +358,9 @@ class PolicyNet(nn.Module):
         # no id embedding) so that checkpoints keep one layout. Checkpoints written before it
         # existed load with a zero bias: the same scores as before.
         self.item_bias = nn.Parameter(torch.zeros(cfg.item_capacity))
+        # Serving-only value bias (see the module docstring): a buffer, not a parameter; the
+        # learner writes it. Checkpoints written before it existed load with zeros.
+        self.register_buffer("value_bias", torch.zeros(cfg.item_capacity))
         self.register_load_state_dict_pre_hook(_default_item_bias)
 
     @property
@@ -393,10 +402,21 @@ class PolicyNet(nn.Module):
 
     # --- scoring space (width d+1) --------------------------------------------------------------
 
+    def value_biases(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The serving-only value bias per item: ``[I]``, or ``idx.shape``."""
+        return self.value_bias[: self.num_items] if idx is None else self.value_bias[idx]
+
+    def set_value_bias(self, values: torch.Tensor) -> None:
+        """Set the value bias of items ``0..len(values)-1`` (the rest keep theirs)."""
+        with torch.no_grad():
+            self.value_bias[: len(values)].copy_(values.to(self.value_bias))
+
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Scoring vectors ``[I, d+1]`` (or ``idx.shape + [d+1]``): ``[embedding, T·bias]``."""
+        """Scoring vectors ``[I, d+1]`` (or ``idx.shape + [d+1]``): ``[embedding,
+        T·(bias + value bias)]``."""
         emb = self.items(idx)
-        bias = self.item_biases(idx).to(emb.dtype) * self.cfg.temperature
+        bias = (self.item_biases(idx) + self.value_biases(idx)).to(emb.dtype)
+        bias = bias * self.cfg.temperature
         return torch.cat([emb, bias.unsqueeze(-1)], dim=-1)
 
     def user_state(
@@ -497,6 +517,7 @@ class PolicyNet(nn.Module):
             new_bias = nn.Parameter(F.pad(old_bias.detach(), (0, capacity - old_cap)))
             setattr(self, name, new_bias)
             mapping[old_bias] = new_bias
+        self.value_bias = F.pad(self.value_bias, (0, capacity - old_cap))
         if self.items.id_embedding is not None:
             old_w = self.items.id_embedding.weight
             extra = torch.randn(capacity - old_cap, self.cfg.dim, device=dev) * 0.02
@@ -512,10 +533,12 @@ class PolicyNet(nn.Module):
 
 
 def _default_item_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Checkpoints from before the item bias load with a zero one (unchanged scores)."""
-    key = prefix + "item_bias"
-    if key not in state_dict and prefix + "beta_bias" in state_dict:
-        state_dict[key] = torch.zeros_like(state_dict[prefix + "beta_bias"])
+    """Checkpoints from before the item bias (or the value bias) load with a zero one
+    (unchanged scores)."""
+    for name in ("item_bias", "value_bias"):
+        key = prefix + name
+        if key not in state_dict and prefix + "beta_bias" in state_dict:
+            state_dict[key] = torch.zeros_like(state_dict[prefix + "beta_bias"])
 
 
 def _replace_capacity(cfg: ModelConfig, capacity: int) -> ModelConfig:

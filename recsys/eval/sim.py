@@ -8,13 +8,18 @@ and seeds are cheap enough to compare with paired confidence intervals:
   worker's defaults with the demo's smaller network), checkpoints written and loaded as the
   publisher's model (:func:`load_serving_model`), and :class:`Publisher` for histories, masks,
   cold start and slates with propensities. A visit shows the newest slate published for the
-  user (a uniformly random slate before there is one), exactly as the demo does.
+  user; a user the publisher has never seen gets its cold-start slate (the store's
+  ``cold_start`` row, what production serves them: the peers too rank for a user on first
+  sight); only before the first batch a uniformly random one. (The demo still shows a random
+  slate until the user has their own.)
 - **Peers** (:mod:`recsys.demo.arms`): random, most-popular, the ε-greedy bandit, LinUCB, Vowpal
   Wabbit and the oracle, each in its own copy of the simulated world, the same arrivals.
 - **Warm start**: everyone gets the catalogue's MovieLens ratings (the demo's backfill); every
   world marks them watched.
 - **Variants** of recsys (``--variants``): ``full``; ``ce`` (cross-entropy instead of the
-  policy gradient); ``no_contrastive``; ``text_only`` (no id embedding / item bias); and,
+  policy gradient); ``no_contrastive``; ``text_only`` (no id embedding / item bias);
+  ``no_value`` (no counted value bias in serving, :mod:`recsys.learner.item_value`);
+  ``no_click_value`` (its organic term only, nothing counted from impressions); and,
   where :class:`LearnerConfig` has the switch, ``no_offpolicy`` and ``no_baseline``.
 - **Figures**: CTR per impression, observed (clicks) and expected (the simulator's own click
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
@@ -72,7 +77,16 @@ from recsys.serving.model import ServingModel, load_serving_model
 log = logging.getLogger(__name__)
 
 ARMS = ("random", "most_popular", "epsilon_greedy", "linucb", "vw", "oracle")
-VARIANTS = ("full", "ce", "no_offpolicy", "no_contrastive", "no_baseline", "text_only")
+VARIANTS = (
+    "full",
+    "ce",
+    "no_offpolicy",
+    "no_contrastive",
+    "no_baseline",
+    "text_only",
+    "no_value",
+    "no_click_value",
+)
 
 # The demo's worker settings (recsys.demo.run.worker_env): a small network, short windows.
 DEMO_LEARNER = {"dim": 32, "layers": 1, "max_history": 20}
@@ -91,6 +105,10 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None
         return {"contrastive": "none"}, {}
     if name == "text_only":
         return {}, {"use_id_embedding": False, "item_bias": False}
+    if name == "no_value":  # no counted value bias in serving: the policy network alone
+        return {"organic_value_weight": 0.0, "click_value_weight": 0.0}, {}
+    if name == "no_click_value":  # the organic (rating) term only, nothing from impressions
+        return {"click_value_weight": 0.0}, {}
     if name == "no_offpolicy":
         return ({"off_policy_correction": False}, {}) if "off_policy_correction" in have else None
     if name == "no_baseline":
@@ -116,6 +134,8 @@ class SimRun:
     linucb_alpha: float = 0.3
     warm_limit: int | None = None  # the first N backfill ratings only (smoke tests); None: all
     curve_temperatures: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
+    cold_start_temperature: float | None = None  # publisher's (None: the setting's default)
+    learner: tuple[tuple[str, float], ...] = ()  # LearnerConfig overrides for every variant
 
 
 @dataclass
@@ -209,7 +229,7 @@ class _Recsys:
             keep_checkpoints=2,
             seed=run.seed,
         )
-        learner_cfg = replace(learner_cfg, **learner_over)
+        learner_cfg = replace(learner_cfg, **(dict(run.learner) | learner_over))
         self.learner = Learner(model_cfg, learner_cfg, ItemCatalog(dim=settings.encoder.dim))
         self.online = OnlineLearner(
             self.learner,
@@ -226,12 +246,17 @@ class _Recsys:
             over["exploration"] = run.exploration
         if run.epsilon is not None:
             over["epsilon"] = run.epsilon
+        if run.cold_start_temperature is not None:
+            over["cold_start_temperature"] = run.cold_start_temperature
         self.pub_cfg = replace(pub_cfg, **over)
         self.model: ServingModel | None = None
         self.publisher = Publisher(
             self.pub_cfg, lambda: self.model, RewardRules.from_settings(settings.rewards), clock
         )
         self.latest: dict[str, Slate] = {}
+        # The publisher's slate for users it has never seen (the store's ``cold_start`` row,
+        # what production serves them); None until the first batch.
+        self.cold_slate: Slate | None = None
         self.offset = 0
         self.steps = 0
         self.losses: list[dict[str, float]] = []
@@ -270,6 +295,8 @@ class _Recsys:
                 break
             for w in batch.slates:
                 self.latest[w.slate.user_id] = w.slate
+            if batch.cold_start is not None:
+                self.cold_slate = batch.cold_start
             self.publisher.committed(batch)
             if not self.publisher.refreshing and not self.publisher.pending:
                 break
@@ -576,7 +603,13 @@ def _run_recsys(
                 released = now_ms
             if v == ope_start:
                 target = rs.model
-            slate = rs.latest.get(user) or _random_slate(world, user, now_ms, run.k, rng_cold)
+            # As production serves: the user's newest slate, else the publisher's cold-start
+            # slate for users it has never seen, else (before any batch) a random one.
+            slate = (
+                rs.latest.get(user)
+                or rs.cold_slate
+                or _random_slate(world, user, now_ms, run.k, rng_cold)
+            )
             slate = Slate(f"sim-{v}", user, slate.model_version, now_ms, slate.items)
             p = _slate_probabilities(world, slate, now_ms)
             if target is not None and slate.model_version not in ("cold-start",) and slate.items:
@@ -842,6 +875,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="publisher temperature")
     p.add_argument("--exploration", default=None, choices=["boltzmann", "epsilon", "greedy"])
     p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument(
+        "--cold-temperature", type=float, default=None, help="publisher cold-start temperature"
+    )
+    p.add_argument(
+        "--learner",
+        default="",
+        help="LearnerConfig overrides for every variant, e.g. click_value_weight=2,lr=3e-3",
+    )
     p.add_argument("--vw-lambda", type=float, default=30.0, help="VW softmax lambda")
     p.add_argument("--linucb-alpha", type=float, default=0.3, help="LinUCB bonus weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -862,6 +903,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         vw_lambda=args.vw_lambda,
         linucb_alpha=args.linucb_alpha,
         warm_limit=args.warm_limit,
+        cold_start_temperature=args.cold_temperature,
+        learner=tuple(
+            (k.strip(), float(v)) for k, v in (kv.split("=", 1) for kv in split(args.learner))
+        ),
     )
     for a in split(args.arms):
         if a not in ARMS:

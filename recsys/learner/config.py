@@ -70,6 +70,12 @@ class LearnerConfig:
     checkpoint_buffer: bool = False
     max_users: int = 200_000
     max_items: int = 1_000_000
+    # The serving-only value bias (recsys.learner.item_value): weight of the standardised
+    # organic mean reward, weight of log(CTR / mean CTR) from impressions, and their priors.
+    organic_value_weight: float = 8.0
+    click_value_weight: float = 3.0
+    organic_value_prior: float = 5.0
+    click_value_prior: float = 20.0
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, what: str) -> None:
@@ -105,9 +111,18 @@ class LearnerConfig:
             "alpha",
             "hinge_margin",
             "sequence_weight",
+            "organic_value_weight",
+            "click_value_weight",
         ):
             check(n, nonneg(getattr(self, n)), "a finite number >= 0")
-        for n in ("lr", "weight_cap", "contrast_temperature", "grad_clip"):
+        for n in (
+            "lr",
+            "weight_cap",
+            "contrast_temperature",
+            "grad_clip",
+            "organic_value_prior",
+            "click_value_prior",
+        ):
             check(n, nonneg(getattr(self, n)) and getattr(self, n) > 0, "a finite number > 0")
         check("objective", self.objective in ("reinforce", "ce"), "'reinforce' or 'ce'")
         check(

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -63,6 +64,7 @@ from recsys.events import RewardRecord
 from recsys.history import UserHistories, impression_key, pad_histories
 from recsys.learner.checkpoint_io import optimizer_from_flat, optimizer_to_flat, write_json
 from recsys.learner.config import LearnerConfig
+from recsys.learner.item_value import ItemValues
 from recsys.model import ModelConfig, PolicyNet
 from recsys.replay_buffer import ReplayBuffer, Transitions
 from recsys.serving.device import resolve_device
@@ -120,6 +122,8 @@ class Learner:
         self.step_count = 0
         # logged actions per item (the proposal Q of in-batch negatives), grown with the catalogue
         self.item_counts = torch.zeros(model_cfg.item_capacity, device=self.device)
+        # Counted reward statistics per item -> the model's serving-only value bias.
+        self.values = ItemValues(cfg.organic_value_prior, cfg.click_value_prior)
         self._synced_version = -1
         self._amp = cfg.amp and self.device.type == "cuda"
         metrics.REPLAY_BUFFER_CAPACITY.set(cfg.buffer_capacity)
@@ -192,7 +196,7 @@ class Learner:
         hold ``max_items`` (counted in :attr:`items_refused`; the worker's sink dead-letters
         them before they get here, see :meth:`admits`).
         """
-        hist, items, rewards, props, positions = [], [], [], [], []
+        hist, items, rewards, props, positions, keys = [], [], [], [], [], []
         for r in records:
             if not math.isfinite(r.reward):
                 log.warning("dropping reward %s with non-finite reward", r.reward_id)
@@ -213,9 +217,11 @@ class Learner:
             rewards.append(r.reward)
             props.append(math.nan if r.propensity is None else r.propensity)
             positions.append(-1 if r.position is None else r.position)
+            keys.append(key)
         self._item_gauges()
         if not items:
             return 0
+        self.values.update(items, rewards, positions, keys)
         idx = torch.tensor(items, device=self.device)
         have = self.item_counts.shape[0]
         if len(self.catalog) > have:
@@ -248,6 +254,15 @@ class Learner:
         if n:
             self.model.set_text_vectors(self.catalog.text_vectors(self.device))
         self._synced_version = self.catalog.version
+
+    def sync_values(self) -> None:
+        """Write the counted value estimates into the model's serving-only value bias."""
+        self.sync_items()
+        n = self.model.num_items
+        if n == 0 or len(self.values) == 0:
+            return
+        bias = self.values.bias(n, self.cfg.organic_value_weight, self.cfg.click_value_weight)
+        self.model.set_value_bias(torch.from_numpy(bias))
 
     def _replace_params(self, mapping: dict[torch.Tensor, torch.Tensor]) -> None:
         """Point the optimizer at grown parameters, padding their state with zeros."""
@@ -461,7 +476,7 @@ class Learner:
     @torch.no_grad()
     def scores(self, user_histories: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
         """Policy logits ``[B, I]`` (float32) for histories: item-index lists or ``[B, N]``."""
-        self.sync_items()
+        self.sync_values()
         return policy_scores(self.model, user_histories)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -473,7 +488,7 @@ class Learner:
 
         Raises CheckpointError (and writes nothing) if any weight is not finite.
         """
-        self.sync_items()
+        self.sync_values()
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -489,7 +504,12 @@ class Learner:
             "optimizer.json": lambda p: write_json(p, opt_meta),
             "catalog.json": lambda p: write_json(p, cat_meta),
             "learner.safetensors": lambda p: save_file(
-                {"item_counts": self.item_counts.detach().cpu().contiguous()}, str(p)
+                {"item_counts": self.item_counts.detach().cpu().contiguous()}
+                | {
+                    f"values.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                    for k, v in self.values.state().items()
+                },
+                str(p),
             ),
             "histories.safetensors": lambda p: save_file(hist_t, str(p)),
             "histories.json": lambda p: write_json(
@@ -547,9 +567,16 @@ class Learner:
                 load_file(str(ckpt.checkpoint_file(path, manifest, "optimizer.safetensors"))),
                 json.loads(ckpt.checkpoint_file(path, manifest, "optimizer.json").read_text()),
             )
-            learner.item_counts = load_file(
-                str(ckpt.checkpoint_file(path, manifest, "learner.safetensors"))
-            )["item_counts"].to(learner.device)
+            extra = load_file(str(ckpt.checkpoint_file(path, manifest, "learner.safetensors")))
+            learner.item_counts = extra["item_counts"].to(learner.device)
+            # Checkpoints from before the value statistics restore with none (zero bias).
+            learner.values.load_state(
+                {
+                    k[len("values.") :]: v.numpy()
+                    for k, v in extra.items()
+                    if k.startswith("values.")
+                }
+            )
             cat_meta = json.loads(ckpt.checkpoint_file(path, manifest, "catalog.json").read_text())
             n = len(cat_meta["ids"])
             vecs = learner.model.items.text_vectors[:n].cpu().numpy()

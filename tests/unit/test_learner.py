@@ -213,7 +213,14 @@ def test_sampled_behaviour_estimate_matches_exact_softmax() -> None:
 
 def _ctr_ratio(baseline: bool) -> float:
     """π(b) / π(a) where a and b were clicked equally often but a was shown 4x as often."""
-    lr = _learner(impression_baseline=baseline, contrastive="none", sequence_weight=0.0)
+    # The policy network alone: the counted value bias would rank b first either way.
+    lr = _learner(
+        impression_baseline=baseline,
+        contrastive="none",
+        sequence_weight=0.0,
+        organic_value_weight=0.0,
+        click_value_weight=0.0,
+    )
     recs = []
     for rep in range(8):  # each impression a different new user: the same (empty) context
         for item, shown, clicked in (("a", 8, 2), ("b", 2, 2)):
