@@ -19,7 +19,8 @@ and seeds are cheap enough to compare with paired confidence intervals:
 - **Variants** of recsys (``--variants``): ``full``; ``ce`` (cross-entropy instead of the
   policy gradient); ``no_contrastive``; ``text_only`` (no id embedding / item bias);
   ``no_value`` (no counted value bias in serving, :mod:`recsys.learner.item_value`);
-  ``no_click_value`` (its organic term only, nothing counted from impressions); and,
+  ``with_click_value`` (the value bias's click term on, weight 3: off in the defaults, as it
+  did not help; full − variant > 0 means it still does not); and,
   where :class:`LearnerConfig` has the switch, ``no_offpolicy`` and ``no_baseline``.
 - **Figures**: CTR per impression, observed (clicks) and expected (the simulator's own click
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
@@ -85,7 +86,7 @@ VARIANTS = (
     "no_baseline",
     "text_only",
     "no_value",
-    "no_click_value",
+    "with_click_value",
 )
 
 # The demo's worker settings (recsys.demo.run.worker_env): a small network, short windows.
@@ -107,8 +108,8 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None
         return {}, {"use_id_embedding": False, "item_bias": False}
     if name == "no_value":  # no counted value bias in serving: the policy network alone
         return {"organic_value_weight": 0.0, "click_value_weight": 0.0}, {}
-    if name == "no_click_value":  # the organic (rating) term only, nothing from impressions
-        return {"click_value_weight": 0.0}, {}
+    if name == "with_click_value":  # the CTR counted from impressions on top of the organic term
+        return {"click_value_weight": 3.0}, {}
     if name == "no_offpolicy":
         return ({"off_policy_correction": False}, {}) if "off_policy_correction" in have else None
     if name == "no_baseline":
