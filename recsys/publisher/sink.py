@@ -89,8 +89,6 @@ class PublisherSink(Sink):
         self._consumer: KafkaConsumer | None = None
         self._filled = False
         self.batches = 0
-        self.published: list[tuple[float, list[str]]] = []  # (time, users) per batch, for tests
-        self.record_published = False
 
     def on_assign(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
         log.info("publisher assigned partitions %s", sorted(p.partition for p in partitions))
@@ -201,8 +199,6 @@ class PublisherSink(Sink):
         )
         self.publisher.committed(batch)
         now = time.time()
-        if self.record_published:
-            self.published.append((now, [w.slate.user_id for w in batch.slates]))
         for ts in batch.trigger_ts.values():
             metrics.FRESHNESS_SECONDS.observe(max(0.0, now - ts / 1000.0))
         metrics.SLATES_PUBLISHED.inc(len(batch.slates))

@@ -20,12 +20,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from recsys.events import Event
 from recsys.kafka import ConsumerLoop, create_topics, make_consumer, make_producer
-from recsys.publisher.core import Publisher, PublisherConfig
+from recsys.publisher.core import Batch, Publisher, PublisherConfig
 from recsys.publisher.sink import PublisherSink
 from recsys.serving.model import load_serving_model
 from recsys.serving.watcher import ModelWatcher
@@ -41,11 +42,23 @@ MAX_USERS = 8
 V1, V2 = "v000000000001", "v000000000002"
 
 
+class RecordingSink(PublisherSink):
+    """The publisher's sink, noting when each batch was stored and whose slates it held."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.published: list[tuple[float, list[str]]] = []
+
+    def publish(self, batch: Batch) -> None:
+        super().publish(batch)
+        self.published.append((time.time(), [w.slate.user_id for w in batch.slates]))
+
+
 @dataclass
 class Replica:
     name: str
     watcher: ModelWatcher
-    sink: PublisherSink
+    sink: RecordingSink
     loop: ConsumerLoop
     thread: threading.Thread
 
@@ -73,10 +86,9 @@ def _start(name, kafka_settings, group, events_topic, recs_topic, ckpt_dir, stor
     store = Store(store_url)
     publisher = Publisher(cfg, lambda: watcher.current, store=store)
     publisher.load_popularity(store.load_popularity())
-    sink = PublisherSink(
+    sink = RecordingSink(
         publisher, make_producer(kafka_settings), recs_topic, store, group_id=group
     )
-    sink.record_published = True
     loop = ConsumerLoop(
         make_consumer(kafka_settings, group),
         [events_topic],
