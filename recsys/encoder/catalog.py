@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recsys import metrics
-from recsys.encoder.cache import VectorCache
+from recsys.encoder.cache import VectorCache, encode_cached
 from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, item_text
@@ -99,32 +99,22 @@ class ItemCatalog:
             raise ConfigError("this catalogue has no text encoder; use index_of for id-only items")
         name = self.encoder.name
         indices: list[int] = []
-        todo: dict[str, list[int]] = {}  # key -> indices waiting for its vector
-        todo_text: dict[str, str] = {}
+        changed: dict[str, tuple[str, list[int]]] = {}  # key -> (text, indices waiting for it)
         for item_id, text in pairs:
             i = self.index.get(item_id)
             if i is None:
                 i = self._new_index(item_id)
             indices.append(i)
             key = text_key(name, text)
-            if self._keys[i] == key:
-                continue  # unchanged text: nothing to do
-            cached = self.cache.get(key) if self.cache is not None else None
-            if cached is not None:
-                metrics.ITEM_CACHE_HITS.inc()
-                self._set(i, key, cached)
-            else:
-                todo.setdefault(key, []).append(i)
-                todo_text[key] = text
-        if todo:
-            keys = list(todo)
-            vecs = self.encoder.encode([todo_text[k] for k in keys])
-            metrics.ITEMS_ENCODED.inc(len(keys))
-            if self.cache is not None:
-                self.cache.put(keys, vecs)
-            for k, v in zip(keys, vecs, strict=True):
-                for i in todo[k]:
-                    self._set(i, k, v)
+            if self._keys[i] != key:  # an unchanged text needs nothing
+                changed.setdefault(key, (text, []))[1].append(i)
+        if changed:
+            vectors = encode_cached(
+                self.encoder, self.cache, {k: t for k, (t, _) in changed.items()}
+            )
+            for key, (_, waiting) in changed.items():
+                for i in waiting:
+                    self._set(i, key, vectors[key])
         return indices
 
     def put_vectors(

@@ -20,7 +20,7 @@ from kafka.structs import TopicPartition
 
 from recsys.app import WorkerApp
 from recsys.config import Settings
-from recsys.encoder.catalog import ItemCatalog
+from recsys.encoder.cache import VectorCache, encode_cached
 from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, ItemVector, Rejection, item_text, parse_item
@@ -32,23 +32,26 @@ WORKER = "encoder"
 
 
 class EncoderSink(Sink):
-    """Validates catalogue records, encodes new or changed texts, produces their vectors."""
+    """Validates catalogue records, encodes new or changed texts, produces their vectors.
+
+    It holds no catalogue: a text's vector comes from the on-disk :class:`VectorCache` or the
+    encoder, so the worker's memory does not grow with the number of items.
+    """
 
     worker = WORKER
 
     def __init__(
         self,
-        catalog: ItemCatalog,
+        encoder: TextEncoder,
+        cache: VectorCache | None,
         producer: KafkaProducer,
         vectors_topic: str,
         dlq: DeadLetterWriter,
         ack_timeout_s: float = 60.0,
         parse: Callable[[Any], ItemRecord | Rejection] = parse_item,
     ) -> None:
-        if catalog.encoder is None:
-            raise ValueError("catalog must have a text encoder")
-        self.catalog = catalog
-        self.encoder: TextEncoder = catalog.encoder
+        self.encoder = encoder
+        self.cache = cache
         self.producer = producer
         self.topic = vectors_topic
         self.dlq = dlq
@@ -70,15 +73,14 @@ class EncoderSink(Sink):
             items[item.item_id] = item  # the newest record of an item in the batch wins
         if not items:
             return
-        indices = self.catalog.upsert(items.values())
         name = self.encoder.name
-        vectors = self.catalog.vectors
-        for item, i in zip(items.values(), indices, strict=True):
-            message = ItemVector(
-                item.item_id, name, text_key(name, item_text(item)), tuple(vectors[i].tolist())
-            )
+        texts = {item.item_id: item_text(item) for item in items.values()}
+        keys = {item_id: text_key(name, text) for item_id, text in texts.items()}
+        vectors = encode_cached(self.encoder, self.cache, {keys[i]: texts[i] for i in items})
+        for item_id, key in keys.items():
+            message = ItemVector(item_id, name, key, tuple(vectors[key].tolist()))
             self._futures.append(
-                self.producer.send(self.topic, key=item.item_id.encode(), value=message.to_bytes())
+                self.producer.send(self.topic, key=item_id.encode(), value=message.to_bytes())
             )
 
     def flush(self) -> Mapping[TopicPartition, int] | None:
@@ -114,6 +116,8 @@ class EncoderSink(Sink):
 
     def close(self) -> None:
         close_producer(self.producer)
+        if self.cache is not None:
+            self.cache.close()
 
 
 def build(settings: Settings) -> WorkerApp:
@@ -127,7 +131,8 @@ def build(settings: Settings) -> WorkerApp:
         )
     producer = make_producer(settings.kafka)
     sink = EncoderSink(
-        ItemCatalog(encoder, cache_dir=enc.cache_dir),
+        encoder,
+        VectorCache(enc.cache_dir, encoder.name, encoder.dim),
         producer,
         settings.topics.item_vectors,
         DeadLetterWriter(producer, settings.topics.dlq, WORKER),

@@ -590,7 +590,7 @@ def run_encoder_outage(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Fault test 6 once; returns the report (see the module docstring)."""
-    from recsys.encoder.catalog import ItemCatalog
+    from recsys.encoder.cache import VectorCache
     from recsys.encoder.sink import EncoderSink
     from recsys.encoder.text import TextEncoder
     from recsys.kafka import DeadLetterWriter
@@ -633,8 +633,10 @@ def run_encoder_outage(
                     stopped.set()
                 super().write(records)
 
+        text_encoder = TextEncoder(device="cpu")
         sink = BrokerDiesMidBatch(
-            ItemCatalog(TextEncoder(device="cpu"), cache_dir=log_dir / "cache"),
+            text_encoder,
+            VectorCache(log_dir / "cache", text_encoder.name, text_encoder.dim),
             enc_producer,
             topics["vectors"],
             DeadLetterWriter(enc_producer, topics["dlq"], "encoder"),

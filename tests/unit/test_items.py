@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +76,16 @@ def test_catalog_caches_vectors_on_disk(tiny_encoder: TextEncoder, tmp_path: Pat
     assert _count(metrics.ITEMS_ENCODED) - enc0 == 2
     np.testing.assert_array_equal(cat.vectors[1], cat.vectors[2])
     assert not list(tmp_path.rglob("*.pkl"))
-    assert list(tmp_path.rglob("*.safetensors"))
+    assert list(tmp_path.rglob("vectors.sqlite"))
 
     # unchanged items in the same catalogue: nothing encoded, nothing looked up
     cat.upsert(items)
     assert _count(metrics.ITEMS_ENCODED) - enc0 == 2
-    # a fresh catalogue (a restart) reads the disk cache: hits, no encoding
+    # a fresh catalogue (a restart) reads the disk cache: a hit per distinct text, no encoding
     cat2 = ItemCatalog(tiny_encoder, tmp_path)
     cat2.upsert(items)
     assert _count(metrics.ITEMS_ENCODED) - enc0 == 2
-    assert _count(metrics.ITEM_CACHE_HITS) - hit0 == 3
+    assert _count(metrics.ITEM_CACHE_HITS) - hit0 == 2
     np.testing.assert_array_equal(cat2.vectors, cat.vectors)
 
     # a changed text means a new vector
@@ -100,10 +101,37 @@ def test_cache_keys_depend_on_model_and_text(tmp_path: Path) -> None:
     assert text_key("a", "x") != text_key("b", "x") != text_key("a", "y")
     cache = VectorCache(tmp_path, "m", 2)
     cache.put(["k1"], np.array([[1.0, 2.0]], dtype=np.float32))
-    (cache.dir / "shard-999999-bad.safetensors").write_bytes(b"garbage")  # skipped on load
+    cache.close()
     again = VectorCache(tmp_path, "m", 2)
     np.testing.assert_array_equal(again.get("k1"), [1.0, 2.0])
+    assert again.get_many(["k1", "k2", "k1"]).keys() == {"k1"}
     assert VectorCache(tmp_path, "other-model", 2).get("k1") is None
+    # A file written at another width (same model name) reads as missing, never misshapen.
+    assert VectorCache(tmp_path, "m", 3).get("k1") is None
+    with pytest.raises(ValueError, match="vectors must be"):
+        again.put(["k3"], np.zeros((1, 5), dtype=np.float32))
+
+
+def test_cache_docstring_example_runs() -> None:
+    import doctest
+
+    import recsys.encoder.cache
+
+    assert doctest.testmod(recsys.encoder.cache).failed == 0
+
+
+def test_cache_imports_the_earlier_shard_layout(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    shards = VectorCache(tmp_path, "m", 2).dir
+    keys = np.frombuffer(json.dumps(["a", "b"]).encode(), dtype=np.uint8).copy()
+    vecs = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    save_file({"vectors": vecs, "keys": keys}, str(shards / "shard-000000-x.safetensors"))
+    (shards / "shard-000001-bad.safetensors").write_bytes(b"garbage")  # dropped, re-encoded
+    cache = VectorCache(tmp_path, "m", 2)
+    assert len(cache) == 2
+    np.testing.assert_array_equal(cache.get("b"), [0.0, 1.0])
+    assert not list(shards.glob("shard-*"))
 
 
 def test_unknown_items_get_id_only_index(tiny_encoder: TextEncoder) -> None:

@@ -19,7 +19,6 @@ from kafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
 from recsys.config import load_settings
-from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.sink import EncoderSink
 from recsys.encoder.text import TextEncoder
 from recsys.events import EventParser, ItemVector, Rejection, RewardRecord, parse_item
@@ -164,7 +163,8 @@ def run_fuzz(n: int, tmp_path: Path) -> None:
     producer = Producer()
     encoder = TextEncoder(make_tiny_bert(tmp_path / "bert", hidden=8), device="cpu")
     enc = EncoderSink(
-        ItemCatalog(encoder),
+        encoder,
+        None,
         producer,
         "vectors",  # type: ignore[arg-type]
         DeadLetterWriter(producer, DLQ, "encoder"),
