@@ -267,6 +267,33 @@ def early_stopping(
     return best_epoch, curve
 
 
+def _fit(
+    run_epoch: Callable[[], None],
+    scorer: Scorer,
+    net: torch.nn.Module,
+    split: Split,
+    seed: int,
+    max_epochs: int,
+    patience: int,
+) -> dict[str, Any]:
+    """Epochs of ``run_epoch`` under :func:`early_stopping` on validation NDCG@10, ``net``
+    left at its best epoch -> ``{"best_epoch", "epochs", "val_curve"}``."""
+
+    def val_ndcg() -> float:
+        return float(ndcg_at(evaluate_part(scorer, split, "val", seed)).mean())
+
+    best, curve = early_stopping(
+        run_epoch,
+        val_ndcg,
+        lambda: _state_copy(net),
+        net.load_state_dict,
+        max_epochs,
+        patience,
+        min_epochs=min(MIN_EPOCHS, max_epochs),
+    )
+    return {"best_epoch": best, "epochs": len(curve), "val_curve": curve}
+
+
 def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -290,25 +317,9 @@ def train_network(
         for _ in range(steps):
             learner.step()
 
-    def val_ndcg() -> float:
-        ranks = evaluate_part(network_scorer(learner), split, "val", learner_cfg.seed)
-        return float(ndcg_at(ranks).mean())
-
-    best, curve = early_stopping(
-        run_epoch,
-        val_ndcg,
-        lambda: _state_copy(learner.model),
-        learner.model.load_state_dict,
-        max_epochs,
-        patience,
-        min_epochs=min(MIN_EPOCHS, max_epochs),
-    )
-    return learner, {
-        "best_epoch": best,
-        "epochs": len(curve),
-        "steps_per_epoch": steps,
-        "val_curve": curve,
-    }
+    scorer = network_scorer(learner)
+    fit = _fit(run_epoch, scorer, learner.model, split, learner_cfg.seed, max_epochs, patience)
+    return learner, {**fit, "steps_per_epoch": steps}
 
 
 def train_sasrec(
@@ -337,25 +348,11 @@ def train_sasrec(
         for _ in range(steps):
             rec.step(chunks)
 
-    def val_ndcg() -> float:
-        ranks = evaluate_part(lambda u, h: rec.scores(h), split, "val", learner_cfg.seed)
-        return float(ndcg_at(ranks).mean())
+    def scorer(users: Sequence[int], hists: Sequence[Sequence[int]]) -> torch.Tensor:
+        return rec.scores(hists)
 
-    best, curve = early_stopping(
-        run_epoch,
-        val_ndcg,
-        lambda: _state_copy(rec.net),
-        rec.net.load_state_dict,
-        max_epochs,
-        patience,
-        min_epochs=min(MIN_EPOCHS, max_epochs),
-    )
-    return rec, {
-        "best_epoch": best,
-        "epochs": len(curve),
-        "steps_per_epoch": steps,
-        "val_curve": curve,
-    }
+    fit = _fit(run_epoch, scorer, rec.net, split, learner_cfg.seed, max_epochs, patience)
+    return rec, {**fit, "steps_per_epoch": steps}
 
 
 # --- what is compared ------------------------------------------------------------------------
