@@ -39,7 +39,7 @@ from recsys.broker import EmbeddedBroker
 from recsys.config import Settings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
-from recsys.rewards import RewardRules, offline_join
+from recsys.rewards import offline_join_for
 from recsys.rewards.sink import RewardSink, build
 from recsys.testing.streams import (
     kill_test_events,
@@ -139,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rs = base.rewards
         events += sentinels(events, args.partitions, rs)
-        oracle = offline_join(
-            events,
-            RewardRules.from_settings(rs),
-            window_ms=rs.window_ms,
-            late_rule=rs.late_rule,
-            late_retention_ms=rs.late_retention_ms,
-        )
+        oracle = offline_join_for(events, rs)
         create_topics(base.kafka, [base.topics.events, base.topics.dlq], args.partitions)
         total = produce(
             base.kafka, base.topics.events, ((e.user_id.encode(), e.to_bytes()) for e in events)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from recsys.config import RewardSettings
 from recsys.events import Event, RewardRecord
 from recsys.rewards.rules import RewardRules
 
@@ -133,3 +134,15 @@ def offline_join(
             request_id=imp.request_id,
         )
     return out
+
+
+def offline_join_for(events: Iterable[Event], settings: RewardSettings) -> dict[str, RewardRecord]:
+    """:func:`offline_join` with the rules, window and lateness of a reward worker running
+    with ``settings``: the oracle the fault tests and benchmarks compare the worker with."""
+    return offline_join(
+        events,
+        RewardRules.from_settings(settings),
+        window_ms=settings.window_ms,
+        late_rule=settings.late_rule,
+        late_retention_ms=settings.late_retention_ms,
+    )

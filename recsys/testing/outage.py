@@ -61,7 +61,7 @@ from recsys.config import KafkaSettings, RewardSettings, Settings, load_settings
 from recsys.demo.supervisor import WorkerProcess, wait_for
 from recsys.events import ItemRecord, ItemVector, RewardRecord
 from recsys.kafka import ConsumerLoop, create_topics, make_consumer, make_producer
-from recsys.rewards import RewardRules, offline_join
+from recsys.rewards import offline_join_for
 from recsys.testing.streams import sentinels, synthetic_events
 
 log = logging.getLogger("broker_outage")
@@ -346,13 +346,7 @@ def run_pipeline_outage(
     events = synthetic_events(int(rate * (before_s + outage_s + after_s)), seed)
     closing = sentinels(events, partitions, rs)
     all_events = events + closing
-    oracle = offline_join(
-        all_events,
-        RewardRules.from_settings(rs),
-        window_ms=rs.window_ms,
-        late_rule=rs.late_rule,
-        late_retention_ms=rs.late_retention_ms,
-    )
+    oracle = offline_join_for(all_events, rs)
     messages = [(e.user_id.encode(), e.to_bytes()) for e in all_events]
     say(f"{len(all_events):,} events at {rate:g}/s, {len(oracle):,} oracle rewards")
 

@@ -49,7 +49,7 @@ from recsys.broker import EmbeddedBroker
 from recsys.config import KafkaSettings, RewardSettings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
-from recsys.rewards import RewardRules, offline_join
+from recsys.rewards import offline_join_for
 from recsys.testing.streams import (
     kill_test_events,
     poison_messages,
@@ -177,13 +177,7 @@ def run_kill_test(
     messages = with_poison(events, poison, seed) + [
         (e.user_id.encode(), e.to_bytes()) for e in closing
     ]
-    oracle = offline_join(
-        events + closing,
-        RewardRules.from_settings(rs),
-        window_ms=rs.window_ms,
-        late_rule=rs.late_rule,
-        late_retention_ms=rs.late_retention_ms,
-    )
+    oracle = offline_join_for(events + closing, rs)
     n_events = len(events) + len(closing)
     say(f"{n_events:,} events, {len(poison):,} poison, {len(oracle):,} oracle rewards")
 

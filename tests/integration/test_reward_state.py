@@ -29,7 +29,7 @@ from recsys.errors import ConfigError
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics, make_consumer
 from recsys.learner.online import OnlineConfig, RecentIds
-from recsys.rewards import RewardJoin, RewardRules, offline_join
+from recsys.rewards import RewardJoin, offline_join_for
 from recsys.rewards.sink import RewardSink, build
 from recsys.rewards.state import ChangelogReader
 from recsys.testing.reward_kill import RewardReader, start_worker, wait_assigned, worker_env
@@ -43,16 +43,6 @@ from recsys.testing.streams import (
 
 PARTITIONS = 3
 BATCH = 1000  # the worker's max_batch in these tests: the bound on the commit gap
-
-
-def _oracle(events, rs: RewardSettings) -> dict[str, RewardRecord]:
-    return offline_join(
-        events,
-        RewardRules.from_settings(rs),
-        window_ms=rs.window_ms,
-        late_rule=rs.late_rule,
-        late_retention_ms=rs.late_retention_ms,
-    )
 
 
 def _old_commit_point(events, rs: RewardSettings, partition_of) -> tuple[int, int]:
@@ -178,7 +168,7 @@ def test_restarts_re_emit_at_most_one_batch_and_the_learner_trains_each_reward_o
     rs = RewardSettings(max_batch=BATCH)
     events = continuous_events(1.0, 6.0, seed=12)  # ~21k events
     closing = sentinels(events, PARTITIONS, rs)
-    oracle = _oracle(events + closing, rs)
+    oracle = offline_join_for(events + closing, rs)
     group = f"{topic_prefix}.reward"
     env = worker_env(broker, topics, PARTITIONS, group)
     env["RECSYS_REWARDS__MAX_BATCH"] = str(BATCH)

@@ -24,7 +24,7 @@ from recsys.app import make_loop
 from recsys.config import RewardSettings, load_settings
 from recsys.events import RewardRecord
 from recsys.kafka import create_topics
-from recsys.rewards import RewardRules, offline_join
+from recsys.rewards import offline_join_for
 from recsys.rewards.sink import RewardSink, build
 from recsys.testing.reward_kill import RewardReader, start_worker, wait_assigned, worker_env
 from recsys.testing.streams import (
@@ -37,16 +37,6 @@ from recsys.testing.streams import (
 )
 
 PARTITIONS = 6
-
-
-def _oracle(events, rs: RewardSettings) -> dict[str, RewardRecord]:
-    return offline_join(
-        events,
-        RewardRules.from_settings(rs),
-        window_ms=rs.window_ms,
-        late_rule=rs.late_rule,
-        late_retention_ms=rs.late_retention_ms,
-    )
 
 
 def _assigned(log: str) -> list[int]:
@@ -68,7 +58,7 @@ def test_two_worker_processes_share_the_partitions(broker, kafka_settings, topic
     rs = RewardSettings()
     events = kill_test_events(20_000, seed=3)
     events += sentinels(events, PARTITIONS, rs)
-    oracle = _oracle(events, rs)
+    oracle = offline_join_for(events, rs)
 
     env = worker_env(broker, topics, PARTITIONS, f"{topic_prefix}.reward")
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
@@ -147,7 +137,7 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(kafka_settings, topic
     messages = with_poison(events, poison, seed=5) + [
         (e.user_id.encode(), e.to_bytes()) for e in closing
     ]
-    oracle = _oracle(events + closing, rs)
+    oracle = offline_join_for(events + closing, rs)
     injected = Counter(p.reason for p in poison)
     before = {r: _rejected(r) for r in injected}
     produce(settings.kafka, t.events, messages)

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from recsys.config import load_settings
 from recsys.events import Event, Reason, RewardRecord
-from recsys.rewards import RewardRules, feedback_reward_id, offline_join
+from recsys.rewards import feedback_reward_id, offline_join_for
 from recsys.rewards.sink import RewardSink
 
 SRC = "ev"
@@ -176,12 +176,7 @@ def test_batches_give_the_oracle_and_commit_the_position(batch: int) -> None:
         sink.write(records[i : i + batch])
         safe.update(sink.flush() or {})
     rs = s.rewards
-    oracle = offline_join(
-        events,
-        RewardRules.from_settings(rs),
-        window_ms=rs.window_ms,
-        late_retention_ms=rs.late_retention_ms,
-    )
+    oracle = offline_join_for(events, rs)
     # The last event (far in the future) closed every window of its partition; the other
     # partition's last windows close when its clock moves, so compare what is due.
     got = _produced(sink.producer)
