@@ -52,6 +52,31 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**kwargs)
 
 
+def replace_producer(
+    old: KafkaProducer,
+    new_producer: Callable[[], KafkaProducer],
+    worker: str,
+    dlq: DeadLetterWriter | None = None,
+) -> KafkaProducer:
+    """A new producer for one whose flush did not finish in time (``dlq`` is moved onto it).
+
+    kafka-python 3 can wedge: seen in the tests, a producer whose first sends went to a
+    just-created topic kept the partitions' leader unknown and refreshed metadata forever, so
+    its batches neither went out nor expired. A new producer starts from fresh metadata. What
+    the old one still held was not committed, so the caller fails its batch and it is re-read
+    (sends are idempotent by id and key). Through a broker outage longer than the flush
+    timeout this replaces the producer once per try, which costs a reconnect and nothing else.
+    Counted in ``recsys_producers_replaced_total{worker}``.
+    """
+    log.warning("%s: a producer flush did not finish in time; replacing the producer", worker)
+    close_producer(old, timeout_s=0.0)
+    producer = new_producer()
+    if dlq is not None:
+        dlq.producer = producer
+    metrics.PRODUCERS_REPLACED.labels(worker=worker).inc()
+    return producer
+
+
 def close_producer(producer: KafkaProducer, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
     """Close ``producer``, waiting at most ``timeout_s`` for its last sends.
 

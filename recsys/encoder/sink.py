@@ -16,6 +16,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from recsys.app import WorkerApp
@@ -24,7 +25,13 @@ from recsys.encoder.cache import VectorCache, encode_cached
 from recsys.encoder.text import TextEncoder, text_key
 from recsys.errors import ConfigError
 from recsys.events import ItemRecord, ItemVector, Rejection, item_text, parse_item
-from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
+from recsys.kafka import (
+    DeadLetterWriter,
+    Sink,
+    close_producer,
+    make_producer,
+    replace_producer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,10 @@ class EncoderSink(Sink):
         dlq: DeadLetterWriter,
         ack_timeout_s: float = 60.0,
         parse: Callable[[Any], ItemRecord | Rejection] = parse_item,
+        new_producer: Callable[[], KafkaProducer] | None = None,
     ) -> None:
         self.encoder = encoder
+        self.new_producer = new_producer  # replaces a producer whose flush wedged
         self.cache = cache
         self.producer = producer
         self.topic = vectors_topic
@@ -90,6 +99,8 @@ class EncoderSink(Sink):
             failed = [f.exception for f in futures if not f.succeeded()]
         except Exception as exc:  # a flush that times out: nothing of the batch is known acked
             failed = [exc]
+            if isinstance(exc, KafkaTimeoutError) and self.new_producer is not None:
+                self.producer = replace_producer(self.producer, self.new_producer, WORKER, self.dlq)
         if not failed:
             self._acked = dict(self._written)
             return dict(self._acked)
@@ -142,5 +153,6 @@ def build(settings: Settings) -> WorkerApp:
             max_id_length=settings.events.max_id_length,
             max_title_length=settings.events.max_title_length,
         ),
+        new_producer=lambda: make_producer(settings.kafka),
     )
     return WorkerApp(WORKER, enc.group_id, [settings.topics.items], sink)

@@ -9,18 +9,25 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser
-from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
+from recsys.kafka import (
+    DeadLetterWriter,
+    Sink,
+    close_producer,
+    make_producer,
+    replace_producer,
+)
 from recsys.model_store import ModelStore
 from recsys.publisher.core import Batch, Publisher, PublisherConfig
 from recsys.rewards.rules import RewardRules
@@ -66,6 +73,7 @@ class PublisherSink(Sink):
         watcher: ModelWatcher | None = None,
         group_id: str = "",
         popularity_sync_s: float = 30.0,
+        new_producer: Callable[[], Any] | None = None,
     ) -> None:
         if not topic:
             raise ValueError("topic must not be empty")
@@ -79,6 +87,7 @@ class PublisherSink(Sink):
         self.watcher = watcher
         self.group_id = group_id
         self.popularity_sync_s = popularity_sync_s
+        self.new_producer = new_producer  # replaces a producer whose flush wedged
         self._popularity_synced = time.monotonic()
         self._written: dict[TopicPartition, int] = {}
         self._durable: dict[TopicPartition, int] = {}
@@ -183,7 +192,12 @@ class PublisherSink(Sink):
             self.producer.send(self.topic, key=w.slate.user_id.encode(), value=w.slate.to_bytes())
             for w in batch.slates
         ]
-        self.producer.flush(timeout=self.ack_timeout_s)
+        try:
+            self.producer.flush(timeout=self.ack_timeout_s)
+        except KafkaTimeoutError:
+            if self.new_producer is not None:
+                self.producer = replace_producer(self.producer, self.new_producer, WORKER, self.dlq)
+            raise  # the batch failed: the loop hands the partitions back and they are re-read
         for f in futures:
             f.get(timeout=self.ack_timeout_s)  # raises if any slate was not acknowledged
         # Every event observed so far has its effects in this batch or an earlier stored one
@@ -251,6 +265,7 @@ def build(settings: Settings) -> WorkerApp:
         dlq=DeadLetterWriter(producer, settings.topics.dlq, WORKER),
         watcher=watcher,
         group_id=ps.group_id,
+        new_producer=lambda: make_producer(settings.kafka),
     )
     return WorkerApp(
         WORKER,

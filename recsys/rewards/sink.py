@@ -38,7 +38,7 @@ from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
 from recsys.events import EventParser, Rejection
-from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer
+from recsys.kafka import DeadLetterWriter, Sink, close_producer, make_producer, replace_producer
 from recsys.rewards.join import RewardJoin, encode_reward
 from recsys.rewards.rules import RewardRules
 from recsys.rewards.state import ChangelogReader, PartitionLog, Record, fold, key_prefix
@@ -350,26 +350,11 @@ class RewardSink(Sink):
                     raise f.exception
 
     def _replace_producer(self) -> None:
-        """A flush that did not finish in ``flush_timeout_s``: start a new producer.
-
-        kafka-python 3 can wedge: seen in the tests, a producer whose first sends went to a
-        just-created state topic kept the partitions' leader unknown and refreshed metadata
-        forever, so its batches neither went out nor expired. A new producer starts from fresh
-        metadata. What the old one still held was not committed, so it is re-read (its sends
-        are idempotent by id and key). Through a broker outage longer than the timeout this
-        replaces the producer once per try, which costs a reconnect and nothing else.
-        """
+        """A flush that did not finish in ``flush_timeout_s``: see :func:`replace_producer`."""
         if self._new_producer is None:
             return
-        log.warning(
-            "reward worker: flush not done in %.0fs; replacing the producer", self.flush_timeout_s
-        )
-        close_producer(self.producer, timeout_s=0.0)
-        self.producer = self._new_producer()
-        if self.dlq is not None:
-            self.dlq.producer = self.producer
+        self.producer = replace_producer(self.producer, self._new_producer, WORKER, self.dlq)
         self.producers_replaced += 1
-        metrics.PRODUCERS_REPLACED.labels(worker=WORKER).inc()
 
     def close(self) -> None:
         self.reader.close()

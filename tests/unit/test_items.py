@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kafka.errors import KafkaTimeoutError
+from kafka.structs import TopicPartition
 
 from recsys import metrics
 from recsys.encoder.cache import VectorCache
@@ -176,3 +178,50 @@ def test_catalog_state_round_trip(tiny_encoder: TextEncoder) -> None:
     enc0 = _count(metrics.ITEMS_ENCODED)
     other.upsert([_item("a", "alpha")])  # same text, same model: no re-encoding
     assert _count(metrics.ITEMS_ENCODED) == enc0
+
+
+class _Acked:
+    exception = None
+
+    def succeeded(self) -> bool:
+        return True
+
+
+class _Producer:
+    def __init__(self, wedged: bool = False) -> None:
+        self.wedged, self.closed, self.sent = wedged, False, 0
+
+    def send(self, *args: Any, **kwargs: Any) -> _Acked:
+        self.sent += 1
+        return _Acked()
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self.wedged:  # what kafka-python raises for a flush that does not finish
+            raise KafkaTimeoutError(f"flush not done in {timeout}s")
+
+    def close(self, timeout: float | None = None) -> None:
+        self.closed = True
+
+
+def test_encoder_sink_replaces_a_wedged_producer(tiny_encoder: TextEncoder) -> None:
+    """A flush that times out acks nothing, moves the sink and its DLQ onto a new producer, and
+    the re-encoded batch goes out through it."""
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from recsys.encoder.sink import EncoderSink
+    from recsys.kafka import DeadLetterWriter
+
+    wedged, fresh = _Producer(wedged=True), _Producer()
+    dlq = DeadLetterWriter(wedged, "dlq", "encoder")  # type: ignore[arg-type]
+    sink = EncoderSink(tiny_encoder, None, wedged, "v", dlq, new_producer=lambda: fresh)  # type: ignore[arg-type]
+    value = json.dumps({"item_id": "a", "title": "t", "ts": 1}).encode()
+    record = ConsumerRecord("items", 0, -1, 7, 0, 0, None, value, [], None, -1, -1, -1)
+    sink.write([record])
+    tp = TopicPartition("items", 0)
+    assert sink.flush() == {tp: 7}  # nothing acknowledged: the commit stays before offset 7
+    assert wedged.closed
+    assert sink.producer is fresh
+    assert dlq.producer is fresh
+    sink.write([record])  # the rewind re-reads it
+    assert sink.flush() == {tp: 8}
+    assert fresh.sent == 1

@@ -489,3 +489,46 @@ def test_drift_exploration_factor_from_the_model_version_scales_temperature(tmp_
     pub.observe([ev(1, "u", "m3")])
     assert pub.compute() is not None
     assert model.policy.temperature == pytest.approx(1.5)
+
+
+def test_the_sink_replaces_a_wedged_producer_and_fails_the_batch(tmp_path):
+    from kafka.consumer.fetcher import ConsumerRecord
+    from kafka.errors import KafkaTimeoutError
+
+    from recsys.kafka import DeadLetterWriter
+    from recsys.publisher.sink import PublisherSink
+
+    class Acked:
+        def get(self, timeout=None):
+            return None
+
+    class Producer:
+        def __init__(self, wedged: bool) -> None:
+            self.wedged, self.closed, self.sent = wedged, False, 0
+
+        def send(self, *args, **kwargs):
+            self.sent += 1
+            return Acked()
+
+        def flush(self, timeout=None):
+            if self.wedged:
+                raise KafkaTimeoutError(f"flush not done in {timeout}s")
+
+        def close(self, timeout=None):
+            self.closed = True
+
+    wedged, fresh = Producer(True), Producer(False)
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    publisher = Publisher(PublisherConfig(batch_interval_s=0.0, device="cpu"), lambda: None)
+    dlq = DeadLetterWriter(wedged, "dlq", "publisher")
+    sink = PublisherSink(publisher, wedged, "recs", store, dlq=dlq, new_producer=lambda: fresh)
+    event = Event("e1", "click", "u1", "m1", 1_700_000_000_000)
+    record = ConsumerRecord("ev", 0, -1, 0, 0, 0, None, event.to_bytes(), [], None, -1, -1, -1)
+    sink.write([record])
+    with pytest.raises(KafkaTimeoutError):
+        sink.flush()  # the loop hands the partition back; nothing of the batch is stored
+    assert wedged.closed
+    assert sink.producer is fresh
+    assert dlq.producer is fresh
+    assert store.get_recommendation("u1") is None
+    store.close()
