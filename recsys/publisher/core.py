@@ -13,8 +13,10 @@ and the SQL store.
   starts later uses the new one, and there is never a moment without a model.
 - **Batches**: users whose history changed are recomputed at most ``batch_interval_s`` after
   their first change; a new version recomputes every known user, ``refresh_batch_users`` at a
-  time. Users without usable history get the cold-start policy: Boltzmann over log popularity
-  (positive feedback counts), i.e. popular items plus exploration, with exact propensities.
+  time. Users without usable history get the model's new-user state (its begin token, and the
+  serving item value) once a model is loaded (``cold_start="model"``); before that, or with
+  ``cold_start="popularity"``, the cold-start policy: Boltzmann over log popularity (positive
+  feedback counts), i.e. popular items plus exploration, with exact propensities.
 - :class:`PublisherSink` is the :class:`~recsys.kafka.Sink`: each batch is produced to the
   recommendations topic (keyed by user, a fresh ``request_id`` per slate) and acknowledged, then
   upserted into the store in one transaction, and only then are the offsets committed.
@@ -71,6 +73,7 @@ class PublisherConfig:
     temperature: float = 1.0
     epsilon: float = 0.1
     cold_start_temperature: float = 1.0
+    cold_start: Literal["popularity", "model"] = "model"
     batch_interval_s: float = 0.2
     refresh_batch_users: int = 2048
     chunk_size: int | None = None  # None: the Policy's default for the device
@@ -106,6 +109,8 @@ class PublisherConfig:
             raise ValueError(
                 f"exploration must be boltzmann, epsilon or greedy, got {self.exploration!r}"
             )
+        if self.cold_start not in ("popularity", "model"):
+            raise ValueError(f"cold_start must be popularity or model, got {self.cold_start!r}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon!r}")
 
@@ -121,6 +126,7 @@ class PublisherConfig:
             temperature=ps.temperature,
             epsilon=ps.epsilon,
             cold_start_temperature=ps.cold_start_temperature,
+            cold_start=ps.cold_start,
             batch_interval_s=ps.batch_interval_ms / 1000.0,
             refresh_batch_users=ps.refresh_batch_users,
             chunk_size=ps.chunk_size,
@@ -678,7 +684,7 @@ class Publisher:
                 m = [int(x) for x in lookup[h] if x >= 0] if h else []
                 mapped.append(m)
                 excluded.append([int(x) for x in lookup[seen[n]] if x >= 0] if seen[n] else [])
-                if m:
+                if m or self.cfg.cold_start == "model":
                     warm.append(n)
         out: list[SlateWrite | None] = [None] * len(users)
         if warm and model is not None:
@@ -739,6 +745,10 @@ class Publisher:
     def _cold_start_slate(
         self, model: ServingModel | None, version: str, now_ms: int
     ) -> Slate | None:
+        if model is not None and self.cfg.cold_start == "model":
+            # What the model serves a user with no history: its begin token's state.
+            (write,) = self._rank_users([""], model, version, now_ms, [self._new_state(None)])
+            return write.slate
         universe, ranking = self._cold_rank(model, [[]])
         if ranking is None:
             return None

@@ -6,6 +6,7 @@ Models are real checkpoints written by the learner (tiny configs), loaded by its
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,36 @@ def test_model_slates_exclude_history_and_score_with_the_model(tmp_path):
         assert item.score == pytest.approx(logits[ids.index(item.item_id)].item(), abs=1e-4)
         assert item.propensity == 1.0
     assert w.event_ts == 1_700_000_000_001
+
+
+def test_cold_start_model_serves_users_without_history_from_the_new_user_state(tmp_path):
+    """cold_start="model": a user who only skipped gets the model's begin-token ranking, their
+    watched item excluded, and so does the slate for users never seen."""
+    path = make_checkpoint(tmp_path, 7, ITEMS)
+    cfg = PublisherConfig(
+        k=5, history_len=10, exploration="greedy", device="cpu", cold_start="model"
+    )
+    model = load_serving_model(path, cfg.policy_kwargs())
+    pub = Publisher(cfg, lambda: model)
+    pub.observe([ev(1, "u", "m3", "skip")])
+    batch = pub.compute()
+    assert batch is not None
+    (w,) = batch.slates
+    assert w.policy == "model"
+    net, ids, _ = load_policy(path)
+    logits = policy_scores(net, [[]])[0]
+    expected = [ids[i] for i in logits.topk(6).indices.tolist() if ids[i] != "m3"][:5]
+    assert [i.item_id for i in w.slate.items] == expected
+    assert batch.cold_start is not None
+    assert [i.item_id for i in batch.cold_start.items] == [
+        ids[i] for i in logits.topk(5).indices.tolist()
+    ]
+    # The default keeps the popularity policy for the same user.
+    pop = Publisher(replace(cfg, cold_start="popularity"), lambda: model)
+    pop.observe([ev(1, "u", "m3", "skip")])
+    popular = pop.compute()
+    assert popular is not None
+    assert popular.slates[0].policy == "cold_start"
 
 
 def test_user_states_in_length_buckets_equal_one_padded_batch(tmp_path):
