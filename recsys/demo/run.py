@@ -2,8 +2,9 @@
 
 The embedded broker, the encoder, reward, learner and publisher workers (subprocesses, as in
 production) and a user simulator fitted on MovieLens. Users arrive at a set rate; each visit
-shows the newest slate the publisher pushed for that user (a random slate until there is one),
-and the simulator's impressions and feedback go back to the events topic.
+shows the newest slate the publisher pushed for that user or, for a user it has none for, the
+publisher's stored cold-start slate, as production serves them (a random slate until the
+first is stored), and the simulator's impressions and feedback go back to the events topic.
 
 The same arrivals are served, each in its own copy of the simulated world, by the peers of
 :mod:`recsys.demo.arms` (random, most-popular, an ε-greedy bandit, LinUCB, Vowpal Wabbit) and by
@@ -47,12 +48,14 @@ from recsys.errors import ConfigError, RecsysError
 from recsys.events import Event, Slate, SlateItem
 from recsys.kafka import create_topics, make_consumer, make_producer
 from recsys.serving.model import ServingModel, load_serving_model
+from recsys.store import Store
 
 log = logging.getLogger(__name__)
 
 WORKER_NAMES = ("encoder", "reward", "learner", "publisher")
 PEERS = ("random", "most_popular", "epsilon_greedy", "linucb", "vw")
 ARMS = ("recsys", *PEERS, "oracle")
+COLD_REFRESH_S = 2.0  # how often the app re-reads the stored cold-start slate
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,11 @@ class DemoConfig:
         )
 
 
+def store_url(out: Path) -> str:
+    """The demo's SQL store: a SQLite file in the output directory."""
+    return f"sqlite:///{(out / 'recsys.db').resolve()}"
+
+
 def worker_env(bootstrap: str, out: Path, topics: TopicSettings, port: int) -> dict[str, str]:
     """RECSYS_* settings the demo gives every worker: short windows and fast cadences."""
     return {
@@ -104,7 +112,7 @@ def worker_env(bootstrap: str, out: Path, topics: TopicSettings, port: int) -> d
         "RECSYS_KAFKA__SESSION_TIMEOUT_MS": "6000",
         "RECSYS_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
         "RECSYS_TOPICS__PARTITIONS": str(topics.partitions),
-        "RECSYS_STORE__URL": f"sqlite:///{(out / 'recsys.db').resolve()}",
+        "RECSYS_STORE__URL": store_url(out),
         "RECSYS_METRICS__PORT": str(port),
         "RECSYS_LEARNER__CHECKPOINT_DIR": str((out / "checkpoints").resolve()),
         "RECSYS_LEARNER__CHECKPOINT_EVERY_S": "5",
@@ -310,7 +318,7 @@ def _live(
     sim = worlds["recsys"]
     arms = {name: _Arm(world) for name, world in worlds.items()}
     ope = _OPELog(cfg, sim, list(baselines["random"].items), warm)
-    slates = _SlateFeed(kafka, topics.recommendations)
+    slates = _SlateFeed(kafka, topics.recommendations, store_url(cfg.out))
     learner, publisher = _Scraper(ports["learner"]), _Scraper(ports["publisher"])
     rng_arrival = np.random.default_rng(cfg.seed + 1)
     rng_cold = np.random.default_rng(cfg.seed + 2)
@@ -345,7 +353,11 @@ def _live(
                 visit += 1
                 user = sim.next_user(rng_arrival)
                 rid = f"demo-{visit}"
-                slate = slates.latest.get(user) or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
+                slate = (
+                    slates.latest.get(user)
+                    or slates.cold_start()
+                    or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
+                )
                 slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
                 ope.before(slate, now_ms, elapsed)
                 events = arms["recsys"].show(slate, now_ms, rngs["recsys"])
@@ -388,9 +400,14 @@ def _live(
 
 
 class _SlateFeed:
-    """Follows the recommendations topic: the newest slate per user, with arrival times."""
+    """Follows the recommendations topic: the newest slate per user, with arrival times; and
+    the store's cold-start slate, what the app shows a user with none (as in production)."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, store_url: str) -> None:
+        self.store_url = store_url
+        self._store: Store | None = None
+        self._cold: Slate | None = None
+        self._cold_read = -math.inf
         self.consumer = make_consumer(kafka, None)
         parts = self.consumer.partitions_for_topic(topic) or set()
         self.consumer.assign([TopicPartition(topic, p) for p in parts])
@@ -414,8 +431,25 @@ class _SlateFeed:
                 arrived.append((slate.user_id, wall))
         return arrived
 
+    def cold_start(self) -> Slate | None:
+        """The publisher's stored cold-start slate, re-read every :data:`COLD_REFRESH_S`."""
+        now = time.monotonic()
+        if now - self._cold_read >= COLD_REFRESH_S:
+            self._cold_read = now
+            try:
+                if self._store is None:
+                    self._store = Store(self.store_url)
+                stored = self._store.get_cold_start()
+            except Exception as exc:  # the publisher may still be creating the schema
+                log.debug("cold-start slate not readable yet: %s", exc)
+            else:
+                self._cold = stored.slate if stored is not None else self._cold
+        return self._cold
+
     def close(self) -> None:
         self.consumer.close()
+        if self._store is not None:
+            self._store.close()
 
 
 class _OPELog:
@@ -517,7 +551,7 @@ def _peers(
 def _cold_slate(
     sim: UserSimulator, user: str, now_ms: int, k: int, rng: np.random.Generator
 ) -> Slate:
-    """What the app shows before the publisher has a slate for the user: uniform random."""
+    """What the app shows before the publisher has stored any slate: uniform random."""
     avail = sim.available(now_ms)
     chosen = rng.choice(len(avail), size=min(k, len(avail)), replace=False)
     prop = min(k, len(avail)) / len(avail)

@@ -51,3 +51,29 @@ def test_demo_from_an_empty_directory_writes_a_complete_report(tmp_path: Path) -
         assert (out / plot).stat().st_size > 1000
     for worker in ("encoder", "reward", "learner", "publisher"):
         assert "Traceback" not in (out / "logs" / f"{worker}.log").read_text()
+
+
+def test_the_app_shows_unseen_users_the_stored_cold_start_slate(
+    kafka_settings, topic_prefix, tmp_path
+):
+    """As in production: no slate pushed for the user yet -> the store's cold_start row."""
+    from recsys.demo.run import _SlateFeed, store_url
+    from recsys.events import Slate, SlateItem
+    from recsys.kafka import create_topics
+    from recsys.store import Store
+
+    topic = f"{topic_prefix}.recs"
+    create_topics(kafka_settings, [topic], 1)
+    feed = _SlateFeed(kafka_settings, topic, store_url(tmp_path))
+    try:
+        assert feed.cold_start() is None  # nothing stored yet: the app falls back to random
+        cold = Slate("r1", "", "v000000000003", 1, (SlateItem("m1", 0.5, 0.25, 0),))
+        with Store(store_url(tmp_path)) as store:
+            store.save_batch([], cold_start=cold)
+        feed._cold_read = float("-inf")  # skip the refresh interval
+        got = feed.cold_start()
+        assert got is not None
+        assert got.items == cold.items
+        assert got.model_version == "v000000000003"
+    finally:
+        feed.close()
