@@ -88,6 +88,13 @@ def close_producer(producer: KafkaProducer, timeout_s: float = CLOSE_TIMEOUT_S) 
         producer.close(timeout=timeout_s)
     except KafkaError as exc:
         log.warning("producer closed with sends pending (%s); they are re-read, not lost", exc)
+        # kafka-python's close() flushes first and, when that times out, raises before it stops
+        # its network thread, which then lives on (reconnecting, refreshing metadata, holding
+        # the GIL): stop it without sending what is pending.
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.is_alive():
+            sender.force_close()
+            sender.join(max(timeout_s, 1.0))
 
 
 def make_consumer(

@@ -514,9 +514,9 @@ def run_pipeline_outage(
         reward.stop()
         if reader.is_alive():
             reader.stop()
-        broker.stop()
         with contextlib.suppress(Exception):
-            app.sink.close()
+            app.sink.close()  # while the broker is still up: nothing left to wait for
+        broker.stop()
 
 
 def reread(

@@ -206,3 +206,22 @@ def test_dead_letter_carries_bytes_and_headers(kafka_settings, topic_prefix):
     assert headers["recsys.source_topic"] == src.encode()
     assert headers["recsys.source_partition"] == b"0"
     assert headers["recsys.source_offset"] == b"0"
+
+
+def test_closing_a_producer_with_sends_pending_stops_its_network_thread():
+    """kafka-python's close() raises when its flush times out, before stopping the sender:
+    close_producer must not leave that thread running against a broker that is gone."""
+    from recsys.broker import EmbeddedBroker
+    from recsys.kafka import close_producer
+
+    with EmbeddedBroker() as broker:
+        settings = KafkaSettings(bootstrap_servers=broker.bootstrap)
+        create_topics(settings, ["t"], partitions=1)
+        producer = make_producer(settings)
+        producer.send("t", value=b"sent").get(timeout=30)
+        broker.stop()
+        producer.send("t", value=b"pending")  # cannot be delivered now
+        sender = producer._sender
+        assert sender.is_alive()
+        close_producer(producer, timeout_s=0.5)
+        assert not sender.is_alive()
