@@ -85,7 +85,7 @@ class EncoderSink(Sink):
         name = self.encoder.name
         texts = {item.item_id: item_text(item) for item in items.values()}
         keys = {item_id: text_key(name, text) for item_id, text in texts.items()}
-        vectors = encode_cached(self.encoder, self.cache, {keys[i]: texts[i] for i in items})
+        vectors = encode_cached(self.encoder, self.cache, {keys[i]: t for i, t in texts.items()})
         for item_id, key in keys.items():
             message = ItemVector(item_id, name, key, tuple(vectors[key].tolist()))
             self._futures.append(

@@ -102,23 +102,31 @@ class ItemValues:
         if not items:
             return
         self._grow(max(items) + 1)
-        exam = self.examination()
-        for i, r, p, key in zip(items, rewards, positions, keys, strict=True):
-            if p < 0 or key is None:
-                self.organic_n[i] += 1.0
-                self.organic_sum[i] += r
-                self.organic_moments += (1.0, r, r * r)
+        exam = self.examination()  # as of before this batch, like each record's slot weight
+        idx = np.asarray(items, dtype=np.int64)
+        r = np.asarray(rewards, dtype=np.float64)
+        pos = np.asarray(positions, dtype=np.int64)
+        organic = pos < 0
+        organic |= np.fromiter((k is None for k in keys), dtype=bool, count=len(keys))
+        np.add.at(self.organic_n, idx[organic], 1.0)
+        np.add.at(self.organic_sum, idx[organic], r[organic])
+        ro = r[organic]
+        self.organic_moments += (len(ro), ro.sum(), (ro * ro).sum())
+        # An impression counts once: a further positive record of one already clicked is not.
+        counted = np.zeros(len(idx), dtype=bool)
+        for n in np.flatnonzero(~organic).tolist():
+            key = keys[n]
+            if key is None or key in self._clicked:  # (None is organic: counted above)
                 continue
-            slot = min(p, _SLOTS - 1)
-            clicked = r > 0
-            if key in self._clicked:
-                continue  # a further positive record of an impression already counted
-            if clicked:
+            if r[n] > 0:
                 self._clicked.put(key, True)
-            self.slot_impressions[slot] += 1.0
-            self.slot_clicks[slot] += clicked
-            self.exposure[i] += exam[slot]
-            self.clicks[i] += clicked
+            counted[n] = True
+        slot = np.minimum(pos[counted], _SLOTS - 1)
+        clicked = (r[counted] > 0).astype(np.float64)
+        np.add.at(self.slot_impressions, slot, 1.0)
+        np.add.at(self.slot_clicks, slot, clicked)
+        np.add.at(self.exposure, idx[counted], exam[slot])
+        np.add.at(self.clicks, idx[counted], clicked)
 
     def organic_term(self) -> np.ndarray:
         """Standardised shrunk organic mean reward per item (0 where there is none, and for
