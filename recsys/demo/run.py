@@ -418,8 +418,11 @@ class _SlateFeed:
     def poll(self) -> Iterable[tuple[str, float]]:
         arrived = []
         for records in self.consumer.poll(timeout_ms=0, max_records=5000).values():
-            wall = time.time()
             for r in records:
+                # The producer's create time, not the time this loop got to it: a backlog of
+                # full-refresh slates behind a busy simulator tick is the harness's lag, not
+                # the pipeline's.
+                wall = r.timestamp / 1000.0
                 try:
                     slate = Slate.from_bytes(r.value)
                 except ValueError:
