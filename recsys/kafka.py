@@ -69,8 +69,10 @@ def replace_producer(
     Counted in ``recsys_producers_replaced_total{worker}``.
     """
     log.warning("%s: a producer flush did not finish in time; replacing the producer", worker)
-    close_producer(old, timeout_s=0.0)
+    # The new one first: in a broker outage it cannot bootstrap and raises, and the caller must
+    # keep an open producer to retry with (a closed one fails every later batch, for good).
     producer = new_producer()
+    close_producer(old, timeout_s=0.0)
     if dlq is not None:
         dlq.producer = producer
     metrics.PRODUCERS_REPLACED.labels(worker=worker).inc()
