@@ -95,8 +95,16 @@ def test_sigkill_mid_batch_loses_nothing(kafka_settings, topic_prefix, tmp_path)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             kills += 1
-        # A final, undisturbed run catches up and is stopped cleanly.
+        # A final, undisturbed run catches up and is stopped cleanly. It must be consuming
+        # first: the killed runs may have stored everything already, and a SIGTERM during its
+        # start-up (before its handlers are installed) kills it and tests nothing.
+        assigned = log.read_bytes().count(b"publisher assigned partitions")
         proc = _start(env, log)
+        deadline = time.monotonic() + 60
+        while log.read_bytes().count(b"publisher assigned partitions") <= assigned:
+            assert time.monotonic() < deadline, "the final run never got its partitions"
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.1)
         with Store(f"sqlite:///{db}") as store:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
