@@ -422,7 +422,7 @@ class _SlateFeed:
                 # The producer's create time, not the time this loop got to it: a backlog of
                 # full-refresh slates behind a busy simulator tick is the harness's lag, not
                 # the pipeline's.
-                wall = r.timestamp / 1000.0
+                produced_at = r.timestamp / 1000.0
                 try:
                     slate = Slate.from_bytes(r.value)
                 except ValueError:
@@ -431,7 +431,7 @@ class _SlateFeed:
                 self.received += 1
                 if not self.versions or self.versions[-1] != slate.model_version:
                     self.versions.append(slate.model_version)
-                arrived.append((slate.user_id, wall))
+                arrived.append((slate.user_id, produced_at))
         return arrived
 
     def cold_start(self) -> Slate | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from recsys.demo.supervisor import wait_for
 from recsys.kafka import create_topics, make_producer
 from recsys.store import Store
 from tests.checkpoints import make_checkpoint
@@ -100,11 +101,15 @@ def test_sigkill_mid_batch_loses_nothing(kafka_settings, topic_prefix, tmp_path)
         # start-up (before its handlers are installed) kills it and tests nothing.
         assigned = log.read_bytes().count(b"publisher assigned partitions")
         proc = _start(env, log)
-        deadline = time.monotonic() + 60
-        while log.read_bytes().count(b"publisher assigned partitions") <= assigned:
-            assert time.monotonic() < deadline, "the final run never got its partitions"
-            assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.1)
+        consuming = wait_for(
+            lambda: (
+                log.read_bytes().count(b"publisher assigned partitions") > assigned
+                or proc.poll() is not None
+            ),
+            60,
+        )
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert consuming, "the final run never got its partitions"
         with Store(f"sqlite:///{db}") as store:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
