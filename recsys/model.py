@@ -17,16 +17,28 @@ capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model widt
   (:mod:`recsys.learner.item_value`: organic mean reward, position-debiased CTR), a pointwise
   reward model. Serving adds it to the policy logits; training does not (the learned bias
   would otherwise learn to cancel it), so it acts only on what is shown.
+- :class:`RewardHead`: a personalised pointwise reward model ``r̂(u, i) = p_u·q_i + c_i``, a
+  matrix factorisation with user factors in a fixed table of hashed user-id buckets, fitted by
+  the learner to every record's reward (a rating's centred value, a click's weight, 0 for an
+  impression ignored). The policy softmax learns *what a user engages with next*; the head
+  learns *how well it pays*, with tables of its own. Serving adds its personal part
+  ``reward_weight · p_u·q_i`` (a buffer the learner writes; 0 in checkpoints from before the
+  head); an item's overall quality is the value bias's job, whose prior puts a new item at the
+  average rather than at the head's untrained ``c = 0``.
 
-Scoring space: :meth:`PolicyNet.item_vectors` is ``[I, d+1]`` (the tower's output and the bias
-plus value bias times the temperature) and :meth:`PolicyNet.user_state` ``[B, d+1]`` (the
-encoder's state and a constant 1), so ``user_state @ item_vectors.T / temperature`` is the
-policy logits plus the value bias: serving ranks with the training scores and the value bias.
+Scoring space: :meth:`PolicyNet.item_vectors` is ``[I, 2d+1]`` (the tower's output; the bias
+plus value bias times the temperature; the head's item factors times the temperature and
+weight) and :meth:`PolicyNet.user_state` ``[B, 2d+1]`` (the encoder's state, a constant 1, the
+head's user factor), so ``user_state @ item_vectors.T / temperature`` is the policy logits plus
+the value bias plus ``reward_weight · p_u·q_i``: serving ranks with the training scores and both
+reward models in one inner product.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -51,6 +63,7 @@ MODEL_SIZE_BOUNDS: dict[str, int] = {
     "ffn_mult": 16,  # [2]
     "num_layers": 64,  # [2]
     "num_heads": 256,  # [2]
+    "user_buckets": 1 << 24,  # [65536] the reward head's hashed user-factor rows
 }
 # item_capacity * (text_dim + dim): the text vectors plus the id embedding, 32 GiB of float32
 # (2^24 items at the default widths is 7.5e9 elements, below it).
@@ -86,6 +99,7 @@ class ModelConfig:
     ffn_mult: int = 2
     dropout: float = 0.1
     temperature: float = 1.0
+    user_buckets: int = 1 << 16  # rows of the reward head's user factors (user ids hashed)
 
     def __post_init__(self) -> None:
         for name, bound in MODEL_SIZE_BOUNDS.items():
@@ -97,6 +111,12 @@ class ModelConfig:
                 f"ModelConfig.num_heads must divide dim={self.dim}, got {self.num_heads!r}"
             )
         table = self.item_capacity * (self.text_dim + self.dim)
+        if self.user_buckets * self.dim > MAX_ITEM_TABLE_ELEMENTS:
+            raise ConfigError(
+                f"ModelConfig.user_buckets={self.user_buckets} with dim={self.dim} needs "
+                f"{self.user_buckets * self.dim} user-factor elements, more than "
+                f"{MAX_ITEM_TABLE_ELEMENTS}"
+            )
         if table > MAX_ITEM_TABLE_ELEMENTS:
             raise ConfigError(
                 f"ModelConfig.item_capacity={self.item_capacity} with text_dim={self.text_dim} "
@@ -341,6 +361,8 @@ class PolicyNet(nn.Module):
     """
 
     value_bias: torch.Tensor
+    reward_weight: torch.Tensor
+    reward_head: RewardHead
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -361,6 +383,9 @@ class PolicyNet(nn.Module):
         # Serving-only value bias (see the module docstring): a buffer, not a parameter; the
         # learner writes it. Checkpoints written before it existed load with zeros.
         self.register_buffer("value_bias", torch.zeros(cfg.item_capacity))
+        self.reward_head = RewardHead(cfg.item_capacity, cfg.user_buckets, cfg.dim, cfg.text_dim)
+        # Serving weight of the reward head: a buffer the learner writes (0 until it does).
+        self.register_buffer("reward_weight", torch.zeros(()))
         self.register_load_state_dict_pre_hook(_default_item_bias)
 
     @property
@@ -411,23 +436,51 @@ class PolicyNet(nn.Module):
         with torch.no_grad():
             self.value_bias[: len(values)].copy_(values.to(self.value_bias))
 
+    def reward_item_factors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The reward head's ``q`` of items ``idx`` (or all ``I``), with its text term."""
+        text = None
+        if self.cfg.use_text:
+            vectors = self.items.text_vectors
+            text = vectors[: self.num_items] if idx is None else vectors[idx]
+        return self.reward_head.item_factors(idx, self.num_items, text)
+
+    def reward_predictions(self, users: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``r̂`` of users ``[B]`` (buckets) for items ``idx [B]``, biases included."""
+        head = self.reward_head
+        pq = (head.user_factors(users) * self.reward_item_factors(idx)).sum(-1)
+        return pq + head.item_biases(idx) + head.user_biases(users)
+
+    def set_reward_weight(self, weight: float) -> None:
+        """Serving weight of the reward head (0: serving ranks by the policy alone)."""
+        self.reward_weight.fill_(float(weight))
+
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Scoring vectors ``[I, d+1]`` (or ``idx.shape + [d+1]``): ``[embedding,
-        T·(bias + value bias)]``."""
+        """Scoring vectors ``[I, 2d+1]`` (or ``idx.shape + [2d+1]``): ``[embedding,
+        T·(bias + value bias), T·w·q]``, ``w`` the reward head's serving weight."""
         emb = self.items(idx)
         bias = (self.item_biases(idx) + self.value_biases(idx)).to(emb.dtype)
-        bias = bias * self.cfg.temperature
-        return torch.cat([emb, bias.unsqueeze(-1)], dim=-1)
+        t = self.cfg.temperature
+        w = self.reward_weight.to(emb.dtype)
+        factors = self.reward_item_factors(idx).to(emb.dtype)
+        return torch.cat([emb, t * bias.unsqueeze(-1), t * w * factors], dim=-1)
 
     def user_state(
-        self, items: torch.Tensor, item_vecs: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        item_vecs: torch.Tensor | None = None,
+        users: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``items [B, N]`` (PAD/MASK allowed) -> scoring state ``[B, d+1]`` (last column 1);
-        ``item_vecs`` (``[I, d+1]`` or ``[I, d]``) reuses precomputed vectors."""
+        """``items [B, N]`` (PAD/MASK allowed) and the users' buckets ``users [B]``
+        (:func:`user_bucket`; -1 or None: unknown) -> scoring state ``[B, 2d+1]``: ``[encoder
+        state, 1, the reward head's user factor]``; ``item_vecs`` (any scoring width, or
+        ``[I, d]``) reuses precomputed vectors."""
         safe = items.clamp(min=0)
         vecs = self.items(safe) if item_vecs is None else self._model_space(item_vecs)[safe]
         state = self.encoder(vecs, items)
-        return torch.cat([state, state.new_ones((*state.shape[:-1], 1))], dim=-1)
+        if users is None:
+            users = torch.full(state.shape[:-1], -1, dtype=torch.long, device=state.device)
+        taste = self.reward_head.user_factors(users).to(state.dtype)
+        return torch.cat([state, state.new_ones((*state.shape[:-1], 1)), taste], dim=-1)
 
     def logits(self, state: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
         """Policy logits from scoring-space ``state [B, d+1]`` and ``item_vecs [I, d+1]``."""
@@ -468,9 +521,9 @@ class PolicyNet(nn.Module):
         )
         return logits + bias.to(logits.dtype)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         vecs = self.item_vectors()
-        return self.logits(self.user_state(items, vecs), vecs)
+        return self.logits(self.user_state(items, vecs, users), vecs)
 
     # --- item capacity ----------------------------------------------------------------------
 
@@ -494,7 +547,8 @@ class PolicyNet(nn.Module):
 
     def item_parameters(self) -> list[torch.Tensor]:
         """Parameters whose first dimension is the item capacity (grown together)."""
-        out: list[torch.Tensor] = [self.beta_bias, self.item_bias]
+        head = self.reward_head
+        out: list[torch.Tensor] = [self.beta_bias, self.item_bias, head.items, head.bias]
         if self.items.id_embedding is not None:
             out.append(self.items.id_embedding.weight)
         return out
@@ -518,6 +572,7 @@ class PolicyNet(nn.Module):
             setattr(self, name, new_bias)
             mapping[old_bias] = new_bias
         self.value_bias = F.pad(self.value_bias, (0, capacity - old_cap))
+        mapping.update(self.reward_head.grow(capacity))
         if self.items.id_embedding is not None:
             old_w = self.items.id_embedding.weight
             extra = torch.randn(capacity - old_cap, self.cfg.dim, device=dev) * 0.02
@@ -532,13 +587,115 @@ class PolicyNet(nn.Module):
         return mapping
 
 
+def user_bucket(user_id: str, buckets: int) -> int:
+    """The reward head's row for ``user_id``: a stable hash (the same in every process, unlike
+    ``hash``) modulo ``buckets``."""
+    digest = hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % buckets
+
+
+def user_buckets(
+    user_ids: Sequence[str], buckets: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """:func:`user_bucket` of each id -> ``[B]`` long tensor."""
+    return torch.tensor(
+        [user_bucket(u, buckets) for u in user_ids], dtype=torch.long, device=device
+    )
+
+
+class RewardHead(nn.Module):
+    """A personalised pointwise reward model: ``r̂(u, i) = p_u·q_i + c_i + a_u``.
+
+    ``p_u`` is row :func:`user_bucket` of a fixed table (bounded whatever the number of users;
+    ids that share a bucket share a factor); ``q_i = q^id_i + A·text_i`` and ``c_i`` the item's
+    factors and bias. The text term (``A`` starts at zero) is what a new item, whose id row has
+    not been trained, is ranked by.
+    The tables are the head's own, not the policy's item embeddings: those learn what a user
+    engages with next, these how well it pays (in MovieLens the two disagree: ranking by
+    next-watch probability is below ranking by mean rating). ``p`` starts at zero, so an
+    untrained head, or an unknown user (bucket -1), gets ``c_i`` alone. The biases help the
+    fit; serving uses only ``p_u·q_i`` (``a_u``, how generously the user rates, is the same
+    for all of a user's items, and ``c_i`` is what the counted value bias already serves).
+
+    The tables are stored divided by :attr:`SCALE` and used multiplied by it: Adam moves a
+    parameter by about ``lr`` per step whatever its gradient, and a factor row, which has a
+    gradient only when its user or item is in the batch, needs larger steps than the network's
+    weights (a per-table learning rate without a second optimizer group).
+
+    ``user_factors(users [B])`` -> ``[B, d]``; ``item_factors(idx, n, text [.., D])`` -> ``[.., d]``
+    (:meth:`PolicyNet.reward_predictions` puts them together).
+    """
+
+    SCALE = 10.0
+
+    def __init__(self, capacity: int, buckets: int, dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.text_proj = nn.Linear(text_dim, dim, bias=False)
+        nn.init.zeros_(self.text_proj.weight)
+        self.users = nn.Parameter(torch.zeros(buckets, dim))
+        self.items = nn.Parameter(torch.randn(capacity, dim) * (0.1 / self.SCALE))
+        self.bias = nn.Parameter(torch.zeros(capacity))
+        self.user_bias = nn.Parameter(torch.zeros(buckets))
+
+    def user_factors(self, users: torch.Tensor) -> torch.Tensor:
+        known = (users >= 0).unsqueeze(-1)
+        return self.SCALE * self.users[users.clamp(min=0)] * known
+
+    def item_factors(
+        self,
+        idx: torch.Tensor | None = None,
+        n: int | None = None,
+        text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q`` of items ``idx`` (``idx.shape + [d]``), or of the first ``n`` (``[n, d]``);
+        ``text`` their text vectors (None: the id term alone)."""
+        q = self.SCALE * (self.items[:n] if idx is None else self.items[idx])
+        return q if text is None else q + self.text_proj(text.to(q.dtype))
+
+    def item_biases(self, idx: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+        """``c`` of items ``idx``, or of the first ``n``."""
+        return self.SCALE * (self.bias[:n] if idx is None else self.bias[idx])
+
+    def user_biases(self, users: torch.Tensor) -> torch.Tensor:
+        """``a_u`` of ``users`` (0 for -1)."""
+        return self.SCALE * self.user_bias[users.clamp(min=0)] * (users >= 0)
+
+    def grow(self, capacity: int) -> dict[torch.Tensor, torch.Tensor]:
+        """Reallocate the item rows to ``capacity`` (new ones: small random factors, zero
+        bias); returns {old param: new param} for the optimizer."""
+        extra = capacity - self.items.shape[0]
+        if extra <= 0:
+            return {}
+        dev = self.items.device
+        new_rows = torch.randn(extra, self.dim, device=dev) * (0.1 / self.SCALE)
+        grown = {
+            "items": torch.cat([self.items.detach(), new_rows.to(self.items.dtype)]),
+            "bias": F.pad(self.bias.detach(), (0, extra)),
+        }
+        mapping: dict[torch.Tensor, torch.Tensor] = {}
+        for name, value in grown.items():
+            old, new = getattr(self, name), nn.Parameter(value)
+            setattr(self, name, new)
+            mapping[old] = new
+        return mapping
+
+
 def _default_item_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Checkpoints from before the item bias (or the value bias) load with a zero one
-    (unchanged scores)."""
+    """Checkpoints from before the item bias or the value bias load with zero ones, and from
+    before the reward head with a fresh head and a zero serving weight (unchanged scores)."""
+    beta = state_dict.get(prefix + "beta_bias")
+    if beta is None:
+        return
     for name in ("item_bias", "value_bias"):
-        key = prefix + name
-        if key not in state_dict and prefix + "beta_bias" in state_dict:
-            state_dict[key] = torch.zeros_like(state_dict[prefix + "beta_bias"])
+        state_dict.setdefault(prefix + name, torch.zeros_like(beta))
+    head = getattr(module, "reward_head", None)
+    if isinstance(head, RewardHead) and prefix + "reward_head.items" not in state_dict:
+        text_dim = head.text_proj.weight.shape[1]
+        fresh = RewardHead(len(beta), head.users.shape[0], head.dim, text_dim).to(beta.device)
+        for name, value in fresh.state_dict().items():
+            state_dict[f"{prefix}reward_head.{name}"] = value
+    state_dict.setdefault(prefix + "reward_weight", beta.new_zeros(()))
 
 
 def _replace_capacity(cfg: ModelConfig, capacity: int) -> ModelConfig:

@@ -25,7 +25,8 @@ class Transitions:
 
     ``history [B, N]`` item indices as of the impression, left-padded with -1; ``item [B]`` the
     logged item; ``reward [B]``; ``propensity [B]`` (NaN when unknown); ``position [B]`` (-1 when
-    unknown).
+    unknown); ``user [B]`` the user's reward-head bucket (:func:`recsys.model.user_bucket`; -1
+    when unknown, and everywhere when left out).
     """
 
     history: torch.Tensor
@@ -33,12 +34,23 @@ class Transitions:
     reward: torch.Tensor
     propensity: torch.Tensor
     position: torch.Tensor
+    user: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.user is None:
+            object.__setattr__(self, "user", torch.full_like(self.position, -1))
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
 
     def to(self, device: torch.device | str) -> Transitions:
         return Transitions(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    @property
+    def users(self) -> torch.Tensor:
+        """``user`` as a tensor (always set after construction)."""
+        assert self.user is not None
+        return self.user
 
 
 _DTYPES = {
@@ -47,6 +59,7 @@ _DTYPES = {
     "reward": torch.float32,
     "propensity": torch.float32,
     "position": torch.int32,
+    "user": torch.int32,
 }
 
 
@@ -213,6 +226,7 @@ class ReplayBuffer:
             reward=s["reward"][rows],
             propensity=s["propensity"][rows],
             position=s["position"][rows].long(),
+            user=s["user"][rows].long(),
         )
 
     def recent_rows(self) -> torch.Tensor:
@@ -240,7 +254,10 @@ class ReplayBuffer:
         if ring > self.recent_capacity or res > self.reservoir_capacity:
             raise ValueError("saved replay buffer does not fit this buffer's capacities")
         for k, store in self._store.items():
-            t = tensors[f"replay.{k}"].to(self.device, store.dtype)
+            if k == "user" and "replay.user" not in tensors:  # saved before the reward head
+                t = torch.full((ring + res,), -1, dtype=store.dtype, device=self.device)
+            else:
+                t = tensors[f"replay.{k}"].to(self.device, store.dtype)
             if k == "history" and t.shape[1] != self.history_len:
                 raise ValueError("saved replay history width differs from history_len")
             store[:ring] = t[:ring]

@@ -493,6 +493,7 @@ class _OPELog:
         u, tr = slate.user_id, self.tracker
         top = greedy_top1(
             self.model,
+            u,
             [tr.items[i] for i in tr.histories.get(u)],
             [tr.items[i] for i in tr.watched.get(u)],
         )

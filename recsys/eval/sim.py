@@ -19,7 +19,8 @@ and seeds are cheap enough to compare with paired confidence intervals:
   policy gradient); ``no_contrastive``; ``text_only`` (no id embedding / item bias);
   ``no_value`` (no counted value bias in serving, :mod:`recsys.learner.item_value`);
   ``with_click_value`` (the value bias's click term on, weight 3: off in the defaults, as it
-  did not help; full − variant > 0 means it still does not); and,
+  did not help; full − variant > 0 means it still does not); ``no_reward_head`` (no
+  personalised reward head, :class:`recsys.model.RewardHead`); and,
   where :class:`LearnerConfig` has the switch, ``no_offpolicy`` and ``no_baseline``.
 - **Figures**: CTR per impression, observed (clicks) and expected (the simulator's own click
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
@@ -86,6 +87,7 @@ VARIANTS = (
     "text_only",
     "no_value",
     "with_click_value",
+    "no_reward_head",
 )
 
 # The demo's worker settings (recsys.demo.run.worker_env): a small network, short windows.
@@ -107,6 +109,8 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None
         return {}, {"use_id_embedding": False, "item_bias": False}
     if name == "no_value":  # no counted value bias in serving: the policy network alone
         return {"organic_value_weight": 0.0, "click_value_weight": 0.0}, {}
+    if name == "no_reward_head":  # the policy network and the value bias, no reward head
+        return {"reward_head_weight": 0.0}, {}
     if name == "with_click_value":  # the CTR counted from impressions on top of the organic term
         return {"click_value_weight": 3.0}, {}
     if name == "no_offpolicy":
@@ -307,6 +311,7 @@ class _Recsys:
         return [
             greedy_top1(
                 model,
+                u,
                 [ids[i] for i in self.publisher.histories.get(u)],
                 [ids[i] for i in self.publisher.watched.get(u)],
             )
@@ -314,15 +319,19 @@ class _Recsys:
         ]
 
 
-def greedy_top1(model: ServingModel, history: Sequence[str], watched: Sequence[str]) -> str | None:
-    """A model version's greedy slot-0 item for a history (item ids), watched items masked;
-    None when the history has no item the model knows (the cold-start policy serves it)."""
+def greedy_top1(
+    model: ServingModel, user_id: str, history: Sequence[str], watched: Sequence[str]
+) -> str | None:
+    """A model version's greedy slot-0 item for a user's history (item ids), watched items
+    masked; None when the history has no item the model knows (the cold-start policy serves
+    it)."""
     hist = [model.index[i] for i in history if i in model.index]
     if not hist:
         return None
     items, _ = pad_histories([hist], model.max_history)
     with torch.inference_mode():
-        scores = (model.user_states(items) @ model.policy.item_matrix.T)[0]
+        states = model.user_states(items, model.buckets([user_id]))
+        scores = (states @ model.policy.item_matrix.T)[0]
         for i in watched:
             j = model.index.get(i)
             if j is not None:

@@ -65,7 +65,7 @@ from recsys.history import UserHistories, impression_key, pad_histories
 from recsys.learner.checkpoint_io import optimizer_from_flat, optimizer_to_flat, write_json
 from recsys.learner.config import LearnerConfig
 from recsys.learner.item_value import ItemValues
-from recsys.model import ModelConfig, PolicyNet
+from recsys.model import ModelConfig, PolicyNet, user_bucket, user_buckets
 from recsys.replay_buffer import ReplayBuffer, Transitions
 from recsys.serving.device import resolve_device
 from recsys.serving.model import policy_scores
@@ -77,7 +77,7 @@ HISTORY_CACHE = "learner_histories"
 ITEM_TABLE = "learner_items"
 """The ``cache`` label of the learner's item tables (entries: item ids held; never evicted)."""
 
-LOSS_NAMES = ("loss", "sequence", "pg", "contrast", "behaviour", "weight_mean")
+LOSS_NAMES = ("loss", "sequence", "pg", "contrast", "behaviour", "reward", "weight_mean")
 
 
 class Learner:
@@ -196,7 +196,8 @@ class Learner:
         hold ``max_items`` (counted in :attr:`items_refused`; the worker's sink dead-letters
         them before they get here, see :meth:`admits`).
         """
-        hist, items, rewards, props, positions, keys = [], [], [], [], [], []
+        hist, items, rewards, props, positions, keys, users = [], [], [], [], [], [], []
+        buckets = self.model_cfg.user_buckets
         for r in records:
             if not math.isfinite(r.reward):
                 log.warning("dropping reward %s with non-finite reward", r.reward_id)
@@ -218,6 +219,7 @@ class Learner:
             props.append(math.nan if r.propensity is None else r.propensity)
             positions.append(-1 if r.position is None else r.position)
             keys.append(key)
+            users.append(user_bucket(r.user_id, buckets))
         self._item_gauges()
         if not items:
             return 0
@@ -237,6 +239,7 @@ class Learner:
                 reward=torch.tensor(rewards, dtype=torch.float32),
                 propensity=torch.tensor(props, dtype=torch.float32),
                 position=torch.tensor(positions),
+                user=torch.tensor(users),
             )
         )
         metrics.REPLAY_BUFFER_SIZE.set(len(self.buffer))
@@ -256,8 +259,11 @@ class Learner:
         self._synced_version = self.catalog.version
 
     def sync_values(self) -> None:
-        """Write the counted value estimates into the model's serving-only value bias."""
+        """Write the serving-only terms into the model: the counted value bias and the reward
+        head's weight."""
         self.sync_items()
+        head_on = self.cfg.reward_head_weight > 0
+        self.model.set_reward_weight(self.cfg.reward_serving_weight if head_on else 0.0)
         n = self.model.num_items
         if n == 0 or len(self.values) == 0:
             return
@@ -363,6 +369,9 @@ class Learner:
         behaviour = torch.zeros((), device=self.device)
         if cfg.behaviour_weight > 0:
             behaviour = self._behaviour_loss(state, actions, emb)
+        reward = torch.zeros((), device=self.device)
+        if cfg.reward_head_weight > 0:
+            reward = self._reward_loss(batch.users, actions, rewards)
         contrast = torch.zeros((), device=self.device)
         if cfg.contrastive != "none" and cfg.alpha > 0:
             if cfg.contrastive == "infonce":
@@ -379,6 +388,7 @@ class Learner:
             + cfg.pg_weight * (1.0 - f_seq) * pg
             + cfg.alpha * contrast
             + cfg.behaviour_weight * behaviour
+            + cfg.reward_head_weight * reward
         )
         return {
             "loss": loss,
@@ -386,6 +396,7 @@ class Learner:
             "pg": pg,
             "contrast": contrast,
             "behaviour": behaviour,
+            "reward": reward,
             "weight_mean": w_mean,
         }
 
@@ -414,6 +425,19 @@ class Learner:
             state, pos_e, neg_e, actions, neg_ids, zero_lq, neg_lq
         )
         return obj.behaviour_loss(logits, torch.zeros_like(actions))
+
+    def _reward_loss(
+        self, users: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor
+    ) -> torch.Tensor:
+        """The reward head's squared error on the logged rewards, plus ``reward_l2`` times the
+        squared norms of the factors it used (per-row L2, as in matrix factorisation: rows
+        with few records stay near zero instead of fitting their noise)."""
+        model = self.model
+        p, q = model.reward_head.user_factors(users), model.reward_item_factors(actions)
+        pred = (p * q).sum(-1) + model.reward_head.item_biases(actions)
+        pred = pred + model.reward_head.user_biases(users)
+        l2 = (p.square().sum(-1) + q.square().sum(-1)).mean()
+        return F.mse_loss(pred.float(), rewards) + self.cfg.reward_l2 * l2.float()
 
     def _view_nce(
         self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor
@@ -466,7 +490,7 @@ class Learner:
         self.step_count += 1
         metrics.LEARNER_STEPS.inc()
         metrics.LEARNER_SAMPLES.inc(len(batch))
-        for k in ("loss", "pg", "contrast", "behaviour"):
+        for k in ("loss", "pg", "contrast", "behaviour", "reward"):
             metrics.LEARNER_LOSS.labels(loss=k).set(out[k])
         out["skipped"] = 0.0
         return out
@@ -474,10 +498,18 @@ class Learner:
     # --- inference --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def scores(self, user_histories: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
-        """Policy logits ``[B, I]`` (float32) for histories: item-index lists or ``[B, N]``."""
+    def scores(
+        self,
+        user_histories: Sequence[Sequence[int]] | torch.Tensor,
+        user_ids: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Serving scores ``[B, I]`` (float32) for histories (item-index lists or ``[B, N]``)
+        and, when given, the users' ids (the reward head's user factors)."""
         self.sync_values()
-        return policy_scores(self.model, user_histories)
+        users = None
+        if user_ids is not None:
+            users = user_buckets(user_ids, self.model_cfg.user_buckets, self.device)
+        return policy_scores(self.model, user_histories, users)
 
     # --- checkpoints ------------------------------------------------------------------------
 

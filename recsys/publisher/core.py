@@ -689,7 +689,7 @@ class Publisher:
         out: list[SlateWrite | None] = [None] * len(users)
         if warm and model is not None:
             items, _ = pad_histories([mapped[n] for n in warm], model.max_history)
-            vectors = model.user_states(items)
+            vectors = model.user_states(items, model.buckets([users[n] for n in warm]))
             self._set_exploration(model)
             ranking = model.policy.rank(
                 vectors, self.cfg.k, exclude=_exclusions([excluded[n] for n in warm])

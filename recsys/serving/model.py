@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from recsys import checkpoint as ckpt
 from recsys.errors import CheckpointError
 from recsys.history import PAD, pad_histories
-from recsys.model import ModelConfig, PolicyNet
+from recsys.model import ModelConfig, PolicyNet, user_buckets
 from recsys.policy import Policy
 from recsys.serving.device import resolve_device
 
@@ -35,8 +35,9 @@ CATALOG_FILE = "catalog.json"
 class ServingModel:
     """One loaded model version, ready to rank: what the publisher needs from the learner.
 
-    ``user_states(items [B, N])`` -> ``[B, d]`` from item-index histories (left-padded with -1);
-    ``policy`` ranks against the model's item matrix (scores are the model's policy logits).
+    ``user_states(items [B, N], users [B])`` -> ``[B, 2d+1]`` from item-index histories
+    (left-padded with -1) and reward-head buckets (:meth:`buckets`); ``policy`` ranks against
+    the model's item matrix (scores are the model's serving scores).
     """
 
     version: str
@@ -49,8 +50,14 @@ class ServingModel:
     _net: Any
     _item_vecs: torch.Tensor
 
+    def buckets(self, user_ids: Sequence[str]) -> torch.Tensor:
+        """The users' reward-head rows (:func:`recsys.model.user_bucket`) -> ``[B]``."""
+        return user_buckets(user_ids, int(self._net.cfg.user_buckets), self._item_vecs.device)
+
     @torch.inference_mode()
-    def user_states(self, items: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def user_states(
+        self, items: torch.Tensor, users: torch.Tensor | None = None, chunk: int = 1024
+    ) -> torch.Tensor:
         """States for left-padded histories ``items [B, N]``, in chunks of similar length.
 
         Users are sorted by history length and each chunk is cut to its longest history, so
@@ -58,18 +65,21 @@ class ServingModel:
         N). The state does not depend on how much left padding a row has.
         """
         items = items.to(self._item_vecs.device)
+        if users is None:
+            users = torch.full((len(items),), -1, dtype=torch.long, device=items.device)
+        users = users.to(items.device)
         lengths = (items != PAD).sum(1)
         order = torch.argsort(lengths)
         out: torch.Tensor | None = None
         for start in range(0, len(order), chunk):
             rows = order[start : start + chunk]
             width = max(int(lengths[rows].max()), 1)
-            states = self._net.user_state(items[rows][:, -width:], self._item_vecs)
+            states = self._net.user_state(items[rows][:, -width:], self._item_vecs, users[rows])
             if out is None:
                 out = states.new_empty((len(order), states.shape[1]))
             out[rows] = states
         if out is None:  # no users
-            return self._net.user_state(items, self._item_vecs)
+            return self._net.user_state(items, self._item_vecs, users)
         return out
 
 
@@ -101,9 +111,12 @@ def load_serving_model(path: str | Path, policy_kwargs: Mapping[str, Any]) -> Se
 
 
 def policy_scores(
-    model: PolicyNet, user_histories: Sequence[Sequence[int]] | torch.Tensor
+    model: PolicyNet,
+    user_histories: Sequence[Sequence[int]] | torch.Tensor,
+    users: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Policy logits ``[B, I]`` (float32, eval mode, no grad) for the given histories."""
+    """Serving scores ``[B, I]`` (float32, eval mode, no grad) for the given histories and
+    reward-head buckets ``users [B]`` (None: unknown users)."""
     dev = next(model.parameters()).device
     if isinstance(user_histories, torch.Tensor):
         items = user_histories.to(dev)
@@ -112,7 +125,7 @@ def policy_scores(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(items).float()
+        out = model(items, None if users is None else users.to(dev)).float()
     model.train(was_training)
     return out
 

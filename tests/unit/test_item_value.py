@@ -85,7 +85,10 @@ def _records() -> list[RewardRecord]:
 
 
 def test_value_bias_is_served_not_trained_and_survives_checkpoints(tmp_path: Path) -> None:
-    cfg = LearnerConfig(batch_size=8, device="cpu", organic_value_weight=2.0, seed=0)
+    # The reward head off: its bias would share the scoring space's bias column.
+    cfg = LearnerConfig(
+        batch_size=8, device="cpu", organic_value_weight=2.0, reward_head_weight=0.0, seed=0
+    )
     lr = Learner(MODEL, cfg)
     lr.observe(_records())
     lr.sync_values()
@@ -108,7 +111,7 @@ def test_value_bias_is_served_not_trained_and_survives_checkpoints(tmp_path: Pat
     restored, _ = Learner.load_checkpoint(path)
     assert np.allclose(restored.values.organic_sum, lr.values.organic_sum)
     served = load_serving_model(path, {"device": "cpu"})
-    col = served.policy.item_matrix[:, -1]  # the scoring space's bias column
+    col = served.policy.item_matrix[:, MODEL.dim]  # the scoring space's bias column
     expected = lr.model.item_biases() + lr.model.value_biases()
     assert torch.allclose(col, expected.float(), atol=1e-6)  # T = 1: vectors / T, bias · T
 
@@ -116,8 +119,23 @@ def test_value_bias_is_served_not_trained_and_survives_checkpoints(tmp_path: Pat
 def test_zero_weights_leave_scores_as_the_policy_network_alone() -> None:
     lr = Learner(
         MODEL,
-        LearnerConfig(device="cpu", organic_value_weight=0.0, click_value_weight=0.0, seed=0),
+        LearnerConfig(
+            device="cpu",
+            organic_value_weight=0.0,
+            click_value_weight=0.0,
+            reward_head_weight=0.0,
+            seed=0,
+        ),
     )
     lr.observe(_records())
     lr.sync_values()
     assert torch.count_nonzero(lr.model.value_biases()) == 0
+
+
+def test_an_item_nobody_rated_is_valued_as_the_average_rated_item() -> None:
+    v = ItemValues(organic_prior=5.0)
+    v.update([0] * 20 + [1] * 10, [1.5] * 20 + [-1.0] * 10, [-1] * 30, [None] * 30)
+    v.update([2], [0.0], [0], ["q:2"])  # item 2: an impression, no organic reward yet
+    q = v.organic_term()
+    assert q[2] == pytest.approx((q[0] + q[1]) / 2)  # between the good and the bad item
+    assert q[0] > q[2] > q[1]

@@ -14,7 +14,7 @@ from recsys.events import RewardRecord
 from recsys.history import PAD
 from recsys.learner.config import LearnerConfig
 from recsys.learner.trainer import Learner
-from recsys.model import ModelConfig
+from recsys.model import ModelConfig, user_bucket
 
 MODEL = ModelConfig(
     text_dim=8, dim=16, max_history=4, item_capacity=8, adaptor_hidden=16, dropout=0.0
@@ -220,6 +220,7 @@ def _ctr_ratio(baseline: bool) -> float:
         sequence_weight=0.0,
         organic_value_weight=0.0,
         click_value_weight=0.0,
+        reward_head_weight=0.0,
     )
     recs = []
     for rep in range(8):  # each impression a different new user: the same (empty) context
@@ -240,6 +241,34 @@ def test_ignored_impressions_lose_probability_only_with_the_baseline() -> None:
     # with it the six ignored impressions of a move probability to b (higher click rate)
     assert 0.5 < without < 2.0
     assert with_baseline > 2 * without
+
+
+def test_reward_head_learns_each_users_taste_into_the_serving_scores() -> None:
+    """Users of taste A rate p high and q low, users of taste B the reverse, and both watch
+    both equally: no item-level statistic separates them. The policy terms are off, so what
+    ranks p over q for A (and q over p for B) is the reward head's user factors alone."""
+    lr = _learner(organic_value_weight=0.0, contrastive="none", pg_weight=0.0, sequence_weight=0.0)
+    recs: list[RewardRecord] = []
+    for _rep in range(6):
+        for u in range(20):
+            liked, disliked = ("p", "q") if u % 2 else ("q", "p")
+            for item, r in ((liked, 2.0), (disliked, -2.0)):
+                recs.append(_rec(len(recs), f"u{u}", item, len(recs), reward=r))
+    lr.observe(recs)
+    held = torch.cat([lr.buffer.recent_rows(), lr.buffer.reservoir_rows()])
+    assert set(lr.buffer.gather(held).users.tolist()) == {
+        user_bucket(f"u{u}", MODEL.user_buckets) for u in range(20)
+    }
+    before = lr.scores([[], []], ["u1", "u2"])
+    for _ in range(200):
+        lr.step()
+    ix = lr.catalog.index
+    after = lr.scores([[], []], ["u1", "u2"])
+    gap = (after[:, ix["p"]] - after[:, ix["q"]]) - (before[:, ix["p"]] - before[:, ix["q"]])
+    assert gap[0] > 1.0
+    assert gap[1] < -1.0
+    unknown = lr.scores([[]])  # no user id: the head's item bias only, the same for everyone
+    torch.testing.assert_close(unknown, lr.scores([[]], ["someone new"]))
 
 
 def test_retired_fields_of_old_checkpoints_are_dropped() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from recsys.errors import ConfigError
 from recsys.history import MASK, PAD, pad_histories
-from recsys.model import ModelConfig, PolicyNet
+from recsys.model import ModelConfig, PolicyNet, user_bucket, user_buckets
 
 
 def _net(encoder: Any = "transformer", **kw: Any) -> PolicyNet:
@@ -36,16 +36,16 @@ def test_shapes_and_empty_history(encoder: Any) -> None:
     logits = net(items)
     assert logits.shape == (3, 10)
     assert torch.isfinite(logits).all()
-    # scoring space: [embedding, T·bias] and [state, 1]
-    assert net.item_vectors().shape == (10, 17)
-    assert net.item_vectors(torch.tensor([[1, 2]])).shape == (1, 2, 17)
+    # scoring space: [embedding, T·bias, T·w·head factors] and [state, 1, head user factor]
+    assert net.item_vectors().shape == (10, 33)
+    assert net.item_vectors(torch.tensor([[1, 2]])).shape == (1, 2, 33)
     last, seq = net.user_states_all(items)
     assert last.shape == (3, 16)
     assert seq.shape == (3, 6, 16)
     # a new user (empty history) is served from the begin token, the same for everyone
     a = net.user_state(pad_histories([[]], 6)[0])
-    assert a.shape == (1, 17)
-    assert a[0, -1] == 1.0
+    assert a.shape == (1, 33)
+    assert a[0, 16] == 1.0
     torch.testing.assert_close(a[:, :16], last[:1])
 
 
@@ -206,6 +206,82 @@ def test_serving_state_equals_the_training_path(layers: int) -> None:
     items, _ = pad_histories([[], [2], [1, 2, 3], [4, MASK, 6, 7, 8, 9], [5, 5, 5, 5]], 6)
     served = net.user_state(items)
     last, _ = net.user_states_all(items)
-    torch.testing.assert_close(served[:, :-1], last, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served[:, :16], last, atol=1e-5, rtol=1e-5)
     net.train()  # dropout is 0: the training path must agree too
     torch.testing.assert_close(net.user_state(items), served, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_head_is_in_the_serving_scores() -> None:
+    """Serving's one inner product is the policy logits plus ``reward_weight · p_u·q_i``; an
+    untrained head (zero user factors), an unknown user or a zero weight leaves the serving
+    scores as they were."""
+    net = _net(temperature=0.5)
+    items, _ = pad_histories([[1, 2], [3], []], 6)
+    users = torch.tensor([5, 9, -1])
+    vecs = net.item_vectors()
+    before = net.user_state(items, vecs, users) @ vecs.T / 0.5
+    net.set_reward_weight(2.0)
+    vecs = net.item_vectors()
+    torch.testing.assert_close(net.user_state(items, vecs, users) @ vecs.T / 0.5, before)
+    head = net.reward_head
+    with torch.no_grad():
+        head.users.copy_(torch.randn_like(head.users))
+        head.bias.copy_(torch.randn_like(head.bias))
+        head.user_bias.copy_(torch.randn_like(head.user_bias))
+        head.text_proj.weight.copy_(torch.randn_like(head.text_proj.weight))
+    vecs = net.item_vectors()
+    emb = net.item_embeddings()
+    state, _ = net.user_states_all(items, emb)
+    policy = net.policy_logits(state, emb, net.item_biases())
+    reward = torch.stack(
+        [net.reward_predictions(users, torch.full((3,), i)) for i in range(10)], dim=1
+    )
+    served = net.user_state(items, vecs, users) @ vecs.T / 0.5
+    personal = reward - head.item_biases(None, 10) - head.user_biases(users).unsqueeze(1)
+    torch.testing.assert_close(served, policy + 2.0 * personal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(net(items, users), served, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(served, before, atol=1e-3)
+    torch.testing.assert_close(served[2], before[2])  # an unknown user: no personal part
+    net.set_reward_weight(0.0)
+    vecs = net.item_vectors()
+    torch.testing.assert_close(net.user_state(items, vecs, users) @ vecs.T / 0.5, before)
+
+
+def test_user_buckets_are_stable_and_in_range() -> None:
+    assert user_bucket("alice", 1 << 16) == user_bucket("alice", 1 << 16)  # no per-process salt
+    got = user_buckets([f"u{n}" for n in range(2000)], 64)
+    assert got.min() >= 0
+    assert got.max() < 64
+    assert len(set(got.tolist())) == 64  # spread over every bucket
+    assert 0 <= user_bucket("\ud800", 7) < 7  # a lone surrogate still hashes
+
+
+def test_reward_head_grows_with_the_item_capacity() -> None:
+    net = _net()
+    with torch.no_grad():
+        net.reward_head.bias.fill_(1.0)
+    mapping = net.grow(40)
+    head = net.reward_head
+    assert head.items.shape == (40, 16)
+    assert head.bias.shape == (40,)
+    assert head.bias[:16].eq(1.0).all()
+    assert head.bias[16:].eq(0.0).all()
+    assert head.items[16:].abs().sum() > 0  # new items can learn at once
+    assert len(mapping) == 2 + 1 + 2  # two biases, the id embedding, the head's item tables
+
+
+def test_checkpoint_without_reward_head_loads_with_a_fresh_head() -> None:
+    net = _net()
+    state = {
+        k: v
+        for k, v in net.state_dict().items()
+        if not k.startswith("reward_head.") and k != "reward_weight"
+    }
+    fresh = _net()
+    with torch.no_grad():
+        fresh.reward_head.users.fill_(1.0)
+        fresh.reward_weight.fill_(1.0)
+    fresh.load_state_dict(state)
+    assert fresh.reward_head.users.abs().sum() == 0  # untrained: no effect on serving
+    assert fresh.reward_head.items.abs().sum() > 0  # but able to learn
+    assert float(fresh.reward_weight) == 0.0

@@ -151,3 +151,23 @@ def test_state_round_trip() -> None:
     assert torch.equal(other.generator.get_state(), buf.generator.get_state())
     other.add(_batch(100, 3))
     assert _held(other, other.recent_rows())[-3:] == [100, 101, 102]
+
+
+def test_users_are_kept_and_default_to_unknown() -> None:
+    buf = ReplayBuffer(20, 3, recent_capacity=5, seed=3)
+    batch = _batch(0, 6)
+    assert batch.users.tolist() == [-1] * 6  # left out: unknown users
+    buf.add(Transitions(batch.history, batch.item, batch.reward, batch.propensity,
+                        batch.position, torch.arange(6) * 10))  # fmt: skip
+    rows = torch.cat([buf.recent_rows(), buf.reservoir_rows()])
+    held = buf.gather(rows)
+    pairs = set(zip(held.item.tolist(), held.users.tolist(), strict=True))
+    assert pairs == {(i, 10 * i) for i in held.item.tolist()}  # each sample keeps its user
+    # a buffer saved before users were stored restores with unknown users
+    tensors, meta = buf.state_dict()
+    del tensors["replay.user"]
+    other = ReplayBuffer(20, 3, recent_capacity=5, seed=3)
+    other.load_state_dict(tensors, meta)
+    restored = other.gather(torch.cat([other.recent_rows(), other.reservoir_rows()]))
+    assert restored.item.tolist() == held.item.tolist()
+    assert restored.users.tolist() == [-1] * len(held)
