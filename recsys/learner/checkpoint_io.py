@@ -53,8 +53,11 @@ def optimizer_from_flat(
 ) -> None:
     params = dict(model.named_parameters())
     order = [n for g in meta["param_groups"] for n in g["params"]]
-    if set(order) != set(params):
+    if not set(order) <= set(params):
         raise CheckpointError("optimizer state does not match the model's parameters")
+    # Parameters added since the checkpoint was written (e.g. the reward head) start with
+    # fresh optimizer state, in the last group.
+    added = [n for n in params if n not in set(order)]
     state: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(order):
         st = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
@@ -63,11 +66,13 @@ def optimizer_from_flat(
             state[i] = st
     groups = []
     start = 0
-    for g in meta["param_groups"]:
+    for n, g in enumerate(meta["param_groups"]):
+        size = len(g["params"]) + (len(added) if n == len(meta["param_groups"]) - 1 else 0)
         g2 = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"}
-        g2["params"] = list(range(start, start + len(g["params"])))
-        start += len(g["params"])
+        g2["params"] = list(range(start, start + size))
+        start += size
         groups.append(g2)
+    order += added
     # our param order must match the saved one for load_state_dict's positional mapping
     if len(opt.param_groups) != 1:
         raise CheckpointError("only single-group optimizers can be restored")

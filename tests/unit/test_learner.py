@@ -278,3 +278,44 @@ def test_retired_fields_of_old_checkpoints_are_dropped() -> None:
         LearnerConfig.from_dict({"not_a_field": 1})
     with pytest.raises(ConfigError, match=r"LearnerConfig\.impression_baseline"):
         LearnerConfig(impression_baseline=1)  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_from_before_the_reward_head_resumes_with_a_fresh_head(tmp_path) -> None:
+    """Upgrading keeps the trained model: the head's tables and optimizer state are absent
+    from an older checkpoint, so they start fresh while everything else is restored."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from recsys import checkpoint as ckpt
+
+    lr = _learner(reward_head_weight=0.0)
+    lr.observe(_cycle_records())
+    for _ in range(5):
+        lr.step()
+    path = lr.save_checkpoint(tmp_path, {"t:0": 1})
+    # Rewrite it as the release before the head wrote it.
+    old = lambda name: name.startswith("reward_head.") or name == "reward_weight"  # noqa: E731
+    model = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not old(k)}
+    save_file(model, str(path / "model.safetensors"))
+    opt = load_file(str(path / "optimizer.safetensors"))
+    save_file({k: v for k, v in opt.items() if not old(k)}, str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    for g in meta["param_groups"]:
+        g["params"] = [n for n in g["params"] if not old(n)]
+    meta["scalars"] = {k: v for k, v in meta["scalars"].items() if not old(k)}
+    (path / "optimizer.json").write_text(json.dumps(meta))
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json"):
+        manifest["files"][name] = ckpt.sha256_file(path / name)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+    restored, _ = Learner.load_checkpoint(path)
+    for name, p in lr.model.named_parameters():
+        if not old(name):
+            torch.testing.assert_close(dict(restored.model.named_parameters())[name], p)
+    assert restored.model.reward_head.users.abs().sum() == 0
+    restored.observe(_cycle_records())
+    out = restored.step()  # the fresh head trains with the rest
+    assert out is not None
+    assert out["skipped"] == 0.0

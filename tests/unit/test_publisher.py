@@ -14,12 +14,13 @@ import torch
 from recsys import metrics
 from recsys.events import Event
 from recsys.history import pad_histories
+from recsys.model import user_bucket
 from recsys.publisher.core import NO_MODEL_VERSION, Publisher, PublisherConfig
 from recsys.rewards.rules import RewardRules
 from recsys.serving.model import load_policy, load_serving_model, policy_scores
 from recsys.serving.watcher import ModelWatcher
 from recsys.store import Store
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import make_checkpoint, tiny_learner
 
 ITEMS = [f"m{i}" for i in range(40)]
 
@@ -563,3 +564,29 @@ def test_the_sink_replaces_a_wedged_producer_and_fails_the_batch(tmp_path):
     assert dlq.producer is fresh
     assert store.get_recommendation("u1") is None
     store.close()
+
+
+def test_model_slates_carry_each_users_reward_head_factor(tmp_path):
+    """Two users with the same history get the ranking of their own serving scores: the
+    publisher passes each user's reward-head bucket, not just the history."""
+    learner = tiny_learner(0)
+    for i in ITEMS:
+        learner.catalog.index_of(i)
+    with torch.no_grad():
+        head = learner.model.reward_head
+        head.users.copy_(torch.randn_like(head.users))
+    path = learner.save_checkpoint(tmp_path, offsets={})
+    cfg = PublisherConfig(k=5, history_len=10, exploration="greedy", device="cpu")
+    model = load_serving_model(path, cfg.policy_kwargs())
+    pub = Publisher(cfg, lambda: model)
+    pub.observe([ev(1, "u", "m3"), ev(2, "v", "m3")])
+    batch = pub.compute()
+    assert batch is not None
+    got = {w.slate.user_id: [i.item_id for i in w.slate.items] for w in batch.slates}
+    net, ids, _ = load_policy(path)
+    for user in ("u", "v"):
+        bucket = torch.tensor([user_bucket(user, net.cfg.user_buckets)])
+        logits = policy_scores(net, [[ids.index("m3")]], bucket)[0]
+        logits[ids.index("m3")] = -torch.inf
+        assert got[user] == [ids[i] for i in logits.topk(5).indices.tolist()]
+    assert got["u"] != got["v"]
