@@ -60,7 +60,7 @@ from recsys.eval import peers
 from recsys.history import pad_histories
 from recsys.learner.config import LearnerConfig
 from recsys.learner.trainer import Learner
-from recsys.model import ModelConfig, user_bucket
+from recsys.model import ModelConfig
 from recsys.replay_buffer import Transitions
 
 log = logging.getLogger(__name__)
@@ -203,16 +203,15 @@ def evaluate(
 # --- recsys: the shipped learner, trained on per-user sequence windows ------------------------
 
 
-def sequence_windows(split: Split, max_history: int, buckets: int) -> Transitions:
+def sequence_windows(split: Split, max_history: int) -> Transitions:
     """Each user's training sequence as non-overlapping windows of ``max_history + 1`` items:
-    the history (left-padded) and its next item with that rating's reward, and the user's
-    reward-head bucket; the last window ends at the user's last training item."""
+    the history (left-padded) and its next item with that rating's reward; the last window
+    ends at the user's last training item."""
     hists: list[list[int]] = []
     items: list[int] = []
     rewards: list[float] = []
-    users: list[int] = []
     n = max_history + 1
-    for user, seq in split.train.items():
+    for seq in split.train.values():
         end = len(seq)
         while end > 0:
             start = max(0, end - n)
@@ -220,7 +219,6 @@ def sequence_windows(split: Split, max_history: int, buckets: int) -> Transition
             hists.append([i for i, _, _ in w[:-1]])
             items.append(w[-1][0])
             rewards.append(w[-1][1])
-            users.append(user_bucket(str(user), buckets))
             end = start
     h, _ = pad_histories(hists, max_history)
     return Transitions(
@@ -229,7 +227,6 @@ def sequence_windows(split: Split, max_history: int, buckets: int) -> Transition
         reward=torch.tensor(rewards, dtype=torch.float32),
         propensity=torch.full((len(items),), math.nan),
         position=torch.full((len(items),), -1),
-        user=torch.tensor(users, dtype=torch.long),
     )
 
 
@@ -239,8 +236,7 @@ def network_scorer(learner: Learner) -> Scorer:
         out = []
         for start in range(0, len(hists), 512):
             items, _ = pad_histories(hists[start : start + 512], n, learner.device)
-            ids = [str(u) for u in users[start : start + 512]]
-            out.append(learner.scores(items, ids).cpu())
+            out.append(learner.scores(items).cpu())
         return torch.cat(out)
 
     return score
@@ -313,7 +309,7 @@ def train_network(
     """Train a Learner on the split's per-user sequence windows with early stopping."""
     learner = Learner(model_cfg, learner_cfg, catalog)
     learner.sync_items()
-    windows = sequence_windows(split, model_cfg.max_history, model_cfg.user_buckets)
+    windows = sequence_windows(split, model_cfg.max_history)
     learner.buffer.add(windows)
     steps = max(1, math.ceil(len(windows) / learner_cfg.batch_size))
 

@@ -67,7 +67,7 @@ def test_windows_cover_every_training_item_once() -> None:
     rows += [(2, 20, 3.0, 1), (2, 21, 5.0, 2)]  # train only
     cat = ItemCatalog(dim=4)
     split = offline.make_split(_data(rows), cat)
-    w = offline.sequence_windows(split, max_history=2, buckets=1 << 16)
+    w = offline.sequence_windows(split, max_history=2)
     seen = sorted([x for row in w.history.tolist() for x in row if x >= 0] + w.item.tolist())
     train = sorted(i for seq in split.train.values() for i, _, _ in seq)
     assert seen == train
