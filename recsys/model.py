@@ -17,7 +17,7 @@ capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model widt
   (:mod:`recsys.learner.item_value`: organic mean reward, position-debiased CTR), a pointwise
   reward model. Serving adds it to the policy logits; training does not (the learned bias
   would otherwise learn to cancel it), so it acts only on what is shown.
-- :class:`RewardHead`: a personalised pointwise reward model ``r̂(u, i) = p_u·q_i + c_i``, a
+- :class:`RewardHead`: a personalised pointwise reward model ``r̂(u, i) = p_u·q_i + c_i + a_u``, a
   matrix factorisation with user factors in a fixed table of hashed user-id buckets, fitted by
   the learner to every record's reward (a rating's centred value, a click's weight, 0 for an
   impression ignored). The policy softmax learns *what a user engages with next*; the head
