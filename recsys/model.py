@@ -545,14 +545,6 @@ class PolicyNet(nn.Module):
         self.items.num_items.fill_(n)
         self.items.n_active = n
 
-    def item_parameters(self) -> list[torch.Tensor]:
-        """Parameters whose first dimension is the item capacity (grown together)."""
-        head = self.reward_head
-        out: list[torch.Tensor] = [self.beta_bias, self.item_bias, head.items, head.bias]
-        if self.items.id_embedding is not None:
-            out.append(self.items.id_embedding.weight)
-        return out
-
     def grow(self, capacity: int) -> dict[torch.Tensor, torch.Tensor]:
         """Reallocate item rows to ``capacity``; returns {old param: new param} for optimizers.
 
