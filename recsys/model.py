@@ -444,11 +444,15 @@ class PolicyNet(nn.Module):
             text = vectors[: self.num_items] if idx is None else vectors[idx]
         return self.reward_head.item_factors(idx, self.num_items, text)
 
-    def reward_predictions(self, users: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``r̂`` of users ``[B]`` (buckets) for items ``idx [B]``, biases included."""
+    def reward_predictions(
+        self, users: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r̂ [B]`` of users ``[B]`` (buckets) for items ``idx [B]``, biases included, and the
+        squared norms ``[B]`` of the factors it used (what the learner's L2 weighs)."""
         head = self.reward_head
-        pq = (head.user_factors(users) * self.reward_item_factors(idx)).sum(-1)
-        return pq + head.item_biases(idx) + head.user_biases(users)
+        p, q = head.user_factors(users), self.reward_item_factors(idx)
+        pred = (p * q).sum(-1) + head.item_biases(idx) + head.user_biases(users)
+        return pred, p.square().sum(-1) + q.square().sum(-1)
 
     def set_reward_weight(self, weight: float) -> None:
         """Serving weight of the reward head (0: serving ranks by the policy alone)."""

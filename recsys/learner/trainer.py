@@ -432,12 +432,8 @@ class Learner:
         """The reward head's squared error on the logged rewards, plus ``reward_l2`` times the
         squared norms of the factors it used (per-row L2, as in matrix factorisation: rows
         with few records stay near zero instead of fitting their noise)."""
-        model = self.model
-        p, q = model.reward_head.user_factors(users), model.reward_item_factors(actions)
-        pred = (p * q).sum(-1) + model.reward_head.item_biases(actions)
-        pred = pred + model.reward_head.user_biases(users)
-        l2 = (p.square().sum(-1) + q.square().sum(-1)).mean()
-        return F.mse_loss(pred.float(), rewards) + self.cfg.reward_l2 * l2.float()
+        pred, norms = self.model.reward_predictions(users, actions)
+        return F.mse_loss(pred.float(), rewards) + self.cfg.reward_l2 * norms.mean().float()
 
     def _view_nce(
         self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor

@@ -234,7 +234,7 @@ def test_reward_head_is_in_the_serving_scores() -> None:
     state, _ = net.user_states_all(items, emb)
     policy = net.policy_logits(state, emb, net.item_biases())
     reward = torch.stack(
-        [net.reward_predictions(users, torch.full((3,), i)) for i in range(10)], dim=1
+        [net.reward_predictions(users, torch.full((3,), i))[0] for i in range(10)], dim=1
     )
     served = net.user_state(items, vecs, users) @ vecs.T / 0.5
     personal = reward - head.item_biases(None, 10) - head.user_biases(users).unsqueeze(1)
