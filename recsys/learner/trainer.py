@@ -336,7 +336,7 @@ class Learner:
                 neg_ids,
                 torch.zeros_like(targets, dtype=torch.float32) - model.item_biases(targets),
                 neg_lq - model.item_biases(neg_ids),
-                model.cfg.temperature,
+                model.cfg.policy_temperature,
             )
             if cfg.mask_history:
                 upto = torch.cat([j_idx, torch.full((bsz,), n, device=hist.device)])
