@@ -9,7 +9,7 @@ capacity (rows allocated, ``C >= I``), ``D`` text-vector width, ``d`` model widt
 - :class:`UserEncoder`: a small causal transformer (or GRU) over the last ``N`` item vectors
   behind a learned begin token -> user state ``[B, d]``; an empty history is served from the
   begin token alone (a new user).
-- :class:`PolicyNet`: policy logits ``state @ items.T / temperature + bias`` (a learned
+- :class:`PolicyNet`: policy logits ``state @ items.T / T + bias`` (``T`` √d by default; a learned
   per-item bias, so popularity survives the item LayerNorm) and the behaviour head ``β`` on
   ``state.detach()`` (Chen et al., WSDM 2019), which estimates the logging policy when
   propensities are not logged.
