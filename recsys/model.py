@@ -100,7 +100,7 @@ class ModelConfig:
     dropout: float = 0.1
     # The policy softmax's s·e/T. None: √dim. States and items leave a LayerNorm with norm ≈ √d,
     # so at T 1 the untrained logits have a std of ≈ √d and training first spends epochs
-    # shrinking that noise (offline, T 1 reached the NDCG@10 of T √d four times later).
+    # shrinking that noise (offline at T 1, validation NDCG@10 reached 0.057 at epoch 17, not 9).
     temperature: float | None = None
     user_buckets: int = 1 << 16  # rows of the reward head's user factors (user ids hashed)
 

@@ -96,7 +96,7 @@ def load_serving_model(path: str | Path, policy_kwargs: Mapping[str, Any]) -> Se
     with torch.inference_mode():
         vecs = net.item_vectors().float()
         # Policy scores are the model's logits: state · item / the model's temperature.
-        matrix = vecs / float(net.cfg.policy_temperature)
+        matrix = vecs / net.cfg.policy_temperature
     return ServingModel(
         version=str(manifest["model_version"]),
         path=str(manifest["path"]),
