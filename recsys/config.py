@@ -257,12 +257,22 @@ class LearnerSettings(_Section):
     alpha: float = Field(
         0.0, ge=0, description="Weight of the contrastive (InfoNCE) term (off: no offline gain)"
     )
-    topk: int = Field(10, ge=1, description="K of the top-K off-policy correction")
+    objective: Literal["ce", "reinforce"] = Field(
+        "ce",
+        description="Logged-item loss: ce (clicked items) or reinforce (advantage-weighted, "
+        "top-K off-policy correction; no gain measured offline or in recsys eval sim)",
+    )
+    topk: int = Field(10, ge=1, description="K of the top-K off-policy correction (reinforce)")
     weight_cap: float = Field(10.0, gt=0, description="Cap c of the importance weight")
     buffer_capacity: int = Field(100_000, ge=1, description="Replay buffer capacity")
     replay_ratio: float = Field(4.0, gt=0, description="Training samples per new reward")
     max_steps_per_batch: int = Field(16, ge=1, description="Most gradient steps per polled batch")
-    id_embeddings: bool = Field(True, description="Learn an id embedding beside the text vector")
+    id_embeddings: bool = Field(True, description="Learn an id embedding per item")
+    text: bool = Field(
+        False,
+        description="Item text vectors in the item tower and reward head (no gain measured "
+        "offline or in recsys eval sim, new items included)",
+    )
     max_users: int = Field(
         200_000,
         ge=1,

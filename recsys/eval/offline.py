@@ -58,7 +58,7 @@ from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.text import TextEncoder
 from recsys.eval import peers
 from recsys.history import pad_histories
-from recsys.learner.config import LearnerConfig
+from recsys.learner.config import LearnerConfig, model_config
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig
 from recsys.replay_buffer import Transitions
@@ -366,8 +366,8 @@ def variants(
 ) -> dict[str, tuple[str, ModelConfig, LearnerConfig]]:
     """The networks compared: the full model and one ablation per idea -> name: (kind, cfgs).
 
-    An idea the shipped defaults leave off (the contrastive term at ``alpha`` 0, the text
-    tower) is ablated the other way round: the shipped model *with* it."""
+    An idea the shipped defaults leave off (the policy gradient, the contrastive term at
+    ``alpha`` 0, the text tower) is ablated the other way round: the shipped model *with* it."""
     contrast_on = learner_cfg.contrastive != "none" and learner_cfg.alpha > 0
     contrast: dict[str, tuple[str, ModelConfig, LearnerConfig]] = (
         {"no contrastive": ("ablation", model_cfg, replace(learner_cfg, contrastive="none"))}
@@ -380,13 +380,26 @@ def variants(
             )
         }
     )
+    objective: dict[str, tuple[str, ModelConfig, LearnerConfig]] = (
+        {
+            "CE, same other terms (no PG)": (
+                "ablation",
+                model_cfg,
+                replace(learner_cfg, objective="ce"),
+            )
+        }
+        if learner_cfg.objective == "reinforce"
+        else {
+            "+ PG (REINFORCE, top-K correction)": (
+                "ablation",
+                model_cfg,
+                replace(learner_cfg, objective="reinforce"),
+            )
+        }
+    )
     return {
         OURS: ("ours", model_cfg, learner_cfg),
-        "CE, same other terms (no PG)": (
-            "ablation",
-            model_cfg,
-            replace(learner_cfg, objective="ce"),
-        ),
+        **objective,
         **contrast,
         **text_variants(model_cfg, learner_cfg),
         "no id (text only)": (
@@ -411,16 +424,7 @@ def shipped_learner_config(device: str) -> LearnerConfig:
     """The learner worker's configuration (its default settings), on ``device``."""
     from recsys.config import LearnerSettings
 
-    from_settings = getattr(LearnerConfig, "from_settings", None)
-    if from_settings is not None:
-        cfg: LearnerConfig = from_settings(LearnerSettings())
-    else:  # pragma: no cover - older trees: the same fields the worker passes
-        s = LearnerSettings()
-        cfg = LearnerConfig(
-            batch_size=s.batch_size, lr=s.lr, alpha=s.alpha, topk=s.topk,
-            weight_cap=s.weight_cap, buffer_capacity=s.buffer_capacity,
-        )  # fmt: skip
-    return replace(cfg, device=device)
+    return replace(LearnerConfig.from_settings(LearnerSettings()), device=device)
 
 
 def default_configs(
@@ -429,15 +433,7 @@ def default_configs(
     """``(ModelConfig, LearnerConfig, max epochs)``: the shipped defaults, sized to the data."""
     from recsys.config import LearnerSettings
 
-    s = LearnerSettings()
-    model_cfg = ModelConfig(
-        text_dim=text_dim,
-        dim=s.dim,
-        num_layers=s.layers,
-        max_history=s.max_history,
-        item_capacity=max(num_items, 1),
-        use_id_embedding=s.id_embeddings,
-    )
+    model_cfg = model_config(LearnerSettings(), text_dim, max(num_items, 1))
     return model_cfg, shipped_learner_config(device), 2 if quick else 40
 
 

@@ -15,13 +15,15 @@ and seeds are cheap enough to compare with paired confidence intervals:
   Wabbit and the oracle, each in its own copy of the simulated world, the same arrivals.
 - **Warm start**: everyone gets the catalogue's MovieLens ratings (the demo's backfill); every
   world marks them watched.
-- **Variants** of recsys (``--variants``): ``full``; ``ce`` (cross-entropy instead of the
-  policy gradient); ``no_contrastive``; ``text_only`` (no id embedding / item bias);
-  ``no_value`` (no counted value bias in serving, :mod:`recsys.learner.item_value`);
-  ``with_click_value`` (the value bias's click term on, weight 3: off in the defaults, as it
-  did not help; full − variant > 0 means it still does not); ``no_reward_head`` (no
-  personalised reward head, :class:`recsys.model.RewardHead`); and,
-  where :class:`LearnerConfig` has the switch, ``no_offpolicy`` and ``no_baseline``.
+- **Variants** of recsys (``--variants``), each the shipped defaults with one idea switched:
+  ``full``; ``pg`` (the REINFORCE objective with the top-K off-policy correction instead of
+  cross-entropy on clicked items), ``pg_no_offpolicy`` and ``pg_no_baseline`` (it without its
+  correction or its impression baseline); ``with_contrastive`` (InfoNCE at alpha 0.1);
+  ``with_text`` (the text tower, so a new item is ranked by its text from the start);
+  ``text_only`` (text, no id embedding / item bias); ``no_value`` (no counted value bias in
+  serving, :mod:`recsys.learner.item_value`); ``with_click_value`` (the value bias's click term
+  on, weight 3); ``no_reward_head`` (no personalised reward head,
+  :class:`recsys.model.RewardHead`). full − variant > 0: the default choice pays.
 - **Figures**: CTR per impression, observed (clicks) and expected (the simulator's own click
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
   and for new (cold-start) items; ratios recsys / arm per seed, then the mean and a t interval
@@ -43,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +68,9 @@ from recsys.encoder.catalog import ItemCatalog
 from recsys.eval.ope import first_slot_ope
 from recsys.events import Event, RewardRecord, Slate, SlateItem, item_text
 from recsys.history import pad_histories
-from recsys.learner.config import LearnerConfig
+from recsys.learner.config import LearnerConfig, model_config
 from recsys.learner.online import OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
-from recsys.model import ModelConfig
 from recsys.publisher.core import Publisher, PublisherConfig
 from recsys.rewards.join import RewardJoin
 from recsys.rewards.rules import RewardRules
@@ -80,10 +81,11 @@ log = logging.getLogger(__name__)
 ARMS = ("random", "most_popular", "epsilon_greedy", "linucb", "vw", "oracle")
 VARIANTS = (
     "full",
-    "ce",
-    "no_offpolicy",
-    "no_contrastive",
-    "no_baseline",
+    "pg",
+    "pg_no_offpolicy",
+    "pg_no_baseline",
+    "with_contrastive",
+    "with_text",
     "text_only",
     "no_value",
     "with_click_value",
@@ -95,29 +97,28 @@ DEMO_LEARNER = {"dim": 32, "layers": 1, "max_history": 20}
 DEMO_REWARDS = {"window_ms": 20_000, "allowed_lateness_ms": 2_000, "late_retention_ms": 10_000}
 
 
-def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(LearnerConfig overrides, ModelConfig overrides) of a variant; None when the learner
-    has no switch for it (named in the report)."""
-    have = {f.name for f in fields(LearnerConfig)}
-    if name == "full":
-        return {}, {}
-    if name == "ce":
-        return {"objective": "ce"}, {}
-    if name == "no_contrastive":
-        return {"contrastive": "none"}, {}
-    if name == "text_only":
-        return {}, {"use_id_embedding": False, "item_bias": False}
-    if name == "no_value":  # no counted value bias in serving: the policy network alone
-        return {"organic_value_weight": 0.0, "click_value_weight": 0.0}, {}
-    if name == "no_reward_head":  # the policy network and the value bias, no reward head
-        return {"reward_head_weight": 0.0}, {}
-    if name == "with_click_value":  # the CTR counted from impressions on top of the organic term
-        return {"click_value_weight": 3.0}, {}
-    if name == "no_offpolicy":
-        return ({"off_policy_correction": False}, {}) if "off_policy_correction" in have else None
-    if name == "no_baseline":
-        return ({"impression_baseline": False}, {}) if "impression_baseline" in have else None
-    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(LearnerConfig overrides, ModelConfig overrides) of a variant: the shipped defaults with
+    one idea switched (on where the defaults leave it off)."""
+    pg = {"objective": "reinforce"}
+    table: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+        "full": ({}, {}),
+        "pg": (pg, {}),
+        "pg_no_offpolicy": (pg | {"off_policy_correction": False}, {}),
+        "pg_no_baseline": (pg | {"impression_baseline": False}, {}),
+        "with_contrastive": ({"contrastive": "infonce", "alpha": 0.1}, {}),
+        "with_text": ({}, {"use_text": True}),
+        "text_only": ({}, {"use_text": True, "use_id_embedding": False, "item_bias": False}),
+        # No counted value bias in serving: the policy network alone.
+        "no_value": ({"organic_value_weight": 0.0, "click_value_weight": 0.0}, {}),
+        # The policy network and the value bias, no reward head.
+        "no_reward_head": ({"reward_head_weight": 0.0}, {}),
+        # The CTR counted from impressions on top of the organic term.
+        "with_click_value": ({"click_value_weight": 3.0}, {}),
+    }
+    if name not in table:
+        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+    return table[name]
 
 
 @dataclass(frozen=True)
@@ -213,27 +214,14 @@ class _Recsys:
         clock: Callable[[], float],
     ) -> None:
         s = settings.learner
-        model_cfg = ModelConfig(
-            text_dim=settings.encoder.dim,
-            dim=s.dim,
-            num_layers=s.layers,
-            max_history=s.max_history,
-            item_capacity=s.item_capacity,
-            use_id_embedding=s.id_embeddings,
-        )
-        model_cfg = replace(model_cfg, **model_over)
-        learner_cfg = LearnerConfig(
-            batch_size=s.batch_size,
-            lr=s.lr,
-            alpha=s.alpha,
-            topk=s.topk,
-            weight_cap=s.weight_cap,
-            buffer_capacity=s.buffer_capacity,
+        model_cfg = replace(model_config(s, settings.encoder.dim), **model_over)
+        learner_cfg = replace(
+            LearnerConfig.from_settings(s),
             device="cpu",
             keep_checkpoints=2,
             seed=run.seed,
+            **(dict(run.learner) | learner_over),
         )
-        learner_cfg = replace(learner_cfg, **(dict(run.learner) | learner_over))
         self.learner = Learner(model_cfg, learner_cfg, ItemCatalog(dim=settings.encoder.dim))
         self.online = OnlineLearner(
             self.learner,
@@ -457,10 +445,6 @@ def run_seed(
         )
     for variant in variants:
         over = variant_overrides(variant)
-        if over is None:
-            out["variants"][variant] = {"missing_switch": True}
-            progress(f"  seed {run.seed} {variant:15s} skipped: no LearnerConfig switch for it")
-            continue
         t0 = time.monotonic()
         res = _run_recsys(probe, warm, arrivals, run, vectors, initial, new_items, *over)
         res["wall_s"] = time.monotonic() - t0
@@ -688,7 +672,7 @@ def summarise(seeds: list[dict[str, Any]], metric: str = "expected_ctr") -> dict
         "ope": {},
     }
     full = [s["variants"].get("full") for s in seeds]
-    if all(f and "missing_switch" not in f for f in full):
+    if all(full):
         arms = sorted(set.intersection(*[set(s["arms"]) for s in seeds])) if seeds else []
         for arm in arms:
             for key, m in (("ratios_last_third", metric), ("ratios_last_third_observed", "ctr")):
@@ -711,8 +695,7 @@ def summarise(seeds: list[dict[str, Any]], metric: str = "expected_ctr") -> dict
         variants = sorted(set.union(*[set(s["variants"]) for s in seeds]) - {"full"})
         for v in variants:
             runs = [s["variants"].get(v) for s in seeds]
-            if not all(r and "missing_switch" not in r for r in runs):
-                out["ablations"][v] = {"missing_switch": True}
+            if not all(runs):  # merged runs that did not all run it
                 continue
             d = [f[f"{metric}_last"] - r[f"{metric}_last"] for f, r in zip(full, runs, strict=True)]
             out["ablations"][v] = {"full_minus_variant": t_interval(d) | {"per_seed": d}}
@@ -750,15 +733,10 @@ def render(result: dict[str, Any]) -> str:
     ]
     for kind, name in names:
         rows = [s[kind].get(name, {}) for s in seeds]
-        if any("missing_switch" in r for r in rows):
-            lines.append(
-                f"{('recsys/' + name) if kind == 'variants' else name:24s} (no LearnerConfig "
-                "switch)"
-            )
-            continue
 
         def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
-            return float(np.nanmean([r.get(key, math.nan) for r in rows]))
+            vals = np.array([r.get(key, math.nan) for r in rows], dtype=float)
+            return float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
 
         label = ("recsys/" + name) if kind == "variants" else name
         lines.append(
@@ -788,9 +766,6 @@ def render(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append("ablations: full − variant, expected CTR last third (paired by seed):")
         for v, a in summ["ablations"].items():
-            if a.get("missing_switch"):
-                lines.append(f"  {v:16s} not run: LearnerConfig has no switch for it")
-                continue
             ci = a["full_minus_variant"]
             lines.append(f"  {v:16s} {ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]")
     if summ["ope"]:

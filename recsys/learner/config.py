@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from recsys.config import LearnerSettings
 from recsys.errors import ConfigError
-from recsys.model import MODEL_SIZE_BOUNDS
+from recsys.model import MODEL_SIZE_BOUNDS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class LearnerConfig:
             batch_size=s.batch_size,
             lr=s.lr,
             alpha=s.alpha,
+            objective=s.objective,
             topk=s.topk,
             weight_cap=s.weight_cap,
             buffer_capacity=s.buffer_capacity,
@@ -188,3 +189,22 @@ class LearnerConfig:
         if unknown:
             raise ConfigError(f"LearnerConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def model_config(
+    s: LearnerSettings, text_dim: int, item_capacity: int | None = None
+) -> ModelConfig:
+    """The learner worker's model: its settings' width, depth, history and towers.
+
+    ``item_capacity`` (None: the setting) sizes the item tables up front, as offline evaluation
+    does for a catalogue it knows.
+    """
+    return ModelConfig(
+        text_dim=text_dim,
+        dim=s.dim,
+        num_layers=s.layers,
+        max_history=s.max_history,
+        item_capacity=s.item_capacity if item_capacity is None else item_capacity,
+        use_text=s.text,
+        use_id_embedding=s.id_embeddings,
+    )

@@ -34,10 +34,9 @@ from recsys.kafka import (
     offsets_from_json,
     offsets_to_json,
 )
-from recsys.learner.config import LearnerConfig
+from recsys.learner.config import LearnerConfig, model_config
 from recsys.learner.online import OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
-from recsys.model import ModelConfig
 from recsys.model_store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -143,15 +142,11 @@ class LearnerSink(Sink):
 def new_learner(settings: Settings) -> Learner:
     """A fresh learner sized from settings (used when no checkpoint exists)."""
     s = settings.learner
-    model_cfg = ModelConfig(
-        text_dim=settings.encoder.dim,
-        dim=s.dim,
-        num_layers=s.layers,
-        max_history=s.max_history,
-        item_capacity=s.item_capacity,
-        use_id_embedding=s.id_embeddings,
+    return Learner(
+        model_config(s, settings.encoder.dim),
+        LearnerConfig.from_settings(s),
+        ItemCatalog(dim=settings.encoder.dim),
     )
-    return Learner(model_cfg, LearnerConfig.from_settings(s), ItemCatalog(dim=settings.encoder.dim))
 
 
 def restore_from_store(store: ModelStore, checkpoint_dir: str | Path) -> list[Path]:

@@ -18,15 +18,13 @@ def test_variants_map_to_learner_and_model_switches():
     have = {f.name for f in fields(LearnerConfig)}
     model = {f.name for f in fields(ModelConfig)}
     for v in sim.VARIANTS:
-        over = sim.variant_overrides(v)
-        if over is None:  # reported as a missing switch, never silently run as "full"
-            continue
-        learner, mod = over
+        learner, mod = sim.variant_overrides(v)
         assert set(learner) <= have
         assert set(mod) <= model
         LearnerConfig(**learner)
+        ModelConfig(**mod)
     assert sim.variant_overrides("full") == ({}, {})
-    assert sim.variant_overrides("ce") == ({"objective": "ce"}, {})
+    assert sim.variant_overrides("pg") == ({"objective": "reinforce"}, {})
     with pytest.raises(ValueError, match="unknown variant"):
         sim.variant_overrides("nope")
 

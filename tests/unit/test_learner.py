@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from recsys import metrics
+from recsys.config import LearnerSettings
 from recsys.encoder.catalog import ItemCatalog
 from recsys.errors import CheckpointError, ConfigError
 from recsys.events import RewardRecord
 from recsys.history import PAD
-from recsys.learner.config import LearnerConfig
+from recsys.learner.config import LearnerConfig, model_config
 from recsys.learner.trainer import Learner
 from recsys.model import ModelConfig, user_bucket
 
@@ -41,6 +42,23 @@ def _cycle_records(users: int = 20, length: int = 12, items: int = 6) -> list[Re
             out.append(_rec(len(out), f"u{u}", f"i{(u + t) % items}", 1000 * t + u))
     out.sort(key=lambda r: r.ts)
     return out
+
+
+def test_the_worker_settings_choose_the_objective_and_the_towers() -> None:
+    shipped = LearnerSettings()
+    assert LearnerConfig.from_settings(shipped).objective == "ce"
+    assert not model_config(shipped, text_dim=8).use_text
+    pg = LearnerSettings(objective="reinforce", text=True, id_embeddings=False, dim=16)
+    assert LearnerConfig.from_settings(pg).objective == "reinforce"
+    cfg = model_config(pg, text_dim=8, item_capacity=100)
+    assert (cfg.use_text, cfg.use_id_embedding, cfg.dim, cfg.item_capacity) == (
+        True,
+        False,
+        16,
+        100,
+    )
+    with pytest.raises(ConfigError, match="use_text"):
+        model_config(LearnerSettings(text=False, id_embeddings=False), text_dim=8)
 
 
 def test_config_validation_names_the_parameter() -> None:

@@ -136,7 +136,7 @@ def test_text_enters_as_a_gated_residual_starting_at_zero() -> None:
     net = _net()
     ids_only = _net(use_text=False)
     ids_only.load_state_dict(net.state_dict(), strict=False)
-    assert float(net.items.text_gate) == 0.0
+    assert net.items.text_gate.item() == 0.0
     torch.testing.assert_close(net.item_embeddings(), ids_only.item_embeddings())
     with torch.no_grad():
         net.items.text_gate.fill_(0.5)

@@ -149,9 +149,9 @@ def test_quick_run_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     kinds = {name: res["kind"] for name, res in report["results"].items()}
     assert kinds == {
         "recsys": "ours",
-        "CE, same other terms (no PG)": "ablation",
+        "+ PG (REINFORCE, top-K correction)": "ablation",
         "+ contrastive (InfoNCE, alpha 0.1)": "ablation",
-        "no text (id only)": "ablation",
+        "+ text (gated residual)": "ablation",
         "no id (text only)": "ablation",
         "SASRec (CE, every position)": "peer",
         "most-popular": "peer",
