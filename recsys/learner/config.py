@@ -23,7 +23,11 @@ RETIRED_FIELDS = frozenset({"augment_weight", "contrast_all_positions", "contras
 class LearnerConfig:
     """Learner hyper-parameters; validated at construction, errors name the parameter.
 
-    Switches for ablations (each on by default; see :mod:`recsys.learner.trainer`):
+    The dataclass defaults are the full model, every idea on (the policy gradient included);
+    the worker ships :meth:`from_settings` (cross-entropy on clicked items: the policy gradient
+    showed no gain, README) with :func:`model_config` (no text tower, for the same reason).
+
+    Switches for ablations (see :mod:`recsys.learner.trainer`):
     ``mask_history`` (π over the allowed set, history items masked as the publisher excludes
     them), ``impression_baseline`` (REINFORCE advantage ``R − mean R``: ignored impressions lose
     probability), ``off_policy_correction`` (top-K weight ``min(π/β, c)·λ_K`` on rows with a
