@@ -361,63 +361,53 @@ OURS = "recsys"
 SASREC = "SASRec (CE, every position)"
 
 
-def variants(
-    model_cfg: ModelConfig, learner_cfg: LearnerConfig
-) -> dict[str, tuple[str, ModelConfig, LearnerConfig]]:
+Networks = dict[str, tuple[str, ModelConfig, LearnerConfig]]
+
+
+def _ablation(
+    shipped_has_it: bool,
+    without: tuple[str, ModelConfig, LearnerConfig],
+    with_it: tuple[str, ModelConfig, LearnerConfig],
+) -> Networks:
+    """One idea's ablation, ``(name, model cfg, learner cfg)``: the shipped model without the
+    idea when it has it, with it when it leaves it off."""
+    name, model_cfg, learner_cfg = without if shipped_has_it else with_it
+    return {name: ("ablation", model_cfg, learner_cfg)}
+
+
+def variants(model_cfg: ModelConfig, learner_cfg: LearnerConfig) -> Networks:
     """The networks compared: the full model and one ablation per idea -> name: (kind, cfgs).
 
     An idea the shipped defaults leave off (the policy gradient, the contrastive term at
     ``alpha`` 0, the text tower) is ablated the other way round: the shipped model *with* it."""
-    contrast_on = learner_cfg.contrastive != "none" and learner_cfg.alpha > 0
-    contrast: dict[str, tuple[str, ModelConfig, LearnerConfig]] = (
-        {"no contrastive": ("ablation", model_cfg, replace(learner_cfg, contrastive="none"))}
-        if contrast_on
-        else {
-            f"+ contrastive (InfoNCE, alpha {ABLATION_ALPHA:g})": (
-                "ablation",
-                model_cfg,
-                replace(learner_cfg, contrastive="infonce", alpha=ABLATION_ALPHA),
-            )
-        }
-    )
-    objective: dict[str, tuple[str, ModelConfig, LearnerConfig]] = (
-        {
-            "CE, same other terms (no PG)": (
-                "ablation",
-                model_cfg,
-                replace(learner_cfg, objective="ce"),
-            )
-        }
-        if learner_cfg.objective == "reinforce"
-        else {
-            "+ PG (REINFORCE, top-K correction)": (
-                "ablation",
-                model_cfg,
-                replace(learner_cfg, objective="reinforce"),
-            )
-        }
-    )
+    m, lc = model_cfg, learner_cfg
     return {
-        OURS: ("ours", model_cfg, learner_cfg),
-        **objective,
-        **contrast,
-        **text_variants(model_cfg, learner_cfg),
+        OURS: ("ours", m, lc),
+        **_ablation(
+            lc.objective == "reinforce",
+            ("CE, same other terms (no PG)", m, replace(lc, objective="ce")),
+            ("+ PG (REINFORCE, top-K correction)", m, replace(lc, objective="reinforce")),
+        ),
+        **_ablation(
+            lc.contrastive != "none" and lc.alpha > 0,
+            ("no contrastive", m, replace(lc, contrastive="none")),
+            (
+                f"+ contrastive (InfoNCE, alpha {ABLATION_ALPHA:g})",
+                m,
+                replace(lc, contrastive="infonce", alpha=ABLATION_ALPHA),
+            ),
+        ),
+        **_ablation(
+            m.use_text,
+            ("no text (id only)", replace(m, use_text=False), lc),
+            ("+ text (gated residual)", replace(m, use_text=True), lc),
+        ),
         "no id (text only)": (
             "ablation",
-            replace(model_cfg, use_text=True, use_id_embedding=False),
-            learner_cfg,
+            replace(m, use_text=True, use_id_embedding=False),
+            lc,
         ),
     }
-
-
-def text_variants(
-    model_cfg: ModelConfig, learner_cfg: LearnerConfig
-) -> dict[str, tuple[str, ModelConfig, LearnerConfig]]:
-    """The text tower's ablation: without it when the shipped model has it, with it (the gated
-    residual of :class:`~recsys.model.ItemTower`) when the shipped model leaves it off."""
-    if model_cfg.use_text:
-        return {"no text (id only)": ("ablation", replace(model_cfg, use_text=False), learner_cfg)}
-    return {"+ text (gated residual)": ("ablation", replace(model_cfg, use_text=True), learner_cfg)}
 
 
 def shipped_learner_config(device: str) -> LearnerConfig:
