@@ -25,6 +25,7 @@ and the item id; ``pip install 'recsys[vw]'``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -56,7 +57,7 @@ def reduce_vectors(
     return out / np.where(norm > 0, norm, 1.0)
 
 
-class Arm:
+class Arm(ABC):
     """Shared plumbing: the item list, what each user watched, their history, the slate draw.
 
     Subclasses implement :meth:`scores` (one row of item scores for a user) and may override
@@ -99,7 +100,7 @@ class Arm:
         if new:
             self._grow(len(new))
 
-    def _grow(self, n: int) -> None:
+    def _grow(self, n: int) -> None:  # noqa: B027 (an optional hook)
         """Extend per-item state by ``n`` new items."""
 
     def _observe(self, e: Event) -> float | None:
@@ -124,7 +125,7 @@ class Arm:
                 rewards.append((e, hist, r))
         self.learn_warm(rewards)
 
-    def learn_warm(self, rewards: list[tuple[Event, list[int], float]]) -> None:
+    def learn_warm(self, rewards: list[tuple[Event, list[int], float]]) -> None:  # noqa: B027 (an optional hook)
         """``(event, history as of its ts, reward)`` of every warm feedback event."""
 
     def update(self, events: Iterable[Event]) -> None:
@@ -135,12 +136,13 @@ class Arm:
             self._observe(e)
         self.learn(evs, hists)
 
-    def learn(self, events: list[Event], histories: Mapping[str, list[int]]) -> None:
+    def learn(self, events: list[Event], histories: Mapping[str, list[int]]) -> None:  # noqa: B027 (an optional hook)
         """Online update; ``histories``: each user's history when the slate was built."""
 
     # -- slates ------------------------------------------------------------------------------
+    @abstractmethod
     def scores(self, user_id: str) -> np.ndarray:
-        raise NotImplementedError
+        """One score per item of the arm's item list, for ``user_id``; higher is better."""
 
     def slate(self, user_id: str, now_ms: int, request_id: str) -> Slate:
         """A slate of ``k`` allowed items, drawn by :func:`recsys.policy.rank`."""
