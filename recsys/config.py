@@ -416,6 +416,12 @@ class PublisherSettings(_Section):
     refresh_on_impression: bool = Field(
         True, description="Publish a fresh slate once the user's current one has been shown"
     )
+    cooldown_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds an item shown to a user stays out of that user's slates (0: off; "
+        "held in memory only, so a user reloaded from the store starts with none)",
+    )
     max_users: int = Field(
         100_000,
         ge=1,

@@ -310,6 +310,85 @@ class WatchedItems(_PerUser[dict[int, None]]):
         return list(self._users.get(user_id) or ())
 
 
+class ShownItems(_PerUser[dict[int, int]]):
+    """Per user, the items shown to them in the last ``cooldown_ms`` (their impressions): the
+    serving cooldown, an impression discount in its hard form.
+
+    A user who comes back within minutes and is shown the same slate passes over it again (the
+    items they ignored a minute ago are no better now); with a cooldown the policy samples the
+    slate from the allowed set minus these items, and every propensity is over that set.
+
+    Parameters
+    ----------
+    cooldown_ms:
+        How long a shown item stays out of the user's slates; 0 disables the cooldown
+        (:meth:`add` keeps nothing, :meth:`recent` is empty).
+    max_len:
+        Most recent shown items kept per user (the bound on a user's entries).
+    max_users:
+        The bound on users held (LRU by last impression, as :class:`WatchedItems`).
+    name:
+        The ``cache`` label of the ``recsys_cache_*`` gauges.
+
+    >>> shown = ShownItems(cooldown_ms=60_000)
+    >>> shown.add("u1", 7, ts=1_000)
+    >>> shown.add("u1", 3, ts=30_000)
+    >>> shown.recent("u1", now_ms=50_000)
+    [7, 3]
+    >>> shown.recent("u1", now_ms=70_000)  # item 7 was shown 69 s ago: eligible again
+    [3]
+    """
+
+    def __init__(
+        self,
+        cooldown_ms: int,
+        max_len: int = 200,
+        *,
+        max_users: int = UNBOUNDED,
+        name: str = "shown",
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(cooldown_ms, int) or cooldown_ms < 0:
+            raise ValueError(f"cooldown_ms must be an int >= 0, got {cooldown_ms!r}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+        super().__init__(max_users, name, on_evict)  # a user's state: item -> last shown ts
+        self.cooldown_ms = cooldown_ms
+        self.max_len = max_len
+
+    def add(self, user_id: str, item_index: int, ts: int) -> None:
+        """Record that the item was shown to the user at event time ``ts``."""
+        if self.cooldown_ms == 0:
+            return
+        items = self._users.get(user_id)
+        if items is None:
+            items = {}
+            self._users.put(user_id, items)
+        item = int(item_index)
+        last = items.pop(item, None)
+        # Kept in order of insertion, newest last: expired and excess entries leave from the front.
+        items[item] = int(ts) if last is None else max(last, int(ts))
+        since = int(ts) - self.cooldown_ms
+        while len(items) > self.max_len or items[next(iter(items))] <= since:
+            del items[next(iter(items))]
+
+    def recent(self, user_id: str, now_ms: int) -> list[int]:
+        """The items shown to the user after ``now_ms - cooldown_ms``, oldest first."""
+        items = self._users.get(user_id)
+        if not items:
+            return []
+        since = int(now_ms) - self.cooldown_ms
+        return [i for i, ts in items.items() if ts > since]
+
+
+def not_allowed(watched: list[int], shown: list[int]) -> list[int]:
+    """What a user's slate may not hold: their watched items and those in their cooldown
+    (:meth:`ShownItems.recent`). Every propensity is over the catalogue minus these."""
+    if not shown:
+        return watched
+    return list(dict.fromkeys(watched + shown))
+
+
 def impression_key(request_id: str | None, item_id: str) -> tuple[str, str] | None:
     """The history dedupe key of feedback on one impression: ``(request_id, item_id)``.
 

@@ -6,7 +6,9 @@ Every arm plays by recsys's rules, so a comparison measures the policy and nothi
   with (the catalogue's MovieLens ratings), valued by the same :class:`RewardRules`.
 - **The same mask**: an item the user gave any feedback to (watched, rated, skipped) is never
   shown again, by the one definition recsys serves with
-  (:class:`recsys.history.WatchedItems`, :data:`recsys.history.WATCHED_EVENT_TYPES`).
+  (:class:`recsys.history.WatchedItems`, :data:`recsys.history.WATCHED_EVENT_TYPES`), and an
+  item shown within the publisher's cooldown is not shown again
+  (:class:`recsys.history.ShownItems`, ``cooldown_ms``).
 - **The same user features**: the history is :class:`recsys.history.UserHistories` (positive
   items, event-time order, last ``history_len``, one entry per engaged impression), and item
   features come from the same frozen text encoder's vectors.
@@ -32,7 +34,14 @@ import numpy as np
 import torch
 
 from recsys.events import Event, Slate, SlateItem
-from recsys.history import WATCHED_EVENT_TYPES, UserHistories, WatchedItems, impression_key
+from recsys.history import (
+    WATCHED_EVENT_TYPES,
+    ShownItems,
+    UserHistories,
+    WatchedItems,
+    impression_key,
+    not_allowed,
+)
 from recsys.policy import Exploration, rank
 from recsys.rewards.rules import RewardRules
 
@@ -77,6 +86,7 @@ class Arm(ABC):
         *,
         rules: RewardRules | None = None,
         history_len: int = 20,
+        cooldown_ms: int = 0,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -87,6 +97,7 @@ class Arm(ABC):
         self.items: list[str] = []
         self._index: dict[str, int] = {}
         self.watched = WatchedItems()
+        self.shown = ShownItems(cooldown_ms)  # the publisher's cooldown, the same for every arm
         self.histories = UserHistories(history_len)
         self.add_items(items)
 
@@ -110,6 +121,8 @@ class Arm(ABC):
             return None
         if e.type in WATCHED_EVENT_TYPES:
             self.watched.add(e.user_id, j)
+        elif e.type == "impression":
+            self.shown.add(e.user_id, j, e.ts)
         r = 0.0 if e.type == "impression" else self.rules.value(e.type, e.value)
         self.histories.add(e.user_id, j, e.ts, r, impression_key(e.request_id, e.item_id))
         return r
@@ -147,8 +160,8 @@ class Arm(ABC):
     def slate(self, user_id: str, now_ms: int, request_id: str) -> Slate:
         """A slate of ``k`` allowed items, drawn by :func:`recsys.policy.rank`."""
         s = torch.as_tensor(np.asarray(self.scores(user_id), dtype=np.float32)).unsqueeze(1)
-        watched = self.watched.get(user_id)
-        exclude = torch.tensor([watched], dtype=torch.long) if watched else None
+        banned = not_allowed(self.watched.get(user_id), self.shown.recent(user_id, now_ms))
+        exclude = torch.tensor([banned], dtype=torch.long) if banned else None
         r = rank(
             torch.ones(1, 1),
             s,

@@ -46,6 +46,7 @@ from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.demo.supervisor import WorkerProcess
 from recsys.errors import ConfigError, RecsysError
 from recsys.events import Event, Slate, SlateItem
+from recsys.history import not_allowed
 from recsys.kafka import create_topics, make_consumer, make_producer
 from recsys.serving.model import ServingModel, load_serving_model
 from recsys.store import Store
@@ -465,11 +466,14 @@ class _OPELog:
         self, cfg: DemoConfig, world: UserSimulator, items: list[str], warm: list[Event]
     ) -> None:
         from recsys.demo.arms import RandomArm
+        from recsys.eval.sim import demo_settings
 
         self.cfg = cfg
         self.world = world
         self.start_s = cfg.minutes * 60 * 2 / 3
-        self.tracker = RandomArm(items, cfg.k)  # bookkeeping only: histories and watched
+        # Bookkeeping only: histories, watched items and the publisher's cooldown.
+        cooldown_ms = round(1000 * demo_settings().publisher.cooldown_s)
+        self.tracker = RandomArm(items, cfg.k, cooldown_ms=cooldown_ms)
         self.tracker.warm_start(warm)
         self.model: ServingModel | None = None
         self.tried = False
@@ -495,7 +499,7 @@ class _OPELog:
             self.model,
             u,
             [tr.items[i] for i in tr.histories.get(u)],
-            [tr.items[i] for i in tr.watched.get(u)],
+            [tr.items[i] for i in not_allowed(tr.watched.get(u), tr.shown.recent(u, now_ms))],
         )
         if top is None or top not in self.world._item_index:
             return

@@ -140,6 +140,7 @@ class SimRun:
     warm_limit: int | None = None  # the first N backfill ratings only (smoke tests); None: all
     curve_temperatures: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
     cold_start_temperature: float | None = None  # publisher's (None: the setting's default)
+    cooldown_s: float | None = None  # serving cooldown of recsys and the arms (None: setting's)
     learner: tuple[tuple[str, float], ...] = ()  # LearnerConfig overrides for every variant
 
 
@@ -240,6 +241,7 @@ class _Recsys:
             over["epsilon"] = run.epsilon
         if run.cold_start_temperature is not None:
             over["cold_start_temperature"] = run.cold_start_temperature
+        over["cooldown_s"] = _cooldown_s(run, settings)
         self.pub_cfg = replace(pub_cfg, **over)
         self.model: ServingModel | None = None
         self.publisher = Publisher(
@@ -293,26 +295,29 @@ class _Recsys:
             if not self.publisher.refreshing and not self.publisher.pending:
                 break
 
-    def greedy_top1(self, model: ServingModel, users: Sequence[str]) -> list[str | None]:
-        """The greedy policy of ``model`` at slot 0 for each user, watched items masked."""
+    def greedy_top1(
+        self, model: ServingModel, users: Sequence[str], now_ms: int
+    ) -> list[str | None]:
+        """The greedy policy of ``model`` at slot 0 for each user, over the publisher's
+        allowed set (watched items and those in their cooldown masked)."""
         ids = self.publisher.item_ids
         return [
             greedy_top1(
                 model,
                 u,
                 [ids[i] for i in self.publisher.histories.get(u)],
-                [ids[i] for i in self.publisher.watched.get(u)],
+                [ids[i] for i in self.publisher.not_allowed(u, now_ms)],
             )
             for u in users
         ]
 
 
 def greedy_top1(
-    model: ServingModel, user_id: str, history: Sequence[str], watched: Sequence[str]
+    model: ServingModel, user_id: str, history: Sequence[str], excluded: Sequence[str]
 ) -> str | None:
-    """A model version's greedy slot-0 item for a user's history (item ids), watched items
-    masked; None when the history has no item the model knows (the cold-start policy serves
-    it)."""
+    """A model version's greedy slot-0 item for a user's history (item ids), ``excluded``
+    items (the user's watched ones and those in their cooldown) masked; None when the history
+    has no item the model knows (the cold-start policy serves it)."""
     hist = [model.index[i] for i in history if i in model.index]
     if not hist:
         return None
@@ -320,7 +325,7 @@ def greedy_top1(
     with torch.inference_mode():
         states = model.user_states(items, model.buckets([user_id]))
         scores = (states @ model.policy.item_matrix.T)[0]
-        for i in watched:
+        for i in excluded:
             j = model.index.get(i)
             if j is not None:
                 scores[j] = -math.inf
@@ -477,7 +482,11 @@ def make_arm(
     name: str, items: list[str], run: SimRun, features: dict[str, np.ndarray], settings: Settings
 ) -> Arm:
     rules = RewardRules.from_settings(settings.rewards)
-    kw: dict[str, Any] = {"rules": rules, "history_len": settings.learner.max_history}
+    kw: dict[str, Any] = {
+        "rules": rules,
+        "history_len": settings.learner.max_history,
+        "cooldown_ms": round(1000 * _cooldown_s(run, settings)),
+    }
     if name == "random":
         return RandomArm(items, run.k, seed=run.seed, **kw)
     if name == "most_popular":
@@ -489,6 +498,11 @@ def make_arm(
     if name == "vw":
         return VWArm(items, run.k, features, lam=run.vw_lambda, seed=run.seed, **kw)
     raise ValueError(f"unknown arm {name!r}; choose from {ARMS}")
+
+
+def _cooldown_s(run: SimRun, settings: Settings) -> float:
+    """The serving cooldown recsys and every arm play by: the run's, else the setting's."""
+    return settings.publisher.cooldown_s if run.cooldown_s is None else run.cooldown_s
 
 
 def demo_settings() -> Settings:
@@ -606,7 +620,7 @@ def _run_recsys(
             slate = Slate(f"sim-{v}", user, slate.model_version, now_ms, slate.items)
             p = _slate_probabilities(world, slate, now_ms)
             if target is not None and slate.model_version not in ("cold-start",) and slate.items:
-                (top,) = rs.greedy_top1(target, [user])
+                (top,) = rs.greedy_top1(target, [user], now_ms)
                 if top is not None:
                     first = slate.items[0]
                     ope["prop"].append(first.propensity)
@@ -863,6 +877,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cold-temperature", type=float, default=None, help="publisher cold-start temperature"
     )
     p.add_argument(
+        "--cooldown",
+        type=float,
+        default=None,
+        help="serving cooldown in seconds, for recsys and every arm (default: the setting's)",
+    )
+    p.add_argument(
         "--learner",
         default="",
         help="LearnerConfig overrides for every variant, e.g. click_value_weight=2,lr=3e-3",
@@ -888,6 +908,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         linucb_alpha=args.linucb_alpha,
         warm_limit=args.warm_limit,
         cold_start_temperature=args.cold_temperature,
+        cooldown_s=args.cooldown,
         learner=tuple(
             (k.strip(), float(v)) for k, v in (kv.split("=", 1) for kv in split(args.learner))
         ),

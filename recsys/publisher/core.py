@@ -43,9 +43,11 @@ from recsys.config import Settings
 from recsys.events import Event, Slate, SlateItem
 from recsys.history import (
     WATCHED_EVENT_TYPES,
+    ShownItems,
     UserHistories,
     WatchedItems,
     impression_key,
+    not_allowed,
     pad_histories,
 )
 from recsys.lru import LRU
@@ -81,6 +83,8 @@ class PublisherConfig:
     seed: int | None = None
     refresh_on_impression: bool = True
     watched_len: int = 2000  # most recent watched items per user that are never shown again
+    cooldown_s: float = 0.0  # how long a shown item stays out of the user's slates (0: off)
+    shown_len: int = 200  # most recent shown items per user held for the cooldown
     max_users: int = 100_000  # users whose state is held in memory (LRU)
     max_items: int = 2_000_000  # distinct item ids tracked
 
@@ -91,6 +95,7 @@ class PublisherConfig:
             "refresh_batch_users",
             "chunk_size",
             "watched_len",
+            "shown_len",
             "max_users",
             "max_items",
         ):
@@ -103,6 +108,8 @@ class PublisherConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.cooldown_s, int | float) and 0 <= self.cooldown_s < math.inf):
+            raise ValueError(f"cooldown_s must be a finite number >= 0, got {self.cooldown_s!r}")
         if not (isinstance(self.batch_interval_s, int | float) and self.batch_interval_s >= 0):
             raise ValueError(f"batch_interval_s must be >= 0, got {self.batch_interval_s!r}")
         if self.exploration not in ("boltzmann", "epsilon", "greedy"):
@@ -133,6 +140,7 @@ class PublisherConfig:
             device=None if ps.device == "auto" else ps.device,
             seed=ps.seed,
             refresh_on_impression=ps.refresh_on_impression,
+            cooldown_s=ps.cooldown_s,
             max_users=ps.max_users,
             max_items=ps.max_items,
         )
@@ -167,14 +175,17 @@ class Batch:
 class UserState:
     """One user's state in the publisher's cache; rebuilt from a :class:`UserStateRow` on a miss.
 
-    ``history`` and ``watched`` are one-user instances of the shared definitions in
-    :mod:`recsys.history`; ``entries`` is their persisted twin (event and request ids, so a
-    reloaded user deduplicates exactly as before the eviction).
+    ``history``, ``watched`` and ``shown`` are one-user instances of the shared definitions in
+    :mod:`recsys.history`; ``entries`` is the persisted twin of the first two (event and
+    request ids, so a reloaded user deduplicates exactly as before the eviction). ``shown``
+    is not persisted: it matters for minutes, and a user evicted from the LRU has usually been
+    inactive longer than that.
     """
 
     partition: int | None
     history: UserHistories
     watched: WatchedItems
+    shown: ShownItems
     # A list scanned for event ids (at most 2 * history_len entries) rather than a set beside
     # it: the set cost ~2 KB per user, the scan well under a microsecond per positive event.
     entries: list[StateEntry] = field(default_factory=list)
@@ -287,7 +298,10 @@ class Publisher:
 
     def _new_state(self, partition: int | None) -> UserState:
         return UserState(
-            partition, UserHistories(self.cfg.history_len), WatchedItems(self.cfg.watched_len)
+            partition,
+            UserHistories(self.cfg.history_len),
+            WatchedItems(self.cfg.watched_len),
+            ShownItems(round(self.cfg.cooldown_s * 1000), self.cfg.shown_len),
         )
 
     def _from_row(self, row: UserStateRow) -> UserState:
@@ -311,6 +325,14 @@ class Publisher:
             st.rating_n,
             st.rating_sum,
         )
+
+    def not_allowed(self, user: str, now_ms: int) -> list[int]:
+        """The items a slate for ``user`` may not hold now (watched, or in their cooldown);
+        [] for a user not in memory."""
+        st = self._peek(user)
+        if st is None:
+            return []
+        return not_allowed(st.watched.get(user), st.shown.recent(user, now_ms))
 
     def _peek(self, user: str) -> UserState | None:
         """The user's state if it is in memory (no store read, no recency change)."""
@@ -465,6 +487,8 @@ class Publisher:
             i = self._intern(e.item_id)
             if i is not None and e.type in WATCHED_EVENT_TYPES and st.watched.add(user, i):
                 changed = True  # a watched item leaves the user's allowed set
+            if i is not None and e.type == "impression":
+                st.shown.add(user, i, e.ts)
             if r > 0 and self._add_entry(user, st, e.ts, e.item_id, e.event_id, e.request_id):
                 assert i is not None
                 self._popularity[i] += 1
@@ -673,7 +697,10 @@ class Publisher:
         if states is None:
             states = self._states(users)
         hist = [st.history.get(u) for u, st in zip(users, states, strict=True)]
-        seen = [st.watched.get(u) for u, st in zip(users, states, strict=True)]
+        seen = [
+            not_allowed(st.watched.get(u), st.shown.recent(u, now_ms))
+            for u, st in zip(users, states, strict=True)
+        ]
         warm: list[int] = []
         mapped: list[list[int]] = []
         excluded: list[list[int]] = seen

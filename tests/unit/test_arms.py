@@ -29,16 +29,16 @@ def _rating(n: int, user: str, item: str, value: float) -> Event:
     return Event(f"r{n}", "rating", user, item, T0 - 10_000 + n, value=value)
 
 
-def _arms() -> list:
+def _arms(**kw: object) -> list:
     f = _features()
     arms = [
-        RandomArm(ITEMS, 3, seed=1),
-        MostPopularArm(ITEMS, 3, seed=1),
-        EpsilonGreedyArm(ITEMS, 3, seed=1),
-        LinUCBArm(ITEMS, 3, f, seed=1),
+        RandomArm(ITEMS, 3, seed=1, **kw),
+        MostPopularArm(ITEMS, 3, seed=1, **kw),
+        EpsilonGreedyArm(ITEMS, 3, seed=1, **kw),
+        LinUCBArm(ITEMS, 3, f, seed=1, **kw),
     ]
     pytest.importorskip("vowpalwabbit")
-    return [*arms, VWArm(ITEMS, 3, f, seed=1)]
+    return [*arms, VWArm(ITEMS, 3, f, seed=1, **kw)]
 
 
 def test_every_arm_masks_what_the_user_watched_and_slates_are_distinct():
@@ -55,6 +55,22 @@ def test_every_arm_masks_what_the_user_watched_and_slates_are_distinct():
             assert len(set(got)) == 3
             assert not {"m0", "m1"} & set(got), arm.name
             assert all(0 < i.propensity <= 1 for i in s.items)
+
+
+def test_every_arm_keeps_shown_items_out_for_the_publishers_cooldown():
+    for arm in _arms(cooldown_ms=60_000):
+        first = arm.slate("u", T0, "q0")
+        arm.update(
+            [
+                Event(f"i{i.position}", "impression", "u", i.item_id, T0, "q0", i.position)
+                for i in first.items
+            ]
+        )
+        shown = {i.item_id for i in first.items}
+        for v in range(10):
+            got = {i.item_id for i in arm.slate("u", T0 + 1000 * v, f"q{v}").items}
+            assert not shown & got, arm.name
+        assert arm.shown.recent("u", T0 + 60_000) == []
 
 
 def test_random_and_epsilon_arms_log_the_single_draw_probability():

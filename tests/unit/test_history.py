@@ -8,11 +8,13 @@ import torch
 
 from recsys.history import (
     PAD,
+    ShownItems,
     UserHistories,
     WatchedItems,
     history_mask,
     impression_key,
     is_watched_record,
+    not_allowed,
     pad_histories,
 )
 
@@ -174,3 +176,29 @@ def test_watched_items_max_users_evicts_the_least_recently_active_user() -> None
     assert w.get("a") == [1, 3]
     assert w.evictions == 1
     assert len(w) == 2
+
+
+def test_shown_items_leave_the_cooldown_after_cooldown_ms_bounded_per_user() -> None:
+    s = ShownItems(cooldown_ms=1000, max_len=3)
+    s.add("u", 1, 0)
+    s.add("u", 2, 500)
+    s.add("u", 1, 900)  # shown again: its cooldown restarts
+    assert s.recent("u", 1200) == [2, 1]
+    assert s.recent("u", 1600) == [1]
+    assert s.recent("u", 1900) == []
+    assert s.recent("nobody", 0) == []
+    for i in (3, 4, 5, 6):
+        s.add("u", i, 2000)
+    assert s.recent("u", 2000) == [4, 5, 6]  # newest max_len kept
+    s.add("u", 7, 5000)  # expired entries leave as new ones come
+    assert s.recent("u", 0) == [7]
+    off = ShownItems(cooldown_ms=0)
+    off.add("u", 1, 0)
+    assert off.recent("u", 0) == []
+    assert len(off) == 0
+    assert not_allowed([1, 2], [2, 3]) == [1, 2, 3]
+    assert not_allowed([1], []) == [1]
+    with pytest.raises(ValueError, match="cooldown_ms"):
+        ShownItems(-1)
+    with pytest.raises(ValueError, match="max_len"):
+        ShownItems(10, max_len=0)

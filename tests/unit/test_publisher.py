@@ -434,6 +434,8 @@ def test_item_table_is_bounded_and_counted():
         ({"batch_interval_s": -1}, "batch_interval_s"),
         ({"max_users": 0}, "max_users"),
         ({"max_items": 0}, "max_items"),
+        ({"cooldown_s": -1}, "cooldown_s"),
+        ({"shown_len": 0}, "shown_len"),
     ],
 )
 def test_bad_config_names_the_parameter(kwargs, name):
@@ -590,3 +592,27 @@ def test_model_slates_carry_each_users_reward_head_factor(tmp_path):
         logits[ids.index("m3")] = -torch.inf
         assert got[user] == [ids[i] for i in logits.topk(5).indices.tolist()]
     assert got["u"] != got["v"]
+
+
+def test_items_shown_stay_out_of_the_users_slates_for_the_cooldown():
+    pub, clock = make_publisher(k=5, cooldown_s=60.0)
+    pub._clock = clock  # type: ignore[method-assign]  # slates are built at the clock's time
+    pub.observe([ev(n, f"fan{n}", f"m{n % 20}") for n in range(40)])
+    t = int(clock.t * 1000)
+    shown = ["m1", "m2", "m3", "m4", "m5"]
+    pub.observe([Event(f"imp{n}", "impression", "u", i, t, "r1", n) for n, i in enumerate(shown)])
+    assert sorted(pub.item_ids[i] for i in pub.not_allowed("u", t)) == shown
+    for _ in range(20):
+        batch = pub.compute()
+        assert batch is not None
+        (w,) = [w for w in batch.slates if w.slate.user_id == "u"]
+        assert not set(shown) & {i.item_id for i in w.slate.items}
+        assert len(w.slate.items) == 5
+        pub.committed(batch)
+        pub.observe([ev(1000 + _, f"fan{_}", "m9")])
+        pub._dirty["u"] = t  # ask for u's slate again
+    clock.t += 61
+    assert pub.not_allowed("u", int(clock.t * 1000)) == []
+    off, _ = make_publisher(k=5)
+    off.observe([Event("imp", "impression", "u", "m1", t, "r1", 0)])
+    assert off.not_allowed("u", t) == []
