@@ -310,7 +310,17 @@ class WatchedItems(_PerUser[dict[int, None]]):
         return list(self._users.get(user_id) or ())
 
 
-class ShownItems(_PerUser[dict[int, int]]):
+class _ShownEntries:
+    """One user's impressions as parallel int64 arrays sorted by event time (16 bytes each)."""
+
+    __slots__ = ("items", "ts")
+
+    def __init__(self) -> None:
+        self.ts = array("q")
+        self.items = array("q")
+
+
+class ShownItems(_PerUser[_ShownEntries]):
     """Per user, the items shown to them in the last ``cooldown_ms`` (their impressions): the
     serving cooldown, an impression discount in its hard form.
 
@@ -324,7 +334,8 @@ class ShownItems(_PerUser[dict[int, int]]):
         How long a shown item stays out of the user's slates; 0 disables the cooldown
         (:meth:`add` keeps nothing, :meth:`recent` is empty).
     max_len:
-        Most recent shown items kept per user (the bound on a user's entries).
+        Most recent impressions kept per user (the bound on a user's entries; a user shown
+        more than this within the cooldown sees the oldest ones become eligible early).
     max_users:
         The bound on users held (LRU by last impression, as :class:`WatchedItems`).
     name:
@@ -352,7 +363,7 @@ class ShownItems(_PerUser[dict[int, int]]):
             raise ValueError(f"cooldown_ms must be an int >= 0, got {cooldown_ms!r}")
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
-        super().__init__(max_users, name, on_evict)  # a user's state: item -> last shown ts
+        super().__init__(max_users, name, on_evict)
         self.cooldown_ms = cooldown_ms
         self.max_len = max_len
 
@@ -360,25 +371,31 @@ class ShownItems(_PerUser[dict[int, int]]):
         """Record that the item was shown to the user at event time ``ts``."""
         if self.cooldown_ms == 0:
             return
-        items = self._users.get(user_id)
-        if items is None:
-            items = {}
-            self._users.put(user_id, items)
-        item = int(item_index)
-        last = items.pop(item, None)
-        # Kept in order of insertion, newest last: expired and excess entries leave from the front.
-        items[item] = int(ts) if last is None else max(last, int(ts))
-        since = int(ts) - self.cooldown_ms
-        while len(items) > self.max_len or items[next(iter(items))] <= since:
-            del items[next(iter(items))]
+        e = self._users.get(user_id)
+        if e is None:
+            e = _ShownEntries()
+            self._users.put(user_id, e)
+        t = int(ts)
+        if not e.ts or e.ts[-1] <= t:
+            e.ts.append(t)
+            e.items.append(int(item_index))
+        else:
+            pos = bisect.bisect_right(e.ts, t)
+            e.ts.insert(pos, t)
+            e.items.insert(pos, int(item_index))
+        expired = bisect.bisect_right(e.ts, e.ts[-1] - self.cooldown_ms)
+        cut = max(expired, len(e.ts) - self.max_len)
+        if cut > 0:
+            del e.ts[:cut], e.items[:cut]
 
     def recent(self, user_id: str, now_ms: int) -> list[int]:
-        """The items shown to the user after ``now_ms - cooldown_ms``, oldest first."""
-        items = self._users.get(user_id)
-        if not items:
+        """The items shown to the user after ``now_ms - cooldown_ms``, each once, oldest
+        impression first."""
+        e = self._users.get(user_id)
+        if e is None:
             return []
-        since = int(now_ms) - self.cooldown_ms
-        return [i for i, ts in items.items() if ts > since]
+        start = bisect.bisect_right(e.ts, int(now_ms) - self.cooldown_ms)
+        return list(dict.fromkeys(e.items[start:].tolist()))
 
 
 def not_allowed(watched: list[int], shown: list[int]) -> list[int]:

@@ -136,6 +136,7 @@ class SimRun:
     exploration: str | None = None  # publisher exploration mode (None: the setting's default)
     epsilon: float | None = None
     vw_lambda: float = 30.0
+    eg_epsilon: float = 0.1  # the ε-greedy arm's ε
     linucb_alpha: float = 0.3
     warm_limit: int | None = None  # the first N backfill ratings only (smoke tests); None: all
     curve_temperatures: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
@@ -492,7 +493,7 @@ def make_arm(
     if name == "most_popular":
         return MostPopularArm(items, run.k, seed=run.seed, **kw)
     if name == "epsilon_greedy":
-        return EpsilonGreedyArm(items, run.k, seed=run.seed, **kw)
+        return EpsilonGreedyArm(items, run.k, epsilon=run.eg_epsilon, seed=run.seed, **kw)
     if name == "linucb":
         return LinUCBArm(items, run.k, features, alpha=run.linucb_alpha, seed=run.seed, **kw)
     if name == "vw":
@@ -888,6 +889,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="LearnerConfig overrides for every variant, e.g. click_value_weight=2,lr=3e-3",
     )
     p.add_argument("--vw-lambda", type=float, default=30.0, help="VW softmax lambda")
+    p.add_argument("--eg-epsilon", type=float, default=0.1, help="the ε-greedy arm's ε")
     p.add_argument("--linucb-alpha", type=float, default=0.3, help="LinUCB bonus weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--warm-limit", type=int, default=None, help="first N backfill ratings only")
@@ -905,6 +907,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         exploration=args.exploration,
         epsilon=args.epsilon,
         vw_lambda=args.vw_lambda,
+        eg_epsilon=args.eg_epsilon,
         linucb_alpha=args.linucb_alpha,
         warm_limit=args.warm_limit,
         cold_start_temperature=args.cold_temperature,
