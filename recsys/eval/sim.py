@@ -135,8 +135,10 @@ class SimRun:
     temperature: float | None = None  # publisher temperature (None: the setting's default)
     exploration: str | None = None  # publisher exploration mode (None: the setting's default)
     epsilon: float | None = None
-    vw_lambda: float = 30.0
-    eg_epsilon: float = 0.1  # the ε-greedy arm's ε
+    # The arms' settings: each the best of 3-6 values on seed 0 under the shipped rules
+    # (the 300 s cooldown), as recsys's temperature and cooldown were chosen.
+    vw_lambda: float = 100.0
+    eg_epsilon: float = 0.2  # the ε-greedy arm's ε
     linucb_alpha: float = 0.3
     warm_limit: int | None = None  # the first N backfill ratings only (smoke tests); None: all
     curve_temperatures: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
@@ -888,8 +890,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="LearnerConfig overrides for every variant, e.g. click_value_weight=2,lr=3e-3",
     )
-    p.add_argument("--vw-lambda", type=float, default=30.0, help="VW softmax lambda")
-    p.add_argument("--eg-epsilon", type=float, default=0.1, help="the ε-greedy arm's ε")
+    p.add_argument("--vw-lambda", type=float, default=100.0, help="VW softmax lambda")
+    p.add_argument("--eg-epsilon", type=float, default=0.2, help="the ε-greedy arm's ε")
     p.add_argument("--linucb-alpha", type=float, default=0.3, help="LinUCB bonus weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--warm-limit", type=int, default=None, help="first N backfill ratings only")
