@@ -222,8 +222,8 @@ def _ope_line(ope: dict[str, Any]) -> str:
         if n in ope
     ]
     return (
-        "OPE on recsys's own logs (last third): slot-0 CTR of the greedy policy of the model "
-        f"at the start of the last third: true {_fmt(ope['true']['value'])}; "
+        "OPE on recsys's own logs (last third): slot-0 CTR of the greedy policy of the newest "
+        f"model version (exploration off): true {_fmt(ope['true']['value'])}; "
         + "; ".join(parts)
         + f" ({int(ope['rounds']['matches'])} of {int(ope['rounds']['value'])} rounds match)."
     )

@@ -457,10 +457,13 @@ class _SlateFeed:
 
 
 class _OPELog:
-    """OPE on recsys's own logs: from the start of the last third, the greedy policy of the
-    model version then newest is the target; each recsys visit logs the shown slot-0 item, its
+    """OPE on recsys's own logs: over the last third, the target is the greedy policy of the
+    newest model version (reloaded as checkpoints appear, at most every ``RELOAD_S``: the
+    serving model with exploration off); each recsys visit logs the shown slot-0 item, its
     logged propensity, whether it was clicked, the target's slot-0 item for the user's state,
     and the simulator's true click probability of that item at slot 0."""
+
+    RELOAD_S = 5.0  # the demo's checkpoint cadence (RECSYS_LEARNER__CHECKPOINT_EVERY_S)
 
     def __init__(
         self, cfg: DemoConfig, world: UserSimulator, items: list[str], warm: list[Event]
@@ -476,16 +479,16 @@ class _OPELog:
         self.tracker = RandomArm(items, cfg.k, cooldown_ms=cooldown_ms)
         self.tracker.warm_start(warm)
         self.model: ServingModel | None = None
-        self.tried = False
+        self.checked_s = -math.inf
         self.rows: dict[str, list[Any]] = {k: [] for k in ("r", "p", "a", "t", "v")}
         self._pending: str | None = None
 
     def before(self, slate: Slate, now_ms: int, elapsed: float) -> None:
         self._pending = None
-        if elapsed >= self.start_s and not self.tried:
-            self.tried = True
+        if elapsed >= self.start_s and elapsed - self.checked_s >= self.RELOAD_S:
+            self.checked_s = elapsed
             latest = ckpt.find_latest(self.cfg.out / "checkpoints")
-            if latest is not None:
+            if latest is not None and (self.model is None or latest[0].name != self.model.version):
                 try:
                     self.model = load_serving_model(latest[0], {"device": "cpu"})
                 except RecsysError as exc:
@@ -529,7 +532,7 @@ class _OPELog:
         )
         est["true"] = {"value": float(np.mean(self.rows["v"]))}
         if self.model is not None:
-            est["target_version"] = self.model.version
+            est["target_version"] = self.model.version  # the last one
         return est
 
 

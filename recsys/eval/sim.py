@@ -28,9 +28,9 @@ and seeds are cheap enough to compare with paired confidence intervals:
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
   and for new (cold-start) items; ratios recsys / arm per seed, then the mean and a t interval
   over seeds (paired: every arm sees the same users in the same order).
-- **OPE**: the greedy policy of the model as it was at the start of the last third, evaluated
-  on the slates recsys logged during the last third (IPS / SNIPS / DR of its slot-0 CTR), next
-  to that policy's true value from the simulator on the same visits.
+- **OPE**: the greedy policy of the serving model (exploration off, the newest version at each
+  visit), evaluated on the slates recsys logged during the last third (IPS / SNIPS / DR of its
+  slot-0 CTR), next to that policy's true value from the simulator on the same visits.
 """
 
 from __future__ import annotations
@@ -611,7 +611,10 @@ def _run_recsys(
                 if fresh:
                     rs.add_items([i.item_id for i in fresh])
                 released = now_ms
-            if v == ope_start:
+            if v >= ope_start:
+                # The target is "the serving model without exploration", so it follows the
+                # model versions: a target frozen at one version disagrees with the newer
+                # versions' slates more and more, and IPS then rests on a few huge weights.
                 target = rs.model
             # As production serves: the user's newest slate, else the publisher's cold-start
             # slate for users it has never seen, else (before any batch) a random one.
@@ -788,7 +791,7 @@ def render(result: dict[str, Any]) -> str:
     if summ["ope"]:
         lines.append("")
         lines.append(
-            "OPE of greedy recsys (model at the start of the last third), slot-0 CTR on recsys's "
+            "OPE of greedy recsys (the serving model, exploration off), slot-0 CTR on recsys's "
             "own logs:"
         )
         for s in seeds:
