@@ -77,3 +77,20 @@ def test_prefix_keeps_the_first_events_in_order():
     assert head.item.tolist() == [10, 11]
     assert head.ts_ms.tolist() == [1, 2]
     assert len(head) == 2
+
+
+def test_paired_interval_resamples_users_not_events():
+    # 2 users: the first always a hit for a, never for b; the second the other way round, on
+    # 10x fewer events. Per event a is well ahead; per user it is a coin flip, so a bootstrap
+    # over users must give a wide interval that contains 0, and the same data spread over many
+    # users a narrow one that does not.
+    from recsys.eval.prequential import paired_user_interval
+
+    a = [0] * 100 + [50] * 10
+    b = [50] * 100 + [0] * 10
+    two = paired_user_interval(a, b, [0] * 100 + [1] * 10)["HR@10"]
+    assert two["diff"] == pytest.approx(90 / 110)
+    assert two["lo"] < 0 < two["hi"]
+    many = paired_user_interval(a, b, list(range(110)))["HR@10"]
+    assert many["diff"] == pytest.approx(90 / 110)
+    assert 0 < many["lo"] < many["diff"] < many["hi"]
