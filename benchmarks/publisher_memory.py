@@ -26,16 +26,21 @@ from recsys.publisher.core import Publisher, PublisherConfig
 
 ITEMS = 10_000
 T0 = 1_700_000_000_000
-# name -> (positive events per user, other watched items per user, users = N / divisor)
+COOLDOWN_S = 300.0  # the shipped RECSYS_PUBLISHER__COOLDOWN_S: impressions are held for it
+# name -> (positive events, other watched items, impressions inside the cooldown, users = N / d)
 PROFILES = {
-    "light (2 clicks, 3 skips)": (2, 3, 1),
-    "typical (20 clicks, 30 skips)": (20, 30, 1),
-    "full history (100 clicks, 100 skips)": (100, 100, 4),
-    "max watched (100 clicks, 1900 skips)": (100, 1900, 40),
+    "light (2 clicks, 3 skips)": (2, 3, 0, 1),
+    "typical (20 clicks, 30 skips)": (20, 30, 0, 1),
+    "typical + 5 slates of 10 shown": (20, 30, 50, 1),
+    "full history (100 clicks, 100 skips)": (100, 100, 0, 4),
+    "cooldown cap (200 impressions)": (100, 100, 200, 4),
+    "max watched (100 clicks, 1900 skips)": (100, 1900, 0, 40),
 }
 
 
-def _events(first_user: int, users: int, positives: int, others: int) -> list[Event]:
+def _events(
+    first_user: int, users: int, positives: int, others: int, shown: int = 0
+) -> list[Event]:
     out = []
     for u in range(first_user, first_user + users):
         uid = f"user-{u:08d}"
@@ -43,6 +48,11 @@ def _events(first_user: int, users: int, positives: int, others: int) -> list[Ev
             item = f"item-{(u * 7919 + j * 104729) % ITEMS}"
             kind = "click" if j < positives else "skip"
             out.append(Event(f"e{u}-{j}", kind, uid, item, T0 + j))
+        for j in range(shown):
+            item = f"item-{(u * 104729 + j * 7919) % ITEMS}"
+            out.append(
+                Event(f"i{u}-{j}", "impression", uid, item, T0 + j, f"r{u}-{j // 10}", j % 10)
+            )
     return out
 
 
@@ -51,8 +61,8 @@ def _traced() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
-def measure(users: int, positives: int, others: int) -> dict[str, float]:
-    cfg = PublisherConfig(history_len=50, device="cpu", max_users=users)
+def measure(users: int, positives: int, others: int, shown: int = 0) -> dict[str, float]:
+    cfg = PublisherConfig(history_len=50, device="cpu", max_users=users, cooldown_s=COOLDOWN_S)
     tracemalloc.start()
     try:
         pub = Publisher(cfg, lambda: None)
@@ -61,11 +71,11 @@ def measure(users: int, positives: int, others: int) -> dict[str, float]:
             pub._intern(f"item-{i}")
         base = _traced()
         for start in range(0, users, 1000):
-            pub.observe(_events(start, min(1000, users - start), positives, others))
+            pub.observe(_events(start, min(1000, users - start), positives, others, shown))
             pub._dirty.clear()  # no batches in this benchmark: slates are not state
         at_bound = _traced() - base
         for start in range(users, 2 * users, 1000):
-            pub.observe(_events(start, min(1000, 2 * users - start), positives, others))
+            pub.observe(_events(start, min(1000, 2 * users - start), positives, others, shown))
             pub._dirty.clear()
         after = _traced() - base
         assert pub.users_in_memory == users
@@ -101,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = {}
     started = time.perf_counter()
-    for name, (pos, other, div) in PROFILES.items():
-        rows[name] = measure(max(1, args.users // div), pos, other)
+    for name, (pos, other, shown, div) in PROFILES.items():
+        rows[name] = measure(max(1, args.users // div), pos, other, shown)
     per_item = item_bytes()
-    print(f"publisher memory: history_len 50 (100 retained), watched_len 2000, {ITEMS} items")
+    print(
+        f"publisher memory: history_len 50 (100 retained), watched_len 2000, cooldown "
+        f"{COOLDOWN_S:.0f} s (200 impressions kept), {ITEMS} items"
+    )
     print(f"{'profile':40s} {'users':>7s} {'B/user':>9s} {'MiB':>8s} {'MiB 2xN':>8s} {'2xN/N':>6s}")
     for name, r in rows.items():
         print(
