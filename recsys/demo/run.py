@@ -48,7 +48,8 @@ from recsys.errors import ConfigError, RecsysError
 from recsys.events import Event, Slate, SlateItem
 from recsys.history import not_allowed
 from recsys.kafka import create_topics, make_consumer, make_producer
-from recsys.serving.model import ServingModel, load_serving_model
+from recsys.serving.model import load_serving_model
+from recsys.serving.watcher import ModelWatcher
 from recsys.store import Store
 
 log = logging.getLogger(__name__)
@@ -484,7 +485,11 @@ class _OPELog:
         cooldown_ms = round(1000 * demo_settings().publisher.cooldown_s)
         self.tracker = RandomArm(items, cfg.k, cooldown_ms=cooldown_ms)
         self.tracker.warm_start(warm)
-        self.model: ServingModel | None = None
+        # The publisher's own watcher, polled from the loop: it verifies only a version newer
+        # than the one it holds.
+        self.watcher = ModelWatcher(
+            cfg.out / "checkpoints", lambda p: load_serving_model(p, {"device": "cpu"})
+        )
         self.checked_s = -math.inf
         self.rows: dict[str, list[Any]] = {k: [] for k in ("r", "p", "a", "t", "v")}
         self._pending: str | None = None
@@ -493,19 +498,18 @@ class _OPELog:
         self._pending = None
         if elapsed >= self.start_s and elapsed - self.checked_s >= self.RELOAD_S:
             self.checked_s = elapsed
-            latest = ckpt.find_latest(self.cfg.out / "checkpoints")
-            if latest is not None and (self.model is None or latest[0].name != self.model.version):
-                try:
-                    self.model = load_serving_model(latest[0], {"device": "cpu"})
-                except RecsysError as exc:
-                    log.warning("OPE target not loaded: %s", exc)
-        if self.model is None or not slate.items:
+            try:
+                self.watcher.poll()
+            except RecsysError as exc:
+                log.warning("OPE target not loaded: %s", exc)
+        model = self.watcher.current
+        if model is None or not slate.items:
             return
         from recsys.eval.sim import greedy_top1
 
         u, tr = slate.user_id, self.tracker
         top = greedy_top1(
-            self.model,
+            model,
             u,
             [tr.items[i] for i in tr.histories.get(u)],
             [tr.items[i] for i in not_allowed(tr.watched.get(u), tr.shown.recent(u, now_ms))],
@@ -537,8 +541,8 @@ class _OPELog:
             np.asarray(self.rows["r"]), np.asarray(self.rows["p"]), a == t, a, t
         )
         est["true"] = {"value": float(np.mean(self.rows["v"]))}
-        if self.model is not None:
-            est["target_version"] = self.model.version  # the last one
+        if self.watcher.current is not None:
+            est["target_version"] = self.watcher.current.version  # the last one
         return est
 
 

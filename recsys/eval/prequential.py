@@ -33,7 +33,7 @@ import torch
 from recsys.data.movielens import MovieLens, load_movielens
 from recsys.encoder.catalog import ItemCatalog
 from recsys.encoder.text import TextEncoder
-from recsys.eval.offline import _default_cache_dir, _subset_quick, default_configs
+from recsys.eval.offline import _default_cache_dir, _subset_quick, default_configs, ndcg_at
 from recsys.events import Event, EventParser, RewardRecord
 from recsys.learner.config import LearnerConfig
 from recsys.learner.online import OnlineConfig, OnlineLearner
@@ -144,8 +144,7 @@ class ISGD:
 
 def _gains(ranks: np.ndarray) -> dict[str, np.ndarray]:
     """Per-event HR@10 and NDCG@10 of 0-based ranks."""
-    hit = ranks < K
-    return {"HR@10": hit.astype(np.float64), "NDCG@10": hit / np.log2(ranks + 2.0)}
+    return {"HR@10": (ranks < K).astype(np.float64), "NDCG@10": ndcg_at(ranks, K)}
 
 
 def paired_user_interval(
