@@ -282,6 +282,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     # The workers log to their own files; the console is for the progress line.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # The OPE target follows the checkpoints through a ModelWatcher, which logs every swap.
+    logging.getLogger("recsys.serving.watcher").setLevel(logging.WARNING)
     run_demo(cfg)
     return 0
 

@@ -8,7 +8,9 @@ first is stored), and the simulator's impressions and feedback go back to the ev
 
 The same arrivals are served, each in its own copy of the simulated world, by the peers of
 :mod:`recsys.demo.arms` (random, most-popular, an ε-greedy bandit, LinUCB, Vowpal Wabbit) and by
-the oracle, so every CTR in the report is measured in the same run. Before the live phase the
+the oracle, so every CTR in the report is measured in the same run. Only recsys's visits keep
+to the wall clock; the peers play the same visits, each at its own simulated time, in the app
+loop's spare time and after the live phase (:mod:`recsys.demo.playback`). Before the live phase the
 system is warmed with the catalogue's MovieLens ratings (a backfill, as a deployment would
 start); every peer warm-starts from the same events, and every arm masks what the user watched
 exactly as recsys does.
@@ -41,7 +43,8 @@ from recsys.config import KafkaSettings, TopicSettings
 from recsys.data.backfill import replay, replay_items
 from recsys.data.movielens import MovieLens, load_movielens
 from recsys.demo.arms import Arm, reduce_vectors
-from recsys.demo.report import ArmSeries, DemoResult, write_report
+from recsys.demo.playback import ArmTally, PeerPlayer
+from recsys.demo.report import DemoResult, write_report
 from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.demo.supervisor import WorkerProcess
 from recsys.errors import ConfigError, RecsysError
@@ -129,49 +132,6 @@ def worker_env(bootstrap: str, out: Path, topics: TopicSettings, port: int) -> d
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-
-
-@dataclass
-class _Arm:
-    """One policy arm: its own simulated world, its policy, its counts for this interval."""
-
-    world: UserSimulator
-    series: ArmSeries = field(default_factory=ArmSeries)
-    impressions: int = 0
-    clicks: int = 0
-    expected: float = 0.0
-    new_impressions: int = 0
-    new_expected: float = 0.0
-
-    def probabilities(self, slate: Slate, now_ms: int) -> np.ndarray:
-        """Each slot's true click probability; call before ``world.respond`` adds fatigue."""
-        ids = [s.item_id for s in slate.items]
-        attr = self.world.click_probabilities(slate.user_id, ids, now_ms)
-        return attr * self.world.examination(np.array([s.position for s in slate.items]))
-
-    def show(self, slate: Slate, now_ms: int, rng: np.random.Generator) -> list[Event]:
-        """Show a slate in this arm's world and count it; returns the world's events."""
-        p = self.probabilities(slate, now_ms)
-        events = self.world.respond(slate, now_ms, rng)
-        self.record(slate, events, p)
-        return events
-
-    def record(self, slate: Slate, events: list[Event], p: np.ndarray) -> None:
-        ids = [s.item_id for s in slate.items]
-        self.impressions += len(ids)
-        self.clicks += sum(e.type == "click" for e in events)
-        self.expected += float(p.sum())
-        start = self.world.config.start_ms
-        new = self.world.release_ms[self.world.item_indices(ids)] > start
-        self.new_impressions += int(new.sum())
-        self.new_expected += float(p[new].sum())
-
-    def close_interval(self, t: float) -> None:
-        self.series.add(
-            t, self.impressions, self.clicks, self.expected, self.new_impressions, self.new_expected
-        )
-        self.impressions, self.clicks, self.expected = 0, 0, 0.0
-        self.new_impressions, self.new_expected = 0, 0.0
 
 
 class _Scraper:
@@ -318,13 +278,14 @@ def _live(
     baselines: dict[str, Arm],
 ) -> DemoResult:
     sim = worlds["recsys"]
-    arms = {name: _Arm(world) for name, world in worlds.items()}
+    arms = {name: ArmTally(world) for name, world in worlds.items()}
+    rngs = {name: np.random.default_rng(cfg.seed + 10 + i) for i, name in enumerate(ARMS)}
+    peers = PeerPlayer(baselines, {n: arms[n] for n in baselines}, arms["oracle"], rngs, cfg.k)
     ope = _OPELog(cfg, sim, list(baselines["random"].items), warm)
     slates = _SlateFeed(kafka, topics.recommendations, store_url(cfg.out))
     learner, publisher = _Scraper(ports["learner"]), _Scraper(ports["publisher"])
     rng_arrival = np.random.default_rng(cfg.seed + 1)
     rng_cold = np.random.default_rng(cfg.seed + 2)
-    rngs = {name: np.random.default_rng(cfg.seed + 10 + i) for i, name in enumerate(ARMS)}
     result = DemoResult(minutes=cfg.minutes, arms={name: arm.series for name, arm in arms.items()})
     started = time.monotonic()
     released_until = int(time.time() * 1000)
@@ -336,6 +297,7 @@ def _live(
     window: deque[tuple[float, int]] = deque(maxlen=10)
     lag_s: list[float] = []  # per tick: how late the loop reached it (its visits wait as long)
     printed_at = 0.0
+    interrupted = False
     try:
         while (elapsed := time.monotonic() - started) < cfg.minutes * 60:
             now_ms = int(time.time() * 1000)
@@ -345,14 +307,14 @@ def _live(
             new_items = sim.released_between(released_until, now_ms)
             if new_items:
                 replay_items(new_items, producer, topics.items)
-                for policy in baselines.values():
-                    policy.add_items([i.item_id for i in new_items])
+                peers.release([i.item_id for i in new_items])
                 released_until = now_ms
             for user_id, wall in slates.poll():
                 if user_id in last_event_wall:
                     result.freshness_s.append(wall - last_event_wall.pop(user_id))
             # One batch of visits per tick keeps to the rate without a sleep per visit.
             due = int(elapsed * cfg.visits_per_s) - visit
+            second = int(elapsed)
             for _ in range(max(0, due)):
                 visit += 1
                 user = sim.next_user(rng_arrival)
@@ -364,34 +326,39 @@ def _live(
                 )
                 slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
                 ope.before(slate, now_ms, elapsed)
-                events = arms["recsys"].show(slate, now_ms, rngs["recsys"])
+                events = arms["recsys"].show(slate, now_ms, rngs["recsys"], second)
                 ope.after(events)
                 for e in events:
                     producer.send(topics.events, key=e.key, value=e.to_bytes())
                 sent += len(events)
                 if any(e.type != "impression" for e in events):
                     last_event_wall[user] = time.time()
-                for name, policy in baselines.items():
-                    s = policy.slate(user, now_ms, rid)
-                    policy.update(arms[name].show(s, now_ms, rngs[name]))
-                s = arms["oracle"].world.oracle_slate(user, cfg.k, now_ms, rid)
-                arms["oracle"].show(s, now_ms, rngs["oracle"])
+                peers.visit(second, user, now_ms, rid)
+            arms["recsys"].close_until(second)
             if time.monotonic() >= next_tick:
                 lag_s.append(time.monotonic() - next_tick)
                 next_tick += 1.0
                 t = time.monotonic() - started
-                for arm in arms.values():
-                    arm.close_interval(t)
                 window.append((t, sent))
                 _scrape(learner, publisher, t, result, drift_seen)
                 if sys.stdout.isatty() or t - printed_at >= 10:  # a log line per 10 s
                     printed_at = t
-                    _progress(t, cfg, result, window, slates)
-            time.sleep(0.01)
+                    _progress(t, cfg, result, window, slates, peers.backlog)
+            # The peers get the time until the next visit is due; recsys's visits come first.
+            next_visit = started + (visit + 1) / cfg.visits_per_s
+            peers.play(deadline=min(next_visit, next_tick))
+            if not peers.backlog:
+                time.sleep(max(0.0, min(0.01, next_visit - time.monotonic())))
     except KeyboardInterrupt:
+        interrupted = True
         print("\ninterrupted: stopping workers and writing the report", flush=True)
     finally:
         slates.close()
+    _finish_peers(peers, interrupted)
+    end = math.ceil(cfg.minutes * 60)
+    arms["recsys"].close_until(end)
+    peers.close_until(end)
+    result.extra["peer_backlog_max"] = peers.max_backlog
     result.events_sent = sent
     result.model_versions = slates.versions
     if cfg.shift_at is not None:
@@ -605,13 +572,23 @@ def _scrape(
     del publisher  # freshness is measured end to end by the harness itself
 
 
+def _finish_peers(peers: PeerPlayer, interrupted: bool) -> None:
+    """After the live phase: the peers play the visits they are still behind on."""
+    if interrupted or not peers.backlog:
+        return
+    print(f"peers: playing the {peers.backlog} visits they are behind on ...", flush=True)
+    started = time.monotonic()
+    peers.drain()
+    print(f"peers: done in {time.monotonic() - started:.0f} s", flush=True)
+
+
 LAG_WARN_S = 2.0  # a loop this late serves visits from slates this old: figures not comparable
 
 
 def _record_lag(result: DemoResult, lag_s: list[float]) -> None:
     """The app loop's lateness per tick into the summary, and a note when it fell behind: the
-    simulated app, which also runs every peer, shares the machine with the workers, and a late
-    loop serves its visits in bursts from stale slates."""
+    simulated app shares the machine with the workers (the peers only get its spare time), and
+    a late loop serves its visits in bursts from stale slates."""
     if not lag_s:
         return
     lag = np.asarray(lag_s)
@@ -633,6 +610,7 @@ def _progress(
     result: DemoResult,
     window: deque[tuple[float, int]],
     slates: _SlateFeed,
+    peer_backlog: int,
 ) -> None:
     rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else 0
     recent = max(0.0, t - 30)
@@ -645,6 +623,7 @@ def _progress(
         f" lin {ctr['linucb']:.3f} vw {ctr['vw']:.3f}"
         f" rand {ctr['random']:.3f} oracle {ctr['oracle']:.3f} | model {model}"
         f" | fresh p99 {fresh:.2f}s | drift {len(result.drift_marks)}"
+        f" | peers behind {peer_backlog}"
     )
     if sys.stdout.isatty():
         print("\r" + line[:200], end="", flush=True)
