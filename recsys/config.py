@@ -267,6 +267,12 @@ class LearnerSettings(_Section):
     buffer_capacity: int = Field(100_000, ge=1, description="Replay buffer capacity")
     replay_ratio: float = Field(4.0, gt=0, description="Training samples per new reward")
     max_steps_per_batch: int = Field(16, ge=1, description="Most gradient steps per polled batch")
+    reward_batch_multiplier: int = Field(
+        8,
+        ge=1,
+        description="Batches of replayed rows the reward head fits per step (table lookups: "
+        "cheap beside the policy network)",
+    )
     id_embeddings: bool = Field(True, description="Learn an id embedding per item")
     text: bool = Field(
         False,

@@ -90,6 +90,7 @@ VARIANTS = (
     "no_value",
     "with_click_value",
     "no_reward_head",
+    "reward_batch_1",
 )
 
 # The demo's worker settings (recsys.demo.run.worker_env): a small network, short windows.
@@ -115,6 +116,8 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "no_reward_head": ({"reward_head_weight": 0.0}, {}),
         # The CTR counted from impressions on top of the organic term.
         "with_click_value": ({"click_value_weight": 3.0}, {}),
+        # The reward head fitted on the policy's own batch only (the default fits 8 batches).
+        "reward_batch_1": ({"reward_batch_multiplier": 1}, {}),
     }
     if name not in table:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
@@ -144,7 +147,7 @@ class SimRun:
     curve_temperatures: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
     cold_start_temperature: float | None = None  # publisher's (None: the setting's default)
     cooldown_s: float | None = None  # serving cooldown of recsys and the arms (None: setting's)
-    learner: tuple[tuple[str, float], ...] = ()  # LearnerConfig overrides for every variant
+    learner: tuple[tuple[str, int | float], ...] = ()  # LearnerConfig overrides for every variant
 
 
 @dataclass
@@ -901,6 +904,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
 
 
+def _number(text: str) -> int | float:
+    """A ``--learner`` value: an int where it reads as one (LearnerConfig's int fields reject
+    floats), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     def split(s: str) -> list[str]:
         return [x for x in s.split(",") if x]
@@ -918,7 +930,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         cold_start_temperature=args.cold_temperature,
         cooldown_s=args.cooldown,
         learner=tuple(
-            (k.strip(), float(v)) for k, v in (kv.split("=", 1) for kv in split(args.learner))
+            (k.strip(), _number(v)) for k, v in (kv.split("=", 1) for kv in split(args.learner))
         ),
     )
     for a in split(args.arms):

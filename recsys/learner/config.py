@@ -83,6 +83,10 @@ class LearnerConfig:
     # expected CTR, CI including 0), and the weight of its p·q in the serving scores (30: the
     # best of 10 / 30 / 60 / 100 for greedy slates after the warm start, seed 0).
     reward_head_weight: float = 1.0
+    # Rows of the reward head's loss per step, in batches sampled from the replay buffer: the
+    # head is a table lookup, so its rows cost next to nothing beside the transformer's, and a
+    # factor row needs many samples (1: the policy's own batch).
+    reward_batch_multiplier: int = 8
     reward_l2: float = 0.05
     reward_serving_weight: float = 30.0
     organic_value_weight: float = 8.0
@@ -113,6 +117,7 @@ class LearnerConfig:
             "buffer_capacity",
             "min_buffer",
             "keep_checkpoints",
+            "reward_batch_multiplier",
             "max_users",
             "max_items",
         ):
@@ -175,6 +180,7 @@ class LearnerConfig:
             buffer_capacity=s.buffer_capacity,
             device=s.device,
             keep_checkpoints=s.keep_checkpoints,
+            reward_batch_multiplier=s.reward_batch_multiplier,
             max_users=s.max_users,
             max_items=s.max_items,
         )

@@ -292,12 +292,16 @@ class Learner:
             return self.model.num_items > self.cfg.sampled_above
         return self.cfg.softmax == "sampled"
 
-    def losses(self, batch: Transitions) -> dict[str, torch.Tensor]:
+    def losses(
+        self, batch: Transitions, reward_batch: Transitions | None = None
+    ) -> dict[str, torch.Tensor]:
         """All loss terms of one batch (differentiable ``loss``; the rest for reporting).
 
         Rows of the softmax: every real position of every history (the causal state before it
         predicts its item: the sequence term) and the state after each history (it predicts
-        the logged item: the policy-gradient term), all in one ``[R, I]`` product.
+        the logged item: the policy-gradient term), all in one ``[R, I]`` product. The reward
+        head fits ``reward_batch`` (None: ``batch``); it reads only its users, items and
+        rewards.
         """
         cfg, model = self.cfg, self.model
         hist = batch.history.long()
@@ -371,7 +375,8 @@ class Learner:
             behaviour = self._behaviour_loss(state, actions, emb)
         reward = torch.zeros((), device=self.device)
         if cfg.reward_head_weight > 0:
-            reward = self._reward_loss(batch.users, actions, rewards)
+            rb = batch if reward_batch is None else reward_batch
+            reward = self._reward_loss(rb.users, rb.item.long(), rb.reward.float())
         contrast = torch.zeros((), device=self.device)
         if cfg.contrastive != "none" and cfg.alpha > 0:
             if cfg.contrastive == "infonce":
@@ -469,8 +474,13 @@ class Learner:
             return None
         self.model.train()
         batch = self.buffer.sample(self.cfg.batch_size)
+        reward_batch = None
+        if self.cfg.reward_head_weight > 0 and self.cfg.reward_batch_multiplier > 1:
+            reward_batch = self.buffer.sample(
+                self.cfg.batch_size * self.cfg.reward_batch_multiplier
+            )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            terms = self.losses(batch)
+            terms = self.losses(batch, reward_batch)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

@@ -289,6 +289,28 @@ def test_reward_head_learns_each_users_taste_into_the_serving_scores() -> None:
     torch.testing.assert_close(unknown, lr.scores([[]], ["someone new"]))
 
 
+def test_the_reward_head_fits_its_multiplier_of_batches_per_step(monkeypatch) -> None:
+    """``reward_batch_multiplier`` m: the head's loss reads m batches of rows from the buffer
+    each step, the policy's terms still one."""
+    for m in (1, 4):
+        lr = _learner(reward_batch_multiplier=m)
+        lr.observe(_cycle_records())
+        rows: list[int] = []
+        real = lr.model.reward_predictions
+
+        def spy(users: torch.Tensor, idx: torch.Tensor, real=real, rows=rows):
+            rows.append(len(idx))
+            return real(users, idx)
+
+        monkeypatch.setattr(lr.model, "reward_predictions", spy)
+        out = lr.step()
+        assert out is not None
+        assert out["skipped"] == 0.0
+        assert rows == [m * 32]
+    with pytest.raises(ConfigError, match="reward_batch_multiplier"):
+        _learner(reward_batch_multiplier=0)
+
+
 def test_retired_fields_of_old_checkpoints_are_dropped() -> None:
     old = {**LearnerConfig().to_dict(), "augment_weight": 0.1, "contrast_all_positions": True}
     assert LearnerConfig.from_dict(old) == LearnerConfig()
