@@ -217,6 +217,31 @@ class DriftMonitor:
         log.warning("drift detected on %s (estimate %.6g)", signal, estimate)
 
 
+class EventClock:
+    """Stream time: the newest event time seen, in seconds (``-inf`` before any).
+
+    What a :class:`DriftReaction` counts its duration in for the learner: live, event time
+    follows the wall clock; in a replayed backfill (years of history in a minute) a detection
+    expires with the history it was made in, instead of boosting the first minutes of live
+    traffic.
+
+    >>> clock = EventClock()
+    >>> clock.advance(1_700_000_005_000); clock.advance(1_700_000_001_000)
+    >>> clock()
+    1700000005.0
+    """
+
+    def __init__(self) -> None:
+        self._s = -math.inf
+
+    def advance(self, ts_ms: int) -> None:
+        """An event at ``ts_ms`` (epoch ms) was seen; older ones do not move the clock back."""
+        self._s = max(self._s, ts_ms / 1000.0)
+
+    def __call__(self) -> float:
+        return self._s
+
+
 class DriftReaction:
     """For ``duration_s`` after a detection, scale exploration and the learning rate up.
 
@@ -247,11 +272,14 @@ class DriftReaction:
         self._export(False)
 
     @classmethod
-    def from_settings(cls, settings: DriftSettings) -> DriftReaction:
+    def from_settings(
+        cls, settings: DriftSettings, clock: Callable[[], float] = time.monotonic
+    ) -> DriftReaction:
         return cls(
             settings.reaction_duration_s,
             settings.reaction_exploration_factor,
             settings.reaction_lr_factor,
+            clock,
         )
 
     def trigger(self, signal: str) -> None:

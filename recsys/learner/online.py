@@ -19,7 +19,7 @@ import numpy as np
 
 from recsys import metrics
 from recsys.config import LearnerSettings
-from recsys.drift import POPULARITY_SIGNAL, DriftMonitor, DriftReaction
+from recsys.drift import POPULARITY_SIGNAL, DriftMonitor, DriftReaction, EventClock
 from recsys.errors import CheckpointError
 from recsys.events import ItemVector, RewardRecord
 from recsys.learner.trainer import Learner
@@ -109,7 +109,11 @@ class OnlineLearner:
     drift:
         Watches mean reward, reward rate and loss; a detection triggers ``reaction``.
     reaction:
-        Raises the learning rate for a while after drift.
+        Raises the learning rate (and, through each version's metadata, the publisher's
+        exploration) for a while after drift.
+    event_clock:
+        Advanced to each batch's newest reward time; give the same one to ``reaction`` so its
+        duration counts in event time (the learner worker does).
     clock:
         Monotonic seconds; injectable for tests.
     on_checkpoint:
@@ -124,6 +128,7 @@ class OnlineLearner:
         config: OnlineConfig | None = None,
         drift: DriftMonitor | None = None,
         reaction: DriftReaction | None = None,
+        event_clock: EventClock | None = None,
         clock: Callable[[], float] = time.monotonic,
         seen: Sequence[str] = (),
         on_checkpoint: Callable[[Path], None] | None = None,
@@ -134,6 +139,7 @@ class OnlineLearner:
         self.config = config or OnlineConfig()
         self.drift = drift
         self.reaction = reaction
+        self.event_clock = event_clock
         self._clock = clock
         self._seen = RecentIds(self.config.dedupe_capacity)
         for rid in seen:
@@ -192,6 +198,8 @@ class OnlineLearner:
         """Buffer rewards not seen before (by reward_id); returns how many were new."""
         fresh = [r for r in records if self._seen.add(r.reward_id)]
         self.duplicates += len(records) - len(fresh)
+        if fresh and self.event_clock is not None:
+            self.event_clock.advance(max(r.ts for r in fresh))
         if fresh and self.drift is not None:
             rewards = [r.reward for r in fresh]
             self._watch("mean_reward", float(np.mean(rewards)))

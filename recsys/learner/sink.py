@@ -22,7 +22,7 @@ from recsys import checkpoint as ckpt
 from recsys import metrics
 from recsys.app import WorkerApp
 from recsys.config import Settings
-from recsys.drift import DriftMonitor, DriftReaction
+from recsys.drift import DriftMonitor, DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
 from recsys.errors import RecsysError
 from recsys.events import ItemVector, RewardRecord
@@ -183,12 +183,16 @@ def build(settings: Settings) -> WorkerApp:
         store = ModelStore.from_settings(settings)
         restore_from_store(store, s.checkpoint_dir)
         publish = store.publish
+    # The reaction lasts its duration in event time (see EventClock): a backfill's detections
+    # must not boost the live traffic that follows it.
+    event_clock = EventClock()
     online, offsets = OnlineLearner.resume(
         s.checkpoint_dir,
         lambda: new_learner(settings),
         config=OnlineConfig.from_settings(s),
         drift=DriftMonitor.from_settings(settings.drift, ("reward_rate", "mean_reward", "loss")),
-        reaction=DriftReaction.from_settings(settings.drift),
+        reaction=DriftReaction.from_settings(settings.drift, clock=event_clock),
+        event_clock=event_clock,
         on_checkpoint=publish,
     )
     # The settings' bounds win over those a checkpoint was written with: lowering them is how

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recsys import checkpoint as ckpt
+from recsys.drift import DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
 from recsys.learner.config import LearnerConfig
@@ -103,3 +104,35 @@ def test_recent_ids_forget_the_oldest():
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         OnlineConfig(**{field: value})
+
+
+def test_a_drift_reaction_lasts_its_duration_in_event_time(tmp_path):
+    """A detection made while replaying history (a backfill: years of events in a minute)
+    expires with that history, so the live traffic after it is served without the boost; a
+    detection in live time lasts its 300 s of event time."""
+    events = EventClock()
+    reaction = DriftReaction(duration_s=300, exploration_factor=2.0, lr_factor=2.0, clock=events)
+    online = make(tmp_path, Clock())
+    online.reaction, online.event_clock = reaction, events
+
+    def at(ts_ms: int, n: int) -> list[RewardRecord]:
+        return [
+            RewardRecord(f"{ts_ms}-{k}", "u1", f"i{k}", 1.0, ts_ms, "organic") for k in range(n)
+        ]
+
+    history_ms, live_ms = 1_000_000_000_000, 1_700_000_000_000
+    online.add_rewards(at(history_ms, 3))
+    reaction.trigger("item_popularity")
+    online.add_rewards(at(history_ms + 200_000, 3))  # 200 s of history later: still on
+    assert reaction.exploration_factor == 2.0
+    online.add_rewards(at(live_ms, 3))  # the live phase: the history's reaction is over
+    assert reaction.exploration_factor == 1.0
+    online.train(8)
+    path = online.checkpoint({})
+    assert path is not None
+    assert ckpt.read_manifest(path)["extra"]["exploration_factor"] == 1.0
+    reaction.trigger("reward_rate")  # a live detection
+    online.add_rewards(at(live_ms + 299_000, 3))
+    assert reaction.lr_factor == 2.0
+    online.add_rewards(at(live_ms + 301_000, 3))
+    assert reaction.lr_factor == 1.0
