@@ -216,7 +216,9 @@ class DriftSettings(_Section):
         0.25, gt=0, description="PSI between consecutive windows that counts as drift"
     )
     reaction_duration_s: float = Field(
-        300.0, ge=0, description="How long the learner's drift reaction lasts (0: no reaction)"
+        300.0,
+        ge=0,
+        description="How long the learner's drift reaction lasts, in event time (0: none)",
     )
     reaction_exploration_factor: float = Field(
         2.0, ge=1, description="Multiplier on exploration temperature/epsilon during a reaction"
