@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         default=LearnerConfig.augment_views,
         help="1: NT-Xent between the state and one augmented view; 2: two augmented views",
     )
+    p.add_argument(
+        "--reward-batch-multiplier",
+        type=int,
+        default=LearnerConfig.reward_batch_multiplier,
+        help="batches of replayed rows the reward head fits per step",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write figures here")
     args = p.parse_args(argv)
 
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         device=str(device),
         softmax="full",
         augment_views=args.augment_views,
+        reward_batch_multiplier=args.reward_batch_multiplier,
     )
     learner = Learner(model_cfg, learner_cfg)
     rng = np.random.default_rng(0)
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ("device", f"{name}{' (bf16 autocast)' if cuda else ''}"),
         ("items / batch / history / d", f"{items} / {batch} / {args.history} / {args.dim}"),
         ("augmented views (NT-Xent)", f"{args.augment_views} x {learner_cfg.augment_rows} rows"),
+        ("reward head rows per step", f"{args.reward_batch_multiplier} x {batch}"),
         ("full Learner.step samples/s", f"{full_sps:,.0f}"),
         ("bare fwd+bwd+step samples/s", f"{bare_sps:,.0f}"),
         ("ratio (target >= 0.8)", f"{ratio:.3f}"),
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "dim": args.dim,
         "augment_views": args.augment_views,
         "augment_rows": learner_cfg.augment_rows,
+        "reward_batch_multiplier": args.reward_batch_multiplier,
         "full_samples_per_s": full_sps,
         "bare_samples_per_s": bare_sps,
         "full_runs": full,
