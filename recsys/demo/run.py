@@ -613,8 +613,11 @@ def _progress(
     peer_backlog: int,
 ) -> None:
     rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else 0
-    recent = max(0.0, t - 30)
-    ctr = {name: arm.ctr(recent) for name, arm in result.arms.items()}
+    # Each arm's last 30 s of visits played so far (the peers may be behind recsys).
+    ctr = {
+        name: arm.ctr(max(0.0, (arm.t[-1] if arm.t else t) - 30))
+        for name, arm in result.arms.items()
+    }
     fresh = np.percentile(result.freshness_s[-500:], 99) if result.freshness_s else math.nan
     model = slates.versions[-1] if slates.versions else "-"
     line = (
