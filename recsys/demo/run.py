@@ -165,6 +165,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     # A demo starts from nothing: the broker is in memory, so old state would not match it.
     (out / "recsys.db").unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)  # the workers append to theirs
     ml = load_movielens(cfg.movielens_path())
     print(f"fitting the simulator on {len(ml)} MovieLens ratings ...", flush=True)
     probe = UserSimulator(ml, SimConfig(seed=cfg.seed, n_items=cfg.n_items))
