@@ -6,8 +6,9 @@ and seeds are cheap enough to compare with paired confidence intervals:
 - **recsys** is the production code path: the reward join (:class:`RewardJoin`, the demo's
   window settings), the learner (:class:`OnlineLearner` around :class:`Learner`, the learner
   worker's defaults with the demo's smaller network), checkpoints written and loaded as the
-  publisher's model (:func:`load_serving_model`), and :class:`Publisher` for histories, masks,
-  cold start and slates with propensities. A visit shows the newest slate published for the
+  publisher's model (:func:`load_serving_model`; the learner worker's drift monitor and
+  reaction, in simulated event time, unless ``--no-drift-reaction``), and :class:`Publisher`
+  for histories, masks, cold start and slates with propensities. A visit shows the newest slate published for the
   user; a user the publisher has never seen gets its cold-start slate (the store's
   ``cold_start`` row, what production serves them: the peers too rank for a user on first
   sight); only before the first batch a uniformly random one, as in the demo.
@@ -64,12 +65,13 @@ from recsys.demo.arms import (
     reduce_vectors,
 )
 from recsys.demo.simulator import SimConfig, UserSimulator
+from recsys.drift import DriftMonitor, DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
 from recsys.eval.ope import first_slot_ope
 from recsys.events import Event, RewardRecord, Slate, SlateItem, item_text
 from recsys.history import pad_histories
 from recsys.learner.config import LearnerConfig, model_config
-from recsys.learner.online import OnlineConfig, OnlineLearner
+from recsys.learner.online import DRIFT_SIGNALS, OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
 from recsys.publisher.core import Publisher, PublisherConfig
 from recsys.rewards.join import RewardJoin
@@ -148,6 +150,7 @@ class SimRun:
     cold_start_temperature: float | None = None  # publisher's (None: the setting's default)
     cooldown_s: float | None = None  # serving cooldown of recsys and the arms (None: setting's)
     learner: tuple[tuple[str, int | float], ...] = ()  # LearnerConfig overrides for every variant
+    drift_reaction: bool = True  # the learner worker's drift monitor and reaction
 
 
 @dataclass
@@ -230,10 +233,21 @@ class _Recsys:
             **(dict(run.learner) | learner_over),
         )
         self.learner = Learner(model_cfg, learner_cfg, ItemCatalog(dim=settings.encoder.dim))
+        # The learner worker's drift monitor and reaction, its duration in event time (here the
+        # simulated clock; the warm start's MovieLens times are years earlier).
+        events = EventClock()
+        drift = None
+        reaction = None
+        if run.drift_reaction:
+            drift = DriftMonitor.from_settings(settings.drift, DRIFT_SIGNALS)
+            reaction = DriftReaction.from_settings(settings.drift, clock=events)
         self.online = OnlineLearner(
             self.learner,
             root,
             OnlineConfig(replay_ratio=s.replay_ratio, max_steps_per_batch=s.max_steps_per_batch),
+            drift=drift,
+            reaction=reaction,
+            event_clock=events,
         )
         self.vectors = catalog_vectors
         self.join = RewardJoin.from_settings(settings.rewards)
@@ -896,6 +910,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="LearnerConfig overrides for every variant, e.g. click_value_weight=2,lr=3e-3",
     )
+    p.add_argument(
+        "--no-drift-reaction",
+        action="store_true",
+        help="without the learner's drift monitor and reaction (exploration and lr boost)",
+    )
     p.add_argument("--vw-lambda", type=float, default=100.0, help="VW softmax lambda")
     p.add_argument("--eg-epsilon", type=float, default=0.2, help="the ε-greedy arm's ε")
     p.add_argument("--linucb-alpha", type=float, default=0.3, help="LinUCB bonus weight")
@@ -929,6 +948,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         warm_limit=args.warm_limit,
         cold_start_temperature=args.cold_temperature,
         cooldown_s=args.cooldown,
+        drift_reaction=not args.no_drift_reaction,
         learner=tuple(
             (k.strip(), _number(v)) for k, v in (kv.split("=", 1) for kv in split(args.learner))
         ),

@@ -27,6 +27,9 @@ from recsys.lru import LRU
 
 log = logging.getLogger(__name__)
 
+DRIFT_SIGNALS = ("reward_rate", "mean_reward", "loss")
+"""What the learner's drift monitor watches (with the popularity of engaged items)."""
+
 
 @dataclass(frozen=True)
 class OnlineConfig:
@@ -107,7 +110,8 @@ class OnlineLearner:
     config:
         Step and checkpoint cadence.
     drift:
-        Watches mean reward, reward rate and loss; a detection triggers ``reaction``.
+        Watches the mean reward and reward rate of shown items (organic feedback left out),
+        the loss and the popularity of engaged items; a detection triggers ``reaction``.
     reaction:
         Raises the learning rate (and, through each version's metadata, the publisher's
         exploration) for a while after drift.
@@ -201,9 +205,12 @@ class OnlineLearner:
         if fresh and self.event_clock is not None:
             self.event_clock.advance(max(r.ts for r in fresh))
         if fresh and self.drift is not None:
-            rewards = [r.reward for r in fresh]
-            self._watch("mean_reward", float(np.mean(rewards)))
-            self._watch("reward_rate", float(np.mean([x > 0 for x in rewards])))
+            # Per impression only (joined and default records): organic feedback, a backfill of
+            # ratings say, has another scale, so a change in the mix would read as drift.
+            rewards = [r.reward for r in fresh if r.kind != "organic"]
+            if rewards:
+                self._watch("mean_reward", float(np.mean(rewards)))
+                self._watch("reward_rate", float(np.mean([x > 0 for x in rewards])))
             for r in fresh:  # what users engage with: the popularity-shift signal
                 if r.reward > 0 and self.drift.update_item(r.item_id) and self.reaction:
                     self.reaction.trigger(POPULARITY_SIGNAL)

@@ -35,7 +35,7 @@ from recsys.kafka import (
     offsets_to_json,
 )
 from recsys.learner.config import LearnerConfig, model_config
-from recsys.learner.online import OnlineConfig, OnlineLearner
+from recsys.learner.online import DRIFT_SIGNALS, OnlineConfig, OnlineLearner
 from recsys.learner.trainer import Learner
 from recsys.model_store import ModelStore
 
@@ -190,7 +190,7 @@ def build(settings: Settings) -> WorkerApp:
         s.checkpoint_dir,
         lambda: new_learner(settings),
         config=OnlineConfig.from_settings(s),
-        drift=DriftMonitor.from_settings(settings.drift, ("reward_rate", "mean_reward", "loss")),
+        drift=DriftMonitor.from_settings(settings.drift, DRIFT_SIGNALS),
         reaction=DriftReaction.from_settings(settings.drift, clock=event_clock),
         event_clock=event_clock,
         on_checkpoint=publish,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recsys import checkpoint as ckpt
-from recsys.drift import DriftReaction, EventClock
+from recsys.drift import DriftMonitor, DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
 from recsys.events import ItemVector, RewardRecord
 from recsys.learner.config import LearnerConfig
@@ -136,3 +136,21 @@ def test_a_drift_reaction_lasts_its_duration_in_event_time(tmp_path):
     assert reaction.lr_factor == 2.0
     online.add_rewards(at(live_ms + 301_000, 3))
     assert reaction.lr_factor == 1.0
+
+
+@pytest.mark.parametrize(("kind", "watched"), [("joined", True), ("organic", False)])
+def test_the_reward_signals_watch_shown_items_only(tmp_path, kind, watched):
+    """Mean reward and reward rate are per impression: organic feedback (a ratings backfill)
+    has another scale, and its share changing is not drift in what users do with slates."""
+    online = make(tmp_path, Clock())
+    online.drift = DriftMonitor(("mean_reward", "reward_rate"))
+    for batch in range(200):  # the reward rate jumps from 0 to 1 halfway
+        value = 1.0 if batch >= 100 else 0.0
+        online.add_rewards(
+            [
+                RewardRecord(f"{batch}-{k}", f"u{k}", f"i{k % 5}", value, 1000 * batch, kind)
+                for k in range(5)
+            ]
+        )
+    fired = online.drift.detections["reward_rate"] + online.drift.detections["mean_reward"]
+    assert (fired > 0) is watched
