@@ -224,7 +224,10 @@ class DriftSettings(_Section):
         2.0, ge=1, description="Multiplier on exploration temperature/epsilon during a reaction"
     )
     reaction_lr_factor: float = Field(
-        2.0, gt=0, description="Multiplier on the learning rate during a reaction"
+        1.0,
+        gt=0,
+        description="Multiplier on the learning rate during a reaction (1: none; 2 cost "
+        "expected CTR in recsys eval sim)",
     )
 
 

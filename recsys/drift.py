@@ -254,7 +254,7 @@ class DriftReaction:
         self,
         duration_s: float = 300.0,
         exploration_factor: float = 2.0,
-        lr_factor: float = 2.0,
+        lr_factor: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if duration_s < 0:

@@ -8,10 +8,10 @@ and seeds are cheap enough to compare with paired confidence intervals:
   worker's defaults with the demo's smaller network), checkpoints written and loaded as the
   publisher's model (:func:`load_serving_model`; the learner worker's drift monitor and
   reaction, in simulated event time, unless ``--no-drift-reaction``), and :class:`Publisher`
-  for histories, masks, cold start and slates with propensities. A visit shows the newest slate published for the
-  user; a user the publisher has never seen gets its cold-start slate (the store's
-  ``cold_start`` row, what production serves them: the peers too rank for a user on first
-  sight); only before the first batch a uniformly random one, as in the demo.
+  for histories, masks, cold start and slates with propensities. A visit shows the newest
+  slate published for the user; a user the publisher has never seen gets its cold-start
+  slate (the store's ``cold_start`` row, what production serves them: the peers too rank for
+  a user on first sight); only before the first batch a uniformly random one, as in the demo.
 - **Peers** (:mod:`recsys.demo.arms`): random, most-popular, the ε-greedy bandit, LinUCB, Vowpal
   Wabbit and the oracle, each in its own copy of the simulated world, the same arrivals.
 - **Warm start**: everyone gets the catalogue's MovieLens ratings (the demo's backfill); every
