@@ -11,6 +11,7 @@ cost more per visit than everything on recsys's path).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -55,10 +56,10 @@ class ArmTally:
 
     def show(self, slate: Slate, now_ms: int, rng: np.random.Generator, second: int) -> list[Event]:
         """Show a slate in this arm's world and count it in ``second``; returns the events."""
+        if second < self._closed:  # before the world sees the slate: nothing half-done
+            raise ValueError(f"second {second} is already closed (up to {self._closed})")
         p = self.probabilities(slate, now_ms)
         events = self.world.respond(slate, now_ms, rng)
-        if second < self._closed:
-            raise ValueError(f"second {second} is already closed (up to {self._closed})")
         b = self._open.setdefault(second, _Second())
         ids = [s.item_id for s in slate.items]
         b.impressions += len(ids)
@@ -146,8 +147,7 @@ class PeerPlayer:
 
     def drain(self) -> None:
         """Play everything queued."""
-        while self._queue:
-            self._play(self._queue.popleft())
+        self.play(deadline=math.inf)
 
     def close_until(self, second: int) -> None:
         for tally in (*self.tallies.values(), self.oracle):
