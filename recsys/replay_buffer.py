@@ -229,6 +229,28 @@ class ReplayBuffer:
             user=s["user"][rows].long(),
         )
 
+    def reward_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(user, item, reward, weight)`` of every held row, ``[n]`` each: the weight is the
+        row's probability of being drawn by :meth:`sample` times ``n`` (mean 1), so a weighted
+        sum over the rows is what batches of samples average to."""
+        recent, reservoir = self.recent_rows(), self.reservoir_rows()
+        if not len(reservoir):
+            share = (1.0, 0.0)
+        elif not len(recent):
+            share = (0.0, 1.0)
+        else:
+            share = (self.recent_fraction, 1.0 - self.recent_fraction)
+        n = len(recent) + len(reservoir)
+        weight = torch.cat(
+            [
+                torch.full((len(recent),), share[0] * n / max(len(recent), 1)),
+                torch.full((len(reservoir),), share[1] * n / max(len(reservoir), 1)),
+            ]
+        ).to(self.device)
+        rows = torch.cat([recent, reservoir])
+        s = self._store
+        return s["user"][rows].long(), s["item"][rows].long(), s["reward"][rows], weight
+
     def recent_rows(self) -> torch.Tensor:
         """Rows of the ring, oldest first."""
         if self._ring_size < self.recent_capacity:

@@ -89,6 +89,10 @@ class LearnerConfig:
     reward_batch_multiplier: int = 8
     reward_l2: float = 0.05
     reward_serving_weight: float = 30.0
+    # Every this many steps, exact alternating least-squares sweeps of the reward head over
+    # the whole replay buffer (recsys.learner.reward_refit; 0: gradient steps only).
+    reward_refit_every: int = 0
+    reward_refit_sweeps: int = 2
     organic_value_weight: float = 8.0
     click_value_weight: float = 0.0
     organic_value_prior: float = 5.0
@@ -122,6 +126,9 @@ class LearnerConfig:
             "max_items",
         ):
             check(n, pos_int(getattr(self, n)), "an int >= 1")
+        for n in ("reward_refit_every", "reward_refit_sweeps"):
+            v = getattr(self, n)
+            check(n, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
         for n in (
             "weight_decay",
             "pg_weight",

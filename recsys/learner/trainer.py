@@ -65,6 +65,7 @@ from recsys.history import UserHistories, impression_key, pad_histories
 from recsys.learner.checkpoint_io import optimizer_from_flat, optimizer_to_flat, write_json
 from recsys.learner.config import LearnerConfig
 from recsys.learner.item_value import ItemValues
+from recsys.learner.reward_refit import refit_reward_head
 from recsys.model import ModelConfig, PolicyNet, user_bucket, user_buckets
 from recsys.replay_buffer import ReplayBuffer, Transitions
 from recsys.serving.device import resolve_device
@@ -494,12 +495,32 @@ class Learner:
             return out
         self.optimizer.step()
         self.step_count += 1
+        every = self.cfg.reward_refit_every
+        if every and self.cfg.reward_head_weight > 0 and self.step_count % every == 0:
+            self.refit_reward_head()
         metrics.LEARNER_STEPS.inc()
         metrics.LEARNER_SAMPLES.inc(len(batch))
         for k in ("loss", "pg", "contrast", "behaviour", "reward"):
             metrics.LEARNER_LOSS.labels(loss=k).set(out[k])
         out["skipped"] = 0.0
         return out
+
+    def refit_reward_head(self) -> None:
+        """``reward_refit_sweeps`` exact alternating least-squares sweeps of the reward head
+        over every row the replay buffer holds (:mod:`recsys.learner.reward_refit`): the
+        minimum of the head's own loss, which gradient steps approach slowly."""
+        if len(self.buffer) == 0 or self.model.num_items == 0:
+            return
+        users, items, rewards, weights = self.buffer.reward_rows()
+        refit_reward_head(
+            self.model,
+            users,
+            items,
+            rewards,
+            weights,
+            self.cfg.reward_l2,
+            self.cfg.reward_refit_sweeps,
+        )
 
     # --- inference --------------------------------------------------------------------------
 
