@@ -6,7 +6,9 @@ and NT-Xent over two augmented views) and takes the optimizer step, with the non
 The reference is the same network on one fixed batch already on the device: forward (user state,
 item tower, logits over all items), cross-entropy, backward, AdamW step. ``ratio`` = full samples/s
 over bare samples/s (target >= 0.8). Peak memory is reported with the replay buffer filled to its
-capacity (1M rewards by default).
+capacity (1M rewards by default). The reward head's exact refit
+(:mod:`recsys.learner.reward_refit`, every ``reward_refit_every`` steps) is timed on its own over
+the filled buffer and reported amortised over its interval, as a multiple of one full step.
 
     python benchmarks/learner_throughput.py [--device auto|cpu|cuda] [--json FILE]
 """
@@ -39,6 +41,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_refit(learner: Learner) -> float:
+    """Seconds of one exact refit of the reward head over the whole buffer."""
+    _sync(learner.device)
+    t0 = time.perf_counter()
+    learner.refit_reward_head()
+    _sync(learner.device)
+    return time.perf_counter() - t0
+
+
 def _fill_buffer(learner: Learner, n: int, items: int, chunk: int = 65536) -> float:
     """Add ``n`` synthetic rewards in chunks; returns seconds of ``add`` per million."""
     g = torch.Generator().manual_seed(0)
@@ -56,6 +67,7 @@ def _fill_buffer(learner: Learner, n: int, items: int, chunk: int = 65536) -> fl
             reward=(torch.rand(b, generator=g) < 0.3).float(),
             propensity=torch.where(torch.rand(b, generator=g) < 0.5, 0.05, float("nan")),
             position=torch.randint(0, 10, (b,), generator=g),
+            user=torch.randint(0, 1 << 16, (b,), generator=g),
         )
         batch = batch.to(dev)
         _sync(dev)
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         softmax="full",
         augment_views=args.augment_views,
         reward_batch_multiplier=args.reward_batch_multiplier,
+        reward_refit_every=0,  # timed on its own below, amortised over its interval
     )
     learner = Learner(model_cfg, learner_cfg)
     rng = np.random.default_rng(0)
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         bare.append(_time_bare(learner, steps, args.warmup))
     full_sps, bare_sps = max(full), max(bare)
     ratio = full_sps / bare_sps
+    refit_s = min(_time_refit(learner) for _ in range(args.repeats))
+    every = LearnerConfig.reward_refit_every
+    step_s = batch / full_sps
 
     buffer_mb = learner.buffer.nbytes / 2**20
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -182,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         ("full Learner.step samples/s", f"{full_sps:,.0f}"),
         ("bare fwd+bwd+step samples/s", f"{bare_sps:,.0f}"),
         ("ratio (target >= 0.8)", f"{ratio:.3f}"),
+        (
+            f"reward head refit (whole buffer, every {every} steps)",
+            f"{refit_s:.2f} s = {refit_s / every / step_s:.2f} x a step, amortised",
+        ),
         ("replay buffer (1 row/reward)", f"{args.buffer:,} rewards, {buffer_mb:,.0f} MiB"),
         ("buffer insert", f"{insert_us:.2f} s per million rewards"),
         ("peak RSS", f"{peak_rss_mb:,.0f} MiB (before buffer {rss0:,.0f} MiB)"),
@@ -208,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         "full_runs": full,
         "bare_runs": bare,
         "ratio": ratio,
+        "reward_refit_s": refit_s,
+        "reward_refit_every": every,
+        "reward_refit_per_step": refit_s / every / step_s,
         "buffer_capacity": args.buffer,
         "buffer_mib": buffer_mb,
         "buffer_insert_s_per_million": insert_us,

@@ -278,6 +278,13 @@ class LearnerSettings(_Section):
         description="Batches of replayed rows the reward head fits per step (table lookups: "
         "cheap beside the policy network)",
     )
+    reward_impression_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of impressions (and feedback joined to them) in the reward head's "
+        "fit, organic feedback weighing 1 (0: organic only; set 1 where there is no organic "
+        "feedback such as ratings)",
+    )
     id_embeddings: bool = Field(True, description="Learn an id embedding per item")
     text: bool = Field(
         False,

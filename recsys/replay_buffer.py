@@ -13,6 +13,7 @@ capacity; there is no per-sample Python loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,17 @@ class Transitions:
         """``user`` as a tensor (always set after construction)."""
         assert self.user is not None
         return self.user
+
+
+class RewardRows(NamedTuple):
+    """What the reward head reads of the held rows, ``[n]`` each (:meth:`ReplayBuffer.reward_rows`):
+    ``logged`` is True where a propensity was logged (an impression or feedback joined to it)."""
+
+    user: torch.Tensor
+    item: torch.Tensor
+    reward: torch.Tensor
+    logged: torch.Tensor
+    weight: torch.Tensor
 
 
 _DTYPES = {
@@ -229,10 +241,10 @@ class ReplayBuffer:
             user=s["user"][rows].long(),
         )
 
-    def reward_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(user, item, reward, weight)`` of every held row, ``[n]`` each: the weight is the
-        row's probability of being drawn by :meth:`sample` times ``n`` (mean 1), so a weighted
-        sum over the rows is what batches of samples average to."""
+    def reward_rows(self) -> RewardRows:
+        """The reward columns of every held row, ``weight`` the row's probability of being
+        drawn by :meth:`sample` times the rows held (mean 1): a weighted sum over the rows is
+        what batches of samples average to."""
         recent, reservoir = self.recent_rows(), self.reservoir_rows()
         if not len(reservoir):
             share = (1.0, 0.0)
@@ -249,7 +261,13 @@ class ReplayBuffer:
         ).to(self.device)
         rows = torch.cat([recent, reservoir])
         s = self._store
-        return s["user"][rows].long(), s["item"][rows].long(), s["reward"][rows], weight
+        return RewardRows(
+            s["user"][rows].long(),
+            s["item"][rows].long(),
+            s["reward"][rows],
+            torch.isfinite(s["propensity"][rows]),
+            weight,
+        )
 
     def recent_rows(self) -> torch.Tensor:
         """Rows of the ring, oldest first."""

@@ -93,6 +93,8 @@ VARIANTS = (
     "with_click_value",
     "no_reward_head",
     "reward_batch_1",
+    "head_impressions",
+    "no_refit",
 )
 
 # The demo's worker settings (recsys.demo.run.worker_env): a small network, short windows.
@@ -120,6 +122,10 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "with_click_value": ({"click_value_weight": 3.0}, {}),
         # The reward head fitted on the policy's own batch only (the default fits 8 batches).
         "reward_batch_1": ({"reward_batch_multiplier": 1}, {}),
+        # The reward head fitted to impressions too, at organic feedback's weight.
+        "head_impressions": ({"reward_impression_weight": 1.0}, {}),
+        # The reward head by gradient steps alone, no exact refits.
+        "no_refit": ({"reward_refit_every": 0}, {}),
     }
     if name not in table:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")

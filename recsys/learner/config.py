@@ -87,11 +87,18 @@ class LearnerConfig:
     # head is a table lookup, so its rows cost next to nothing beside the transformer's, and a
     # factor row needs many samples (1: the policy's own batch).
     reward_batch_multiplier: int = 8
-    reward_l2: float = 0.05
-    reward_serving_weight: float = 30.0
+    reward_l2: float = 0.13
+    reward_serving_weight: float = 50.0
+    # Weight in the head's loss of rows with a logged propensity (impressions, and the
+    # feedback joined to them) against organic feedback's 1. An impression's outcome is not on
+    # a rating's scale: the top items of a user, rated +1.5 by the ratings they resemble, come
+    # back as 0 when ignored (97% of them), and fitting both with one factor pulls the user's
+    # factor away from their taste. At 0 (the default) the head fits organic feedback alone;
+    # the policy's own loss learns from impressions.
+    reward_impression_weight: float = 0.0
     # Every this many steps, exact alternating least-squares sweeps of the reward head over
     # the whole replay buffer (recsys.learner.reward_refit; 0: gradient steps only).
-    reward_refit_every: int = 0
+    reward_refit_every: int = 50
     reward_refit_sweeps: int = 2
     organic_value_weight: float = 8.0
     click_value_weight: float = 0.0
@@ -141,6 +148,7 @@ class LearnerConfig:
             "reward_head_weight",
             "reward_l2",
             "reward_serving_weight",
+            "reward_impression_weight",
         ):
             check(n, nonneg(getattr(self, n)), "a finite number >= 0")
         for n in (
@@ -188,6 +196,7 @@ class LearnerConfig:
             device=s.device,
             keep_checkpoints=s.keep_checkpoints,
             reward_batch_multiplier=s.reward_batch_multiplier,
+            reward_impression_weight=s.reward_impression_weight,
             max_users=s.max_users,
             max_items=s.max_items,
         )

@@ -85,11 +85,11 @@ def refit_reward_head(
     item count; ``rewards, weights [R]``), written into ``model.reward_head`` in place.
 
     Rows of unknown users fit only the item biases (their ``p`` is 0). Users and items with no
-    row keep their values.
+    row of weight above 0 keep their values.
     """
     head = model.reward_head
     scale = head.SCALE
-    keep = items < model.num_items
+    keep = (items < model.num_items) & (weights > 0)
     users, items = users[keep].long(), items[keep].long()
     rewards, weights = rewards[keep].float(), weights[keep].float()
     if items.numel() == 0:

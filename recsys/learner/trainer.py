@@ -377,7 +377,7 @@ class Learner:
         reward = torch.zeros((), device=self.device)
         if cfg.reward_head_weight > 0:
             rb = batch if reward_batch is None else reward_batch
-            reward = self._reward_loss(rb.users, rb.item.long(), rb.reward.float())
+            reward = self._reward_loss(rb.users, rb.item.long(), rb.reward.float(), rb.propensity)
         contrast = torch.zeros((), device=self.device)
         if cfg.contrastive != "none" and cfg.alpha > 0:
             if cfg.contrastive == "infonce":
@@ -432,14 +432,27 @@ class Learner:
         )
         return obj.behaviour_loss(logits, torch.zeros_like(actions))
 
+    def _reward_weights(self, logged: torch.Tensor) -> torch.Tensor:
+        """Each row's weight in the head's fit: ``reward_impression_weight`` where a
+        propensity was logged, 1 for organic feedback."""
+        w = self.cfg.reward_impression_weight
+        return torch.where(logged, torch.full_like(logged, w, dtype=torch.float32), 1.0)
+
     def _reward_loss(
-        self, users: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor
+        self,
+        users: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        propensity: torch.Tensor,
     ) -> torch.Tensor:
         """The reward head's squared error on the logged rewards, plus ``reward_l2`` times the
         squared norms of the factors it used (per-row L2, as in matrix factorisation: rows
-        with few records stay near zero instead of fitting their noise)."""
+        with few records stay near zero instead of fitting their noise); rows weighted by
+        :meth:`_reward_weights`, 0 when every row weighs 0."""
         pred, norms = self.model.reward_predictions(users, actions)
-        return F.mse_loss(pred.float(), rewards) + self.cfg.reward_l2 * norms.mean().float()
+        w = self._reward_weights(torch.isfinite(propensity))
+        per_row = (pred.float() - rewards).square() + self.cfg.reward_l2 * norms.float()
+        return (w * per_row).sum() / w.sum().clamp(min=1e-12)
 
     def _view_nce(
         self, hist: torch.Tensor, actions: torch.Tensor, emb: torch.Tensor
@@ -511,13 +524,13 @@ class Learner:
         minimum of the head's own loss, which gradient steps approach slowly."""
         if len(self.buffer) == 0 or self.model.num_items == 0:
             return
-        users, items, rewards, weights = self.buffer.reward_rows()
+        rows = self.buffer.reward_rows()
         refit_reward_head(
             self.model,
-            users,
-            items,
-            rewards,
-            weights,
+            rows.user,
+            rows.item,
+            rows.reward,
+            rows.weight * self._reward_weights(rows.logged),
             self.cfg.reward_l2,
             self.cfg.reward_refit_sweeps,
         )

@@ -100,12 +100,13 @@ def test_the_buffers_row_weights_are_its_sampling_probabilities() -> None:
             history=torch.full((b, 2), -1),
             item=torch.arange(b),
             reward=torch.ones(b),
-            propensity=torch.full((b,), float("nan")),
+            propensity=torch.where(torch.arange(b) % 2 == 0, 0.1, float("nan")),
             position=torch.zeros(b, dtype=torch.long),
             user=torch.arange(b),
         )
     )
-    users, items, rewards, weights = buf.reward_rows()
+    users, items, rewards, logged, weights = buf.reward_rows()
+    assert logged.tolist() == (items % 2 == 0).tolist()  # where a propensity was logged
     assert len(users) == len(items) == len(rewards) == len(buf) == 35
     # 10 ring rows share half the draws, 25 reservoir rows the other half
     torch.testing.assert_close(weights[:10], torch.full((10,), 0.5 * 35 / 10))
@@ -133,3 +134,31 @@ def test_the_learner_refits_its_head_every_n_steps(monkeypatch) -> None:
     assert calls == [3, 6]
     with pytest.raises(ConfigError, match="reward_refit_every"):
         LearnerConfig(reward_refit_every=-1)
+
+
+def test_impressions_weigh_in_the_heads_fit_only_by_their_setting() -> None:
+    """Rows with a logged propensity (impressions) at ``reward_impression_weight``: at 0 the
+    head's gradient steps and refits leave the users of impressions alone; at 1 they fit them."""
+    cfg = ModelConfig(text_dim=8, dim=8, max_history=4, item_capacity=8, dropout=0.0)
+    recs = [
+        RewardRecord(f"r{n}", f"u{n % 7}", f"i{n % 5}", float(n % 3), n, "default", propensity=0.2)
+        for n in range(200)
+    ]
+    moved = []
+    for weight in (0.0, 1.0):
+        lr = Learner(
+            cfg,
+            LearnerConfig(
+                batch_size=16,
+                device="cpu",
+                buffer_capacity=500,
+                reward_refit_every=2,
+                reward_impression_weight=weight,
+            ),
+        )
+        lr.observe(recs)
+        for _ in range(4):
+            lr.step()
+        moved.append(float(lr.model.reward_head.users.abs().sum()))
+    assert moved[0] == 0.0
+    assert moved[1] > 0.0
