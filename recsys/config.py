@@ -285,6 +285,12 @@ class LearnerSettings(_Section):
         "fit, organic feedback weighing 1 (0: organic only; set 1 where there is no organic "
         "feedback such as ratings)",
     )
+    reward_refit_every: int = Field(
+        50,
+        ge=0,
+        description="Steps between exact refits of the reward head (alternating least squares "
+        "over the replay buffer; 0: gradient steps only)",
+    )
     id_embeddings: bool = Field(True, description="Learn an id embedding per item")
     text: bool = Field(
         False,

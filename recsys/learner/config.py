@@ -197,6 +197,7 @@ class LearnerConfig:
             keep_checkpoints=s.keep_checkpoints,
             reward_batch_multiplier=s.reward_batch_multiplier,
             reward_impression_weight=s.reward_impression_weight,
+            reward_refit_every=s.reward_refit_every,
             max_users=s.max_users,
             max_items=s.max_items,
         )

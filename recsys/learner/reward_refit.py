@@ -84,17 +84,18 @@ def refit_reward_head(
     the rows given (``users [R]`` buckets, -1 unknown; ``items [R]`` indices below the model's
     item count; ``rewards, weights [R]``), written into ``model.reward_head`` in place.
 
-    Rows of unknown users fit only the item biases (their ``p`` is 0). Users and items with no
-    row of weight above 0 keep their values.
+    Rows of unknown users fit only the item biases (their ``p`` is 0); with no known user at
+    all (the offline benchmarks' rows carry none) there is nothing personal to fit and the head
+    is left as it is. Users and items with no row of weight above 0 keep their values.
     """
     head = model.reward_head
     scale = head.SCALE
     keep = (items < model.num_items) & (weights > 0)
     users, items = users[keep].long(), items[keep].long()
     rewards, weights = rewards[keep].float(), weights[keep].float()
-    if items.numel() == 0:
-        return
     known = users >= 0
+    if not bool(known.any()):
+        return
     u_ids, u_group = torch.unique(users[known], return_inverse=True)
     i_ids, i_group = torch.unique(items, return_inverse=True)
     text = model.reward_item_factors(i_ids).float() - scale * head.items[i_ids].float()
@@ -104,21 +105,19 @@ def refit_reward_head(
     a = scale * head.user_bias[u_ids].float()
     ones = torch.ones(len(items), 1, device=items.device)
     for _ in range(sweeps):
-        if len(u_ids):
-            q_rows = (q_id + text)[i_group[known]]
-            theta = ridge_per_group(
-                u_group,
-                len(u_ids),
-                torch.cat([q_rows, ones[known]], dim=1),
-                rewards[known] - c[i_group[known]],
-                weights[known],
-                l2,
-            )
-            p, a = theta[:, :-1], theta[:, -1]
+        q_rows = (q_id + text)[i_group[known]]
+        theta = ridge_per_group(
+            u_group,
+            len(u_ids),
+            torch.cat([q_rows, ones[known]], dim=1),
+            rewards[known] - c[i_group[known]],
+            weights[known],
+            l2,
+        )
+        p, a = theta[:, :-1], theta[:, -1]
         p_rows = torch.zeros(len(items), head.dim, device=items.device)
         a_rows = torch.zeros(len(items), device=items.device)
-        if len(u_ids):
-            p_rows[known], a_rows[known] = p[u_group], a[u_group]
+        p_rows[known], a_rows[known] = p[u_group], a[u_group]
         y = rewards - a_rows - (p_rows * text[i_group]).sum(-1)
         theta = ridge_per_group(
             i_group, len(i_ids), torch.cat([p_rows, ones], dim=1), y, weights, l2, text
@@ -127,6 +126,5 @@ def refit_reward_head(
     dtype = head.items.dtype
     head.items[i_ids] = (q_id / scale).to(dtype)
     head.bias[i_ids] = (c / scale).to(dtype)
-    if len(u_ids):
-        head.users[u_ids] = (p / scale).to(dtype)
-        head.user_bias[u_ids] = (a / scale).to(dtype)
+    head.users[u_ids] = (p / scale).to(dtype)
+    head.user_bias[u_ids] = (a / scale).to(dtype)

@@ -59,6 +59,9 @@ def test_the_worker_settings_choose_the_objective_and_the_towers() -> None:
     )
     with pytest.raises(ConfigError, match="use_text"):
         model_config(LearnerSettings(text=False, id_embeddings=False), text_dim=8)
+    head = LearnerSettings(reward_impression_weight=1.0, reward_refit_every=0)
+    cfg_head = LearnerConfig.from_settings(head)
+    assert (cfg_head.reward_impression_weight, cfg_head.reward_refit_every) == (1.0, 0)
 
 
 def test_config_validation_names_the_parameter() -> None:
