@@ -25,7 +25,7 @@ import torch
 
 from recsys.model import PolicyNet
 
-# Rows per chunk of outer products: about 4M floats of [rows, k, k] at a time.
+# Rows (and groups) per chunk of outer products: about 4M floats of [rows, k, k] at a time.
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -53,21 +53,34 @@ def ridge_per_group(
     """
     k = x.shape[1]
     x, y, w = x.float(), y.float(), w.float()
-    a = torch.zeros(n_groups, k, k, device=x.device)
-    b = torch.zeros(n_groups, k, device=x.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (k * k))
-    for s in range(0, x.shape[0], chunk):
-        xs, ws, gs = x[s : s + chunk], w[s : s + chunk], group[s : s + chunk]
-        a.index_add_(0, gs, ws[:, None, None] * xs[:, :, None] * xs[:, None, :])
-        b.index_add_(0, gs, (ws * y[s : s + chunk])[:, None] * xs)
-    n = torch.zeros(n_groups, device=x.device).index_add_(0, group, w)
+    order = torch.argsort(group)
+    group, x, y, w = group[order], x[order], y[order], w[order]
+    bounds = torch.searchsorted(group, torch.arange(n_groups + 1, device=group.device)).tolist()
     reg = torch.ones(k, device=x.device)
     reg[-1] = 0.0
-    lam = l2 * n[:, None]
-    a = a + torch.diag_embed(lam * reg) + 1e-6 * torch.eye(k, device=x.device)
-    if shift is not None:
-        b[:, :-1] -= lam * shift.float()
-    return torch.linalg.solve(a, b)
+    eye = 1e-6 * torch.eye(k, device=x.device)
+    out = torch.empty(n_groups, k, device=x.device)
+    # Groups a block at a time, so the normal equations [block, k, k] stay bounded however
+    # many users the buffer holds; rows are sorted by group, so a block's rows are a slice.
+    block = max(1, _CHUNK_ELEMENTS // (k * k))
+    for g0 in range(0, n_groups, block):
+        g1 = min(n_groups, g0 + block)
+        r0, r1 = bounds[g0], bounds[g1]
+        gb = group[r0:r1] - g0
+        a = torch.zeros(g1 - g0, k, k, device=x.device)
+        b = torch.zeros(g1 - g0, k, device=x.device)
+        for s in range(r0, r1, block):
+            e = min(r1, s + block)
+            xs, ws, gs = x[s:e], w[s:e], gb[s - r0 : e - r0]
+            a.index_add_(0, gs, ws[:, None, None] * xs[:, :, None] * xs[:, None, :])
+            b.index_add_(0, gs, (ws * y[s:e])[:, None] * xs)
+        n = torch.zeros(g1 - g0, device=x.device).index_add_(0, gb, w[r0:r1])
+        lam = l2 * n[:, None]
+        a = a + torch.diag_embed(lam * reg) + eye
+        if shift is not None:
+            b[:, :-1] -= lam * shift[g0:g1].float()
+        out[g0:g1] = torch.linalg.solve(a, b)
+    return out
 
 
 @torch.no_grad()

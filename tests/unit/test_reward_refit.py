@@ -10,6 +10,7 @@ import torch
 
 from recsys.errors import ConfigError
 from recsys.events import RewardRecord
+from recsys.learner import reward_refit
 from recsys.learner.config import LearnerConfig
 from recsys.learner.reward_refit import refit_reward_head, ridge_per_group
 from recsys.learner.trainer import Learner
@@ -17,9 +18,12 @@ from recsys.model import ModelConfig, PolicyNet
 from recsys.replay_buffer import ReplayBuffer, Transitions
 
 
-def test_ridge_per_group_matches_the_closed_form_of_each_group() -> None:
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_ridge_per_group_matches_the_closed_form_of_each_group(monkeypatch, chunk) -> None:
     """Per group: argmin Σ w (y − θ·x)² + λ Σw ‖θ_f + s‖², bias unregularised, solved by
-    numpy on that group's rows alone."""
+    numpy on that group's rows alone; the same when rows and groups go a few at a time."""
+    if chunk is not None:
+        monkeypatch.setattr(reward_refit, "_CHUNK_ELEMENTS", chunk)
     rng = np.random.default_rng(0)
     rows, k, groups, lam = 60, 4, 3, 0.3
     g = rng.integers(0, groups, rows)
