@@ -271,7 +271,12 @@ class LearnerSettings(_Section):
     weight_cap: float = Field(10.0, gt=0, description="Cap c of the importance weight")
     buffer_capacity: int = Field(100_000, ge=1, description="Replay buffer capacity")
     replay_ratio: float = Field(4.0, gt=0, description="Training samples per new reward")
-    max_steps_per_batch: int = Field(16, ge=1, description="Most gradient steps per polled batch")
+    max_steps_per_batch: int = Field(
+        32,
+        ge=1,
+        description="Most gradient steps per polled batch (32: a full poll of 1,000 rewards "
+        "gets its replay budget, 1000 x 4 / 128; it bounds catch-up after a stall)",
+    )
     reward_batch_multiplier: int = Field(
         8,
         ge=1,
