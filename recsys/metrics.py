@@ -89,6 +89,11 @@ LEARNER_LOSS = Gauge("recsys_learner_loss", "Latest loss value, by term", ["loss
 LEARNER_SKIPPED_STEPS = Counter(
     "recsys_learner_skipped_steps_total", "Steps skipped because the loss was not finite"
 )
+LEARNER_REFIT_SECONDS = Histogram(
+    "recsys_learner_reward_refit_seconds",
+    "Time of one exact refit of the reward head over the replay buffer",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 CHECKPOINTS_WRITTEN = Counter("recsys_checkpoints_written_total", "Checkpoints written")
 CHECKPOINT_TIMESTAMP = Gauge(
     "recsys_checkpoint_timestamp_seconds", "Unix time of the newest checkpoint written"

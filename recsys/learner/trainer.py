@@ -524,16 +524,17 @@ class Learner:
         minimum of the head's own loss, which gradient steps approach slowly."""
         if len(self.buffer) == 0 or self.model.num_items == 0:
             return
-        rows = self.buffer.reward_rows()
-        refit_reward_head(
-            self.model,
-            rows.user,
-            rows.item,
-            rows.reward,
-            rows.weight * self._reward_weights(rows.logged),
-            self.cfg.reward_l2,
-            self.cfg.reward_refit_sweeps,
-        )
+        with metrics.LEARNER_REFIT_SECONDS.time():
+            rows = self.buffer.reward_rows()
+            refit_reward_head(
+                self.model,
+                rows.user,
+                rows.item,
+                rows.reward,
+                rows.weight * self._reward_weights(rows.logged),
+                self.cfg.reward_l2,
+                self.cfg.reward_refit_sweeps,
+            )
 
     # --- inference --------------------------------------------------------------------------
 

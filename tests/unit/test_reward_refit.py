@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys import metrics
 from recsys.errors import ConfigError
 from recsys.events import RewardRecord
 from recsys.learner import reward_refit
@@ -118,6 +119,12 @@ def test_the_buffers_row_weights_are_its_sampling_probabilities() -> None:
     assert set(items[:10].tolist()) == set(range(15, 25))  # the ring holds the newest
 
 
+def _refits() -> float:
+    """Observations of ``recsys_learner_reward_refit_seconds`` so far."""
+    (family,) = metrics.LEARNER_REFIT_SECONDS.collect()
+    return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
 def test_the_learner_refits_its_head_every_n_steps(monkeypatch) -> None:
     cfg = ModelConfig(text_dim=8, dim=8, max_history=4, item_capacity=8, dropout=0.0)
     lr = Learner(
@@ -132,10 +139,17 @@ def test_the_learner_refits_its_head_every_n_steps(monkeypatch) -> None:
     )
     calls: list[int] = []
     real = lr.refit_reward_head
-    monkeypatch.setattr(lr, "refit_reward_head", lambda: (calls.append(lr.step_count), real()))
+
+    def counted() -> None:
+        calls.append(lr.step_count)
+        real()
+
+    monkeypatch.setattr(lr, "refit_reward_head", counted)
+    before = _refits()
     for _ in range(7):
         lr.step()
     assert calls == [3, 6]
+    assert _refits() - before == 2  # recsys_learner_reward_refit_seconds counts each refit
     with pytest.raises(ConfigError, match="reward_refit_every"):
         LearnerConfig(reward_refit_every=-1)
 
