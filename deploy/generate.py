@@ -276,6 +276,22 @@ def dashboards() -> dict[str, dict[str, Any]]:
                 [(f"sum(increase(recsys_learner_skipped_steps_total[{RATE}]))", "skipped")],
             ),
             ts(
+                "Reward head refit seconds (p50, max)",
+                [
+                    (
+                        "histogram_quantile(0.5, sum by (le) "
+                        f"(rate(recsys_learner_reward_refit_seconds_bucket[{RATE}])))",
+                        "p50",
+                    ),
+                    (
+                        "histogram_quantile(1.0, sum by (le) "
+                        f"(rate(recsys_learner_reward_refit_seconds_bucket[{RATE}])))",
+                        "max",
+                    ),
+                ],
+                "s",
+            ),
+            ts(
                 "Replay buffer fill",
                 [
                     (
