@@ -212,12 +212,7 @@ class ReplayBuffer:
         """
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        if self._res_size == 0:
-            n_recent = n
-        elif self._ring_size == 0:
-            n_recent = 0
-        else:
-            n_recent = round(n * self.recent_fraction)
+        n_recent = round(n * self._recent_share())
         g = self.generator
         parts = []
         if n_recent:
@@ -229,6 +224,15 @@ class ReplayBuffer:
             parts.append(res + self.recent_capacity)
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         return self.gather(rows)
+
+    def _recent_share(self) -> float:
+        """The share of :meth:`sample`'s draws taken from the ring (all of them while the
+        reservoir is empty, none while the ring is)."""
+        if self._res_size == 0:
+            return 1.0
+        if self._ring_size == 0:
+            return 0.0
+        return self.recent_fraction
 
     def gather(self, rows: torch.Tensor) -> Transitions:
         s = self._store
@@ -246,19 +250,15 @@ class ReplayBuffer:
         drawn by :meth:`sample` times the rows held (mean 1): a weighted sum over the rows is
         what batches of samples average to."""
         recent, reservoir = self.recent_rows(), self.reservoir_rows()
-        if not len(reservoir):
-            share = (1.0, 0.0)
-        elif not len(recent):
-            share = (0.0, 1.0)
-        else:
-            share = (self.recent_fraction, 1.0 - self.recent_fraction)
-        n = len(recent) + len(reservoir)
+        share, n = self._recent_share(), len(recent) + len(reservoir)
         weight = torch.cat(
             [
-                torch.full((len(recent),), share[0] * n / max(len(recent), 1)),
-                torch.full((len(reservoir),), share[1] * n / max(len(reservoir), 1)),
+                torch.full((len(recent),), share * n / max(len(recent), 1), device=self.device),
+                torch.full(
+                    (len(reservoir),), (1 - share) * n / max(len(reservoir), 1), device=self.device
+                ),
             ]
-        ).to(self.device)
+        )
         rows = torch.cat([recent, reservoir])
         s = self._store
         return RewardRows(

@@ -111,8 +111,8 @@ def refit_reward_head(
         return
     u_ids, u_group = torch.unique(users[known], return_inverse=True)
     i_ids, i_group = torch.unique(items, return_inverse=True)
-    text = model.reward_item_factors(i_ids).float() - scale * head.items[i_ids].float()
     q_id = scale * head.items[i_ids].float()
+    text = model.reward_item_factors(i_ids).float() - q_id
     c = scale * head.bias[i_ids].float()
     p = scale * head.users[u_ids].float()
     a = scale * head.user_bias[u_ids].float()

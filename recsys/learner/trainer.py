@@ -435,8 +435,7 @@ class Learner:
     def _reward_weights(self, logged: torch.Tensor) -> torch.Tensor:
         """Each row's weight in the head's fit: ``reward_impression_weight`` where a
         propensity was logged, 1 for organic feedback."""
-        w = self.cfg.reward_impression_weight
-        return torch.where(logged, torch.full_like(logged, w, dtype=torch.float32), 1.0)
+        return torch.where(logged, float(self.cfg.reward_impression_weight), 1.0)
 
     def _reward_loss(
         self,
