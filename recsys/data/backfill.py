@@ -213,9 +213,12 @@ def read_topic(
         out: list[tuple[int, bytes | None, bytes | None]] = []
         start = last_data = time.monotonic()
         while True:
-            for tp, records in consumer.poll(timeout_ms=200).items():
+            polled = consumer.poll(timeout_ms=200)
+            for tp, records in polled.items():
                 out.extend((tp.partition, r.key, r.value) for r in records)
                 last_data = time.monotonic()
+            if polled:  # the position counts records fetched: some may still wait to be returned
+                continue
             watermarks = [consumer.highwater(tp) for tp in parts]
             if all(
                 hw is not None and consumer.position(tp) >= hw
