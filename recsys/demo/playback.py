@@ -25,6 +25,33 @@ from recsys.demo.simulator import UserSimulator
 from recsys.events import Event, Slate
 
 
+@dataclass(frozen=True)
+class VisitSchedule:
+    """When the app's visits happen: visit ``i`` (from 0) at ``start_ms + i / per_s``.
+
+    The schedule clock, not the wall clock, stamps a visit and decides which released items it
+    can see, so every arm meets the same users at the same times in every run.
+
+    >>> s = VisitSchedule(start_ms=1_000, per_s=4.0)
+    >>> s.due(0.0), s.due(0.6), [s.at_ms(i) for i in range(3)], [s.second(i) for i in (3, 4)]
+    (1, 3, [1000, 1250, 1500], [0, 1])
+    """
+
+    start_ms: int
+    per_s: float
+
+    def due(self, elapsed_s: float) -> int:
+        """How many visits are due ``elapsed_s`` into the schedule; each later one falls in a
+        second no earlier than ``int(elapsed_s)``, so seconds before that can be closed."""
+        return int(elapsed_s * self.per_s) + 1
+
+    def at_ms(self, i: int) -> int:
+        return self.start_ms + int(i * 1000 / self.per_s)
+
+    def second(self, i: int) -> int:
+        return int(i / self.per_s)
+
+
 @dataclass
 class _Second:
     impressions: int = 0

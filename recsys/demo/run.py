@@ -43,7 +43,7 @@ from recsys.config import KafkaSettings, TopicSettings
 from recsys.data.backfill import replay, replay_items
 from recsys.data.movielens import MovieLens, load_movielens
 from recsys.demo.arms import Arm, reduce_vectors
-from recsys.demo.playback import ArmTally, PeerPlayer
+from recsys.demo.playback import ArmTally, PeerPlayer, VisitSchedule
 from recsys.demo.report import DemoResult, write_report
 from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.demo.supervisor import WorkerProcess
@@ -216,7 +216,9 @@ def run_demo(cfg: DemoConfig) -> Path:
                 for user_id, items in watched.items():
                     world.mark_consumed(user_id, items)  # nobody re-watches their history
             ceilings = worlds["oracle"].ceilings(cfg.k, live_ms)
-            result = _live(cfg, kafka, topics, producer, worlds, warm, workers, ports, peers)
+            result = _live(
+                cfg, kafka, topics, producer, worlds, warm, workers, ports, peers, live_ms
+            )
             result.extra["ceilings_at_start"] = ceilings
         except KeyboardInterrupt:
             print("\ninterrupted: stopping workers and writing the report", flush=True)
@@ -277,8 +279,17 @@ def _live(
     workers: list[WorkerProcess],
     ports: dict[str, int],
     baselines: dict[str, Arm],
+    live_ms: int,
 ) -> DemoResult:
+    """The live phase: visits on a fixed schedule from ``live_ms``, each arm in its own world.
+
+    Visit ``i`` happens at ``live_ms + i / visits_per_s`` on the schedule clock, and items are
+    released before the first visit at or after their release time. Every arm's world sees the
+    same users at the same scheduled times, so the peers and the oracle come out the same in
+    every run; only recsys's slates depend on how fast the workers were.
+    """
     sim = worlds["recsys"]
+    schedule = VisitSchedule(live_ms, cfg.visits_per_s)
     arms = {name: ArmTally(world) for name, world in worlds.items()}
     rngs = {name: np.random.default_rng(cfg.seed + 10 + i) for i, name in enumerate(ARMS)}
     peers = PeerPlayer(baselines, {n: arms[n] for n in baselines}, arms["oracle"], rngs, cfg.k)
@@ -288,8 +299,9 @@ def _live(
     rng_arrival = np.random.default_rng(cfg.seed + 1)
     rng_cold = np.random.default_rng(cfg.seed + 2)
     result = DemoResult(minutes=cfg.minutes, arms={name: arm.series for name, arm in arms.items()})
-    started = time.monotonic()
-    released_until = int(time.time() * 1000)
+    # The monotonic clock of the schedule's start; setting up the worlds took a moment since.
+    started = time.monotonic() - max(0.0, time.time() - live_ms / 1000)
+    released_until = live_ms
     last_event_wall: dict[str, float] = {}
     drift_seen: Counter[str] = Counter()
     sent = 0
@@ -301,23 +313,21 @@ def _live(
     interrupted = False
     try:
         while (elapsed := time.monotonic() - started) < cfg.minutes * 60:
-            now_ms = int(time.time() * 1000)
             for w in workers:
                 if not w.alive:
                     raise RecsysError(f"{w.name} worker exited ({w.returncode}):\n{w.tail()}")
-            new_items = sim.released_between(released_until, now_ms)
-            if new_items:
-                replay_items(new_items, producer, topics.items)
-                peers.release([i.item_id for i in new_items])
-                released_until = now_ms
             for user_id, wall in slates.poll():
                 if user_id in last_event_wall:
                     result.freshness_s.append(wall - last_event_wall.pop(user_id))
             # One batch of visits per tick keeps to the rate without a sleep per visit.
-            due = int(elapsed * cfg.visits_per_s) - visit
-            second = int(elapsed)
-            for _ in range(max(0, due)):
+            while visit < schedule.due(elapsed):
+                now_ms, second = schedule.at_ms(visit), schedule.second(visit)
                 visit += 1
+                new_items = sim.released_between(released_until, now_ms)
+                released_until = now_ms
+                if new_items:
+                    replay_items(new_items, producer, topics.items)
+                    peers.release([i.item_id for i in new_items])
                 user = sim.next_user(rng_arrival)
                 rid = f"demo-{visit}"
                 slate = (
@@ -335,7 +345,7 @@ def _live(
                 if any(e.type != "impression" for e in events):
                     last_event_wall[user] = time.time()
                 peers.visit(second, user, now_ms, rid)
-            arms["recsys"].close_until(second)
+            arms["recsys"].close_until(int(elapsed))
             if time.monotonic() >= next_tick:
                 lag_s.append(time.monotonic() - next_tick)
                 next_tick += 1.0
@@ -346,7 +356,7 @@ def _live(
                     printed_at = t
                     _progress(t, cfg, result, window, slates, peers.backlog)
             # The peers get the time until the next visit is due; recsys's visits come first.
-            next_visit = started + (visit + 1) / cfg.visits_per_s
+            next_visit = started + (schedule.at_ms(visit) - live_ms) / 1000
             peers.play(deadline=min(next_visit, next_tick))
             if not peers.backlog:
                 time.sleep(max(0.0, min(0.01, next_visit - time.monotonic())))

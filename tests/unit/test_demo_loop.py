@@ -11,7 +11,7 @@ import pytest
 from recsys import datasets
 from recsys.data.movielens import load_movielens
 from recsys.demo.arms import EpsilonGreedyArm, MostPopularArm, RandomArm
-from recsys.demo.playback import ArmTally, PeerPlayer
+from recsys.demo.playback import ArmTally, PeerPlayer, VisitSchedule
 from recsys.demo.report import ArmSeries, DemoResult
 from recsys.demo.run import _record_lag
 from recsys.demo.simulator import SimConfig, UserSimulator
@@ -116,3 +116,16 @@ def test_the_player_plays_nothing_past_its_deadline(world):
         PeerPlayer(
             {"random": RandomArm(items, 3)}, {}, player.oracle, {"random": player.rngs["random"]}, 3
         )
+
+
+def test_the_schedule_fixes_each_visit_and_never_reopens_a_closed_second():
+    schedule = VisitSchedule(start_ms=5_000, per_s=15.0)
+    visit = 0
+    for elapsed in np.sort(np.random.default_rng(0).uniform(0, 30, size=200)):
+        closed = int(elapsed)
+        due = schedule.due(elapsed)
+        assert due > elapsed * 15 >= due - 1  # everything due, nothing early
+        visit = max(visit, due)
+        assert schedule.second(visit) >= closed  # the next visit lands in an open second
+    assert [schedule.at_ms(i) for i in (0, 1, 15, 450)] == [5_000, 5_066, 6_000, 35_000]
+    assert [schedule.second(i) for i in (0, 14, 15, 449)] == [0, 0, 1, 29]
