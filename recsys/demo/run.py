@@ -48,7 +48,7 @@ from recsys.demo.report import DemoResult, write_report
 from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.demo.supervisor import WorkerProcess
 from recsys.errors import ConfigError, RecsysError
-from recsys.events import Event, Slate, SlateItem
+from recsys.events import Event, Slate
 from recsys.history import not_allowed
 from recsys.kafka import create_topics, make_consumer, make_producer
 from recsys.serving.model import load_serving_model
@@ -333,7 +333,7 @@ def _live(
                 slate = (
                     slates.latest.get(user)
                     or slates.cold_start()
-                    or _cold_slate(sim, user, now_ms, cfg.k, rng_cold)
+                    or sim.random_slate(user, cfg.k, now_ms, rng_cold)
                 )
                 slate = Slate(rid, user, slate.model_version, now_ms, slate.items)
                 ope.before(slate, now_ms, elapsed)
@@ -545,19 +545,6 @@ def _peers(
         arm.warm_start(warm)
         peers[name] = arm
     return peers
-
-
-def _cold_slate(
-    sim: UserSimulator, user: str, now_ms: int, k: int, rng: np.random.Generator
-) -> Slate:
-    """What the app shows before the publisher has stored any slate: uniform random."""
-    avail = sim.available(now_ms)
-    chosen = rng.choice(len(avail), size=min(k, len(avail)), replace=False)
-    prop = min(k, len(avail)) / len(avail)
-    items = tuple(
-        SlateItem(sim.item_ids[int(avail[j])], 0.0, prop, p) for p, j in enumerate(chosen)
-    )
-    return Slate("cold", user, "cold-start", now_ms, items)
 
 
 def _scrape(

@@ -322,6 +322,18 @@ class UserSimulator:
         )
         return Slate(request_id or f"oracle:{user_id}:{now_ms}", user_id, "oracle", now_ms, items)
 
+    def random_slate(self, user_id: str, k: int, now_ms: int, rng: np.random.Generator) -> Slate:
+        """What the app shows before the publisher has any slate: ``k`` released items drawn
+        uniformly without replacement; propensity ``1 / |released|`` (the single-draw
+        probability, docs/design.md "One propensity")."""
+        avail = self.available(now_ms)
+        chosen = rng.choice(len(avail), size=min(k, len(avail)), replace=False)
+        prop = 1.0 / len(avail)
+        items = tuple(
+            SlateItem(self.item_ids[int(avail[j])], 0.0, prop, p) for p, j in enumerate(chosen)
+        )
+        return Slate("cold", user_id, "cold-start", now_ms, items)
+
     def ceilings(self, k: int, now_ms: int) -> dict[str, float]:
         """Noise-free CTR per impression that reference policies would get at ``now_ms``.
 

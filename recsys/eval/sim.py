@@ -68,7 +68,7 @@ from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.drift import DriftMonitor, DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
 from recsys.eval.ope import first_slot_ope
-from recsys.events import Event, RewardRecord, Slate, SlateItem, item_text
+from recsys.events import Event, RewardRecord, Slate, item_text
 from recsys.history import pad_histories
 from recsys.learner.config import LearnerConfig, model_config
 from recsys.learner.online import DRIFT_SIGNALS, OnlineConfig, OnlineLearner
@@ -404,19 +404,6 @@ def exploration_curve(
     return out
 
 
-def _random_slate(
-    world: UserSimulator, user: str, now_ms: int, k: int, rng: np.random.Generator
-) -> Slate:
-    """What the app shows before the publisher has a slate for the user (the demo's rule)."""
-    avail = world.available(now_ms)
-    chosen = rng.choice(len(avail), size=min(k, len(avail)), replace=False)
-    prop = 1.0 / len(avail)
-    items = tuple(
-        SlateItem(world.item_ids[int(avail[j])], 0.0, prop, p) for p, j in enumerate(chosen)
-    )
-    return Slate("cold", user, "cold-start", now_ms, items)
-
-
 def item_vectors(sim: UserSimulator, cache_dir: str | None = None) -> dict[str, np.ndarray]:
     """The frozen text encoder's vector of every simulated item (cached on disk)."""
     from recsys.encoder.text import TextEncoder
@@ -644,7 +631,7 @@ def _run_recsys(
             slate = (
                 rs.latest.get(user)
                 or rs.cold_slate
-                or _random_slate(world, user, now_ms, run.k, rng_cold)
+                or world.random_slate(user, run.k, now_ms, rng_cold)
             )
             slate = Slate(f"sim-{v}", user, slate.model_version, now_ms, slate.items)
             p = _slate_probabilities(world, slate, now_ms)

@@ -117,6 +117,23 @@ def test_cold_start_items_released_over_time(sim: UserSimulator) -> None:
     assert not unreleased & {i.item_id for i in sim.oracle_slate(sim.user_ids[0], 50, start).items}
 
 
+def test_the_random_slate_logs_the_single_draw_probability(sim: UserSimulator) -> None:
+    start = CFG.start_ms
+    n = len(sim.available(start))
+    rng = np.random.default_rng(0)
+    user = sim.user_ids[0]
+    slates = [sim.random_slate(user, 5, start, rng) for _ in range(4000)]
+    assert {i.propensity for s in slates for i in s.items} == {1.0 / n}
+    # Slot 0 is one uniform draw: the chance it falls in a set of items is the sum of their
+    # propensities (here a third of the released items), within 4 standard errors.
+    third = {sim.item_ids[int(j)] for j in sim.available(start)[: n // 3]}
+    p = len(third) / n
+    freq = np.mean([s.items[0].item_id in third for s in slates])
+    assert abs(freq - p) < 4 * (p * (1 - p) / len(slates)) ** 0.5
+    assert all(len({i.item_id for i in s.items}) == 5 for s in slates)
+    assert [i.position for i in slates[0].items] == list(range(5))
+
+
 def test_respond_events_follow_the_contract(ml: MovieLens) -> None:
     sim = UserSimulator(ml, CFG)
     rng = np.random.default_rng(1)
