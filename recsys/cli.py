@@ -264,6 +264,12 @@ def _add_demo(sub: Any) -> None:
         action="store_true",
         help="skip the backfill of the catalogue's MovieLens ratings",
     )
+    p.add_argument(
+        "--peers-live",
+        action="store_true",
+        help="play the peer arms during the live phase, in the app's spare time (shown in the "
+        "progress line; on a small machine they take CPU from the workers under test)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -278,6 +284,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         visits_per_s=args.visits_per_s,
         shift_at=args.shift_at,
         warm_start=not args.no_warm_start,
+        peers_live=args.peers_live,
         seed=args.seed,
     )
     # The workers log to their own files; the console is for the progress line.

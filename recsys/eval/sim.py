@@ -23,7 +23,8 @@ and seeds are cheap enough to compare with paired confidence intervals:
   ``with_text`` (the text tower, so a new item is ranked by its text from the start);
   ``text_only`` (text, no id embedding / item bias); ``no_value`` (no counted value bias in
   serving, :mod:`recsys.learner.item_value`); ``with_click_value`` (the value bias's click term
-  on, weight 3); ``no_reward_head`` (no personalised reward head,
+  on, weight 3); ``with_click_optimism`` (it ranked by an upper confidence bound, optimism 2: a
+  bonus for items little shown, new ones first); ``no_reward_head`` (no personalised reward head,
   :class:`recsys.model.RewardHead`). full − variant > 0: the default choice pays.
 - **Figures**: CTR per impression, observed (clicks) and expected (the simulator's own click
   probabilities of the slates shown: noise-free, the one the ratios use), per third of the run,
@@ -91,6 +92,7 @@ VARIANTS = (
     "text_only",
     "no_value",
     "with_click_value",
+    "with_click_optimism",
     "no_reward_head",
     "reward_batch_1",
     "head_impressions",
@@ -120,6 +122,8 @@ def variant_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "no_reward_head": ({"reward_head_weight": 0.0}, {}),
         # The CTR counted from impressions on top of the organic term.
         "with_click_value": ({"click_value_weight": 3.0}, {}),
+        # That click term ranked by an upper bound (an exploration bonus for little-shown items).
+        "with_click_optimism": ({"click_value_weight": 3.0, "click_value_optimism": 2.0}, {}),
         # The reward head fitted on the policy's own batch only (the default fits 8 batches).
         "reward_batch_1": ({"reward_batch_multiplier": 1}, {}),
         # The reward head fitted to impressions too, at organic feedback's weight.

@@ -148,23 +148,40 @@ class ItemValues:
         # impressions of 36,000 per run).
         return np.where(seen, q, float(q[seen].mean())) / sd
 
-    def click_term(self) -> np.ndarray:
-        """``log(ctr_i / μ)`` per item, ``μ`` the slot-0 CTR (0 while nothing was clicked)."""
+    def click_term(self, optimism: float = 0.0) -> np.ndarray:
+        """``log(ctr_i / μ)`` per item, ``μ`` the slot-0 CTR (0 while nothing was clicked).
+
+        ``optimism`` ``c`` ranks by an upper bound instead, ``ctr_i + c·sd_i``, with ``sd_i``
+        the posterior spread of the Gamma–Poisson model behind ``ctr_i``
+        (``√(clicks_i + s·μ) / (exposure_i + s)``): an item little shown (a new one) starts
+        above the average and keeps its place only while its clicks bear it out.
+
+        >>> v = ItemValues(click_prior=20.0)
+        >>> keys = [("r", str(n)) for n in range(101)]
+        >>> v.update([0] * 100 + [1], [1.0] * 5 + [0.0] * 96, [0] * 101, keys)
+        >>> [round(float(x), 2) for x in v.click_term()]  # 5 clicks of 100; 1 shown, ignored
+        [0.01, -0.05]
+        >>> [round(float(x), 2) for x in v.click_term(optimism=1.0)]  # the second: less known
+        [0.35, 0.65]
+        """
         exposure = float(self.exposure.sum())
         mu = float(self.clicks.sum()) / exposure if exposure else 0.0
         if mu <= 0:
             return np.zeros(len(self.exposure))
         s = self.click_prior
-        return np.log((self.clicks + s * mu) / (self.exposure + s)) - math.log(mu)
+        a, b = self.clicks + s * mu, self.exposure + s
+        return np.log((a + optimism * np.sqrt(a)) / b) - math.log(mu)
 
-    def bias(self, n: int, organic_weight: float, click_weight: float) -> np.ndarray:
+    def bias(
+        self, n: int, organic_weight: float, click_weight: float, click_optimism: float = 0.0
+    ) -> np.ndarray:
         """``[n]`` value bias of items ``0..n-1`` (float32; zeros for items never counted)."""
         self._grow(n)
         out = np.zeros(n)
         if organic_weight:
             out += organic_weight * self.organic_term()[:n]
         if click_weight:
-            out += click_weight * self.click_term()[:n]
+            out += click_weight * self.click_term(click_optimism)[:n]
         return out.astype(np.float32)
 
     # --- checkpoints ------------------------------------------------------------------------

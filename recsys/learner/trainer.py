@@ -268,7 +268,10 @@ class Learner:
         n = self.model.num_items
         if n == 0 or len(self.values) == 0:
             return
-        bias = self.values.bias(n, self.cfg.organic_value_weight, self.cfg.click_value_weight)
+        cfg = self.cfg
+        bias = self.values.bias(
+            n, cfg.organic_value_weight, cfg.click_value_weight, cfg.click_value_optimism
+        )
         self.model.set_value_bias(torch.from_numpy(bias))
 
     def _replace_params(self, mapping: dict[torch.Tensor, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.errors import ConfigError
 from recsys.events import RewardRecord
 from recsys.learner.config import LearnerConfig
 from recsys.learner.item_value import ItemValues
@@ -53,6 +54,24 @@ def test_click_term_learns_from_ignored_impressions() -> None:
     assert c[0] == pytest.approx(math.log((10 + 20 * mu) / (100 + 20)) - math.log(mu))
     assert c[1] < 0 < c[0]  # shown and ignored: below the average item
     assert c[2] == 0.0  # never shown: the prior, exactly the average
+
+
+def test_optimism_ranks_by_an_upper_bound_that_shrinks_with_exposure() -> None:
+    v = ItemValues(click_prior=20.0)
+    # items 0 and 1 at the same CTR, 1 shown ten times as often; item 2 shown and never clicked
+    for args in (_impressions(0, 50, 5), _impressions(1, 500, 50, start=50)):
+        v.update(*args)
+    v.update(*_impressions(2, 500, 0, start=550))
+    v.update([3], [0.0], [-1], [None])  # item 3 never shown
+    plain, bold = v.click_term(), v.click_term(optimism=2.0)
+    assert plain.tolist() == v.click_term(optimism=0.0).tolist()
+    lift = bold - plain
+    assert lift[3] > lift[0] > lift[1] > 0  # the less an item is known, the larger its lift
+    assert bold[3] > bold[1]  # a new item starts above an average well-known one ...
+    assert bold[2] < plain[1]  # ... and one shown 500 times unclicked stays below it
+    mu = 55 / 1050
+    a, b = 20 * mu, 20.0
+    assert bold[3] == pytest.approx(math.log((a + 2 * math.sqrt(a)) / b) - math.log(mu))
 
 
 def test_one_click_per_impression_and_position_debiasing() -> None:
@@ -139,3 +158,31 @@ def test_an_item_nobody_rated_is_valued_as_the_average_rated_item() -> None:
     q = v.organic_term()
     assert q[2] == pytest.approx((q[0] + q[1]) / 2)  # between the good and the bad item
     assert q[0] > q[2] > q[1]
+
+
+def test_the_learner_serves_the_click_terms_optimism_from_its_config() -> None:
+    def served(optimism: float) -> torch.Tensor:
+        cfg = LearnerConfig(
+            device="cpu",
+            organic_value_weight=0.0,
+            click_value_weight=1.0,
+            click_value_optimism=optimism,
+            reward_head_weight=0.0,
+            seed=0,
+        )
+        lr = Learner(MODEL, cfg)
+        clicks = [
+            RewardRecord(f"c{n}", f"x{n}", "good", 1.0, 3000 + n, "joined", 0.1, 0, "v1", f"k{n}")
+            for n in range(5)
+        ]
+        lr.observe(_records() + clicks)
+        lr.sync_values()
+        values = ItemValues(cfg.organic_value_prior, cfg.click_value_prior)
+        values.load_state(lr.values.state())
+        expected = values.bias(lr.model.num_items, 0.0, 1.0, optimism)
+        assert torch.allclose(lr.model.value_biases(), torch.from_numpy(expected))
+        return lr.model.value_biases().clone()
+
+    assert (served(2.0) > served(0.0)).all()
+    with pytest.raises(ConfigError, match="click_value_optimism"):
+        LearnerConfig(click_value_optimism=-1.0)
