@@ -486,7 +486,8 @@ class _OPELog:
             except RecsysError as exc:
                 log.warning("OPE target not loaded: %s", exc)
         model = self.watcher.current
-        if model is None or not slate.items:
+        # As in `recsys eval sim`: the app's random first slates are not the served policy.
+        if model is None or not slate.items or slate.model_version == "cold-start":
             return
         from recsys.eval.sim import greedy_top1
 
