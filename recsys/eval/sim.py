@@ -65,6 +65,7 @@ from recsys.demo.arms import (
     VWArm,
     reduce_vectors,
 )
+from recsys.demo.playback import VisitSchedule
 from recsys.demo.simulator import SimConfig, UserSimulator
 from recsys.drift import DriftMonitor, DriftReaction, EventClock
 from recsys.encoder.catalog import ItemCatalog
@@ -544,9 +545,10 @@ def _run_arm(
     if arm is not None:
         arm.warm_start(warm)
     start = world.config.start_ms
+    schedule = VisitSchedule(start, run.visits_per_s)
     released = start
     for v, user in enumerate(arrivals):
-        now_ms = start + int(v * 1000 / run.visits_per_s)
+        now_ms = schedule.at_ms(v)
         if v % int(run.visits_per_s) == 0:
             tally.open()
             fresh = world.released_between(released, now_ms)
@@ -607,10 +609,11 @@ def _run_recsys(
         target: ServingModel | None = None
         ope: dict[str, list[Any]] = {k: [] for k in ("reward", "prop", "logged", "target", "true")}
         pending: list[Event] = []
+        schedule = VisitSchedule(start, run.visits_per_s)
         released = start
         last_ckpt = start
         for v, user in enumerate(arrivals):
-            now_ms = start + int(v * 1000 / run.visits_per_s)
+            now_ms = schedule.at_ms(v)
             now["ms"] = now_ms
             if v % per_s == 0:
                 if v:  # the second's events: join, learn, publish (slates reach the next second)
